@@ -1,0 +1,41 @@
+# The README's two commands:  `make demo` (tiny pre-training run on the bundled sample, CPU)
+#                             `make test` (the test suite; what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup build test nvcc-check demo bench clean
+
+setup: $(STAMP) build
+
+$(STAMP): requirements.txt requirements-nobuildiso.txt setup.py
+	bash tools/install_system_deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-build-isolation -r requirements-nobuildiso.txt
+	$(PIP) install -q mpi4py megatron-core
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# Incremental (ninja) rebuild of the C++ extensions in place.
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+# Compiles the CUDA kernels with nvcc for sm_80 and sm_90 where nvcc exists (no GPU needed).
+nvcc-check:
+	bash tools/check_cuda_kernels.sh
+
+test: setup nvcc-check
+	$(PY) -m pytest -q tests
+
+demo: setup
+	bash examples/pretrain_gpt_tiny_cpu.sh
+
+bench: setup
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf build megatron_snm/*.so megatron_snm/*/*.so

@@ -1,0 +1,36 @@
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO / "data" / "sample"
+# The GPT-2 vocab/merges live in ../shared/data/gpt2 beside the checkout (CI copies shared/
+# there too); MEGATRON_SNM_GPT2_DIR overrides.
+GPT2_DIR = pathlib.Path(os.environ.get("MEGATRON_SNM_GPT2_DIR", REPO.parent / "shared" / "data" / "gpt2"))
+
+
+@pytest.fixture(scope="session")
+def sample_dir():
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def gpt2_files():
+    vocab, merges = GPT2_DIR / "vocab.json", GPT2_DIR / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        pytest.fail(f"GPT-2 tokenizer files not found in {GPT2_DIR} (set MEGATRON_SNM_GPT2_DIR)")
+    return vocab, merges
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cuda", action="store_true", help="also run the tests that need a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--cuda"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run pytest --cuda on a GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
