@@ -8,6 +8,7 @@ import torch
 from distributed import run_distributed
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.gpt import GPTModel, gpt_loss
+from megatron_snm.model.monitor import StabilityMonitor
 from megatron_snm.parallel import random as tp_random, state
 from megatron_snm.tensor_parallel.utils import gather_full, gather_full_like
 
@@ -59,12 +60,26 @@ def _compare(run, ref):
     }
 
 
+def _monitor_figures():
+    """The stability monitor's figures; parameter-gradient norms must cover the full parameters."""
+    model = GPTModel(GPTConfig(**TINY, embedding_norm="none"))
+    tokens, labels, _ = _batch()
+    monitor = StabilityMonitor(model)
+    with monitor.capture():
+        model(tokens, labels).mean().backward()
+    return monitor.figures()
+
+
 def _tp_body(rank, world):
     torch.set_num_threads(1)
     configs = {name: GPTConfig(**TINY, **overrides) for name, overrides in CASES.items()}
     reference = {name: _run(config) for name, config in configs.items()}  # no groups yet: TP=1
+    reference_figures = _monitor_figures()
     state.initialize_model_parallel(world)
     results = {name: _compare(_run(config), reference[name]) for name, config in configs.items()}
+    figures = _monitor_figures()
+    assert figures.keys() == reference_figures.keys()
+    results["monitor"] = max(abs(figures[k] / reference_figures[k] - 1) for k in figures)
 
     # Attention dropout on split heads: recompute must replay each rank's own masks.
     dropout = dict(TINY, hidden_dropout=0.2, attention_dropout=0.2)
@@ -86,3 +101,7 @@ def test_tp2_equals_tp1(results, case):
         assert r["weights"] < REL_TOL, (rank, r)
         assert r["grads"] < REL_TOL, (rank, r)
         assert not r["zero_grads"], f"parameters without gradient: {r['zero_grads']}"
+
+
+def test_monitor_figures_equal_over_tp(results):
+    assert all(per_rank["monitor"] < 1e-5 for per_rank in results), [r["monitor"] for r in results]
