@@ -1,0 +1,47 @@
+"""Causal multi-head self-attention, heads split over tensor-parallel ranks.
+
+QKV is one column-parallel projection whose output features are laid out head by head,
+[head, (q, k, v), head_dim] (Megatron's layout), so a contiguous slice of it is whole heads: each
+TP rank attends with its own heads, and W_O (row-parallel) sums the ranks' contributions.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from megatron_snm.model.config import GPTConfig
+from megatron_snm.model.init import init_method, output_init_method
+from megatron_snm.parallel import state
+from megatron_snm.parallel.random import get_rng_tracker
+from megatron_snm.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+class CausalSelfAttention(torch.nn.Module):
+    def __init__(self, config: GPTConfig, layer_number: int):
+        super().__init__()
+        self.local_heads = config.num_attention_heads // state.get_tensor_model_parallel_world_size()
+        self.head_dim = config.head_dim
+        self.dropout_p = config.attention_dropout
+        name = f"layers.{layer_number}.attention"
+        self.qkv = ColumnParallelLinear(
+            config.hidden_size, 3 * config.hidden_size,
+            init_method=init_method(config, f"{name}.qkv"), params_dtype=config.params_dtype,
+        )
+        self.dense = RowParallelLinear(  # W_O
+            config.hidden_size, config.hidden_size, input_is_parallel=True,
+            init_method=output_init_method(config, f"{name}.dense"), params_dtype=config.params_dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
+        dropout_p = self.dropout_p if self.training else 0.0
+        # Attention probabilities are split over TP ranks (by head): their dropout must draw from
+        # the per-rank stream.
+        rng = get_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
+        with rng:
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return self.dense(context.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))

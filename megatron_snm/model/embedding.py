@@ -1,0 +1,79 @@
+"""GPT's input embedding (token + learned position) and the tied output layer. THE PAPER'S FIX
+("large shortcut") lives here, in `--embedding-norm`.
+
+Why. Takase et al. ("Spike No More", arXiv 2312.16903) show that in a pre-LN Transformer a
+LayerNorm multiplies the gradient flowing back through it by about 1/std(x) of its input x. The
+shallow layers' inputs are essentially the embeddings, and with the usual small init
+(sigma = sqrt(2/(5d)), ~0.013 at d = 2304) their std is ~sigma << 1: the shallow LayerNorms
+amplify gradients by ~1/sigma, ~75x, and training spikes. Scaled init of W_O/W_2 (model/init.py)
+keeps the residual stream near the embedding's std, which makes this worse, not better. The fix is
+to give the embedding output a std near 1 without touching anything else:
+
+    none       e = E[tokens] + P[positions]                     vanilla baseline, std ~ sqrt(2) sigma
+    layernorm  e = LN(E[tokens] + P[positions])                 "Embed LN" (as in BLOOM); std ~ 1.
+               The paper's recommendation with scaled init, and our default.
+    scaled     e = sqrt(d) * E[tokens] + P[positions]           "Scaled Embed" (as in Vaswani et al.):
+               a forward multiply, no new parameters; std ~ sqrt(d) sigma = sqrt(2/5) ~ 0.63 with
+               the small init. It is NOT the same as initialising E with std 1: E is tied to the
+               output layer, so that would inflate the logits; the output layer here uses E
+               unscaled.
+    detach     e = a E[tokens] + (1 - a) stopgrad(E[tokens]) + P  "Embed Detach" (GLM-130B), the
+               paper's other baseline: forward unchanged, the token-embedding gradient scaled by
+               a = --embed-detach-alpha (0.1). Does not change std(e).
+
+Each TP rank computes the same embedding output (the lookup is all-reduced over the vocabulary
+split), so everything after it is replicated.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from megatron_snm.model.config import GPTConfig
+from megatron_snm.model.init import init_method, initialized_parameter
+from megatron_snm.model.layer_norm import FusedLayerNorm
+from megatron_snm.parallel import state
+from megatron_snm.parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron_snm.tensor_parallel.layers import VocabParallelEmbedding
+
+
+class GPTEmbedding(torch.nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate(state.get_tensor_model_parallel_world_size())
+        self.embedding_norm = config.embedding_norm
+        self.seq_length = config.seq_length
+        self.word_embeddings = VocabParallelEmbedding(
+            config.padded_vocab_size, config.hidden_size,
+            init_method=init_method(config, "embedding.word"), params_dtype=config.params_dtype,
+        )
+        self.position_embeddings = initialized_parameter(
+            (config.seq_length, config.hidden_size), init_method(config, "embedding.position"), config.params_dtype
+        )
+        if self.embedding_norm == "layernorm":
+            self.norm = FusedLayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
+        self.scale = math.sqrt(config.hidden_size)
+        self.detach_alpha = config.embed_detach_alpha
+        self.dropout = torch.nn.Dropout(config.hidden_dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [b, s] -> hidden [b, s, h]"""
+        s = tokens.shape[1]
+        if s > self.seq_length:
+            raise ValueError(f"sequence of {s} tokens is longer than --seq-length {self.seq_length}")
+        words = self.word_embeddings(tokens)
+        if self.embedding_norm == "scaled":
+            words = words * self.scale
+        elif self.embedding_norm == "detach":
+            words = words * self.detach_alpha + words.detach() * (1.0 - self.detach_alpha)
+        hidden = words + self.position_embeddings[:s]
+        if self.embedding_norm == "layernorm":
+            hidden = self.norm(hidden)
+        return self.dropout(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied output layer: hidden [b, s, h] -> this rank's vocabulary slice of the logits
+        [b, s, V_padded / TP]. Uses the embedding table unscaled in every mode."""
+        return F.linear(copy_to_tensor_model_parallel_region(hidden), self.word_embeddings.weight)

@@ -1,0 +1,26 @@
+"""The feed-forward sub-layer: W_1 (column-parallel) -> GELU -> W_2 (row-parallel)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_snm.model.config import GPTConfig
+from megatron_snm.model.init import init_method, output_init_method
+from megatron_snm.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, config: GPTConfig, layer_number: int):
+        super().__init__()
+        name = f"layers.{layer_number}.mlp"
+        self.fc1 = ColumnParallelLinear(  # W_1
+            config.hidden_size, config.ffn_hidden_size,
+            init_method=init_method(config, f"{name}.fc1"), params_dtype=config.params_dtype,
+        )
+        self.fc2 = RowParallelLinear(  # W_2
+            config.ffn_hidden_size, config.hidden_size, input_is_parallel=True,
+            init_method=output_init_method(config, f"{name}.fc2"), params_dtype=config.params_dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))

@@ -1,0 +1,112 @@
+"""Stability monitor: measures the paper's two mechanisms behind loss spikes.
+
+1. Residual-stream growth: std of the hidden states after the embedding and after each block.
+2. LayerNorm gradient amplification: for each LayerNorm, the norm of the gradient arriving at its
+   output and of the gradient it sends to its input; their ratio is ~1/std(input), so LayerNorms
+   reading a small-std residual stream (shallow layers with a small-std embedding) blow the
+   gradient up. Also each block's parameter-gradient norm.
+
+    monitor = StabilityMonitor(model)      # any module containing our blocks/LayerNorms
+    with monitor.capture():                # hooks exist only inside; nothing is registered otherwise
+        loss = model(tokens, labels).mean()
+        loss.backward()
+    monitor.figures()  # {"residual_std/layer_01": 0.42, "ln_amplification/layer_01.ln_1": 17.3, ...}
+
+Activation and LayerNorm figures are means over everything captured (several micro-batches, or a
+checkpointed block's recompute, which measures the same values again). A block's grad_norm is the
+root of the sum of squares of every gradient its parameters received while capturing; it covers
+the full (all-rank) tensor-parallel parameters, so with TP > 1 every TP rank must call figures().
+Activations and LayerNorms are replicated over TP ranks and need no communication. Parameter
+gradients are read by tensor hooks as autograd produces them, not from .grad, which ZeRO may
+partition or free.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from megatron_snm.model.embedding import GPTEmbedding
+from megatron_snm.model.layer_norm import FusedLayerNorm
+from megatron_snm.model.transformer import FinalLayerNorm, TransformerBlock
+from megatron_snm.parallel import state
+from megatron_snm.tensor_parallel.utils import is_tensor_parallel
+
+
+def _block_name(block: TransformerBlock) -> str:
+    return f"layer_{block.layer_number:02d}"
+
+
+class StabilityMonitor:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._sums: dict[str, float] = defaultdict(float)
+        self._counts: dict[str, int] = defaultdict(int)
+        self._grad_sq: dict[tuple[str, bool], float] = defaultdict(float)  # (block, tp-split) -> sum of squares
+
+    def _record(self, key: str, value: torch.Tensor) -> None:
+        self._sums[key] += float(value)
+        self._counts[key] += 1
+
+    def _named_modules(self):
+        """(figure name, module) for every embedding, block and LayerNorm, named by role and layer
+        number so the names do not depend on how the model is wrapped or split into stages."""
+        for module in self.model.modules():
+            if isinstance(module, GPTEmbedding):
+                yield "embedding", module
+                if module.embedding_norm == "layernorm":
+                    yield "embedding.norm", module.norm
+            elif isinstance(module, TransformerBlock):
+                name = _block_name(module)
+                yield name, module
+                yield f"{name}.ln_1", module.ln_1
+                yield f"{name}.ln_2", module.ln_2
+            elif isinstance(module, FinalLayerNorm):
+                yield "final_norm", module.norm
+
+    def _hooks(self, name: str, module: torch.nn.Module):
+        if isinstance(module, (GPTEmbedding, TransformerBlock)):
+            def residual_std(mod, inputs, output):
+                self._record(f"residual_std/{name}", output.detach().float().std())
+            yield module.register_forward_hook(residual_std)
+        if isinstance(module, TransformerBlock):
+            for param in module.parameters():
+                key = (name, is_tensor_parallel(param))
+                def grad_sq(grad, key=key):
+                    self._grad_sq[key] += float(grad.detach().float().pow(2).sum())
+                yield param.register_hook(grad_sq)
+        if isinstance(module, FusedLayerNorm):
+            def input_std(mod, inputs, output):
+                self._record(f"ln_input_std/{name}", inputs[0].detach().float().std())
+            def grad_norms(mod, grad_input, grad_output):
+                self._record(f"ln_grad_out/{name}", grad_output[0].detach().float().norm())
+                self._record(f"ln_grad_in/{name}", grad_input[0].detach().float().norm())
+            yield module.register_forward_hook(input_std)
+            yield module.register_full_backward_hook(grad_norms)
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Measures the forward and backward passes run inside the block (starting afresh)."""
+        self._sums.clear(), self._counts.clear(), self._grad_sq.clear()
+        handles = [h for name, module in self._named_modules() for h in self._hooks(name, module)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def figures(self) -> dict[str, float]:
+        figures = {key: total / self._counts[key] for key, total in self._sums.items()}
+        for key in [k for k in figures if k.startswith("ln_grad_in/")]:
+            name = key[len("ln_grad_in/"):]
+            figures[f"ln_amplification/{name}"] = figures[key] / max(figures[f"ln_grad_out/{name}"], 1e-30)
+        blocks = sorted({block for block, _ in self._grad_sq})
+        if blocks:
+            split = torch.tensor([self._grad_sq[(b, True)] for b in blocks], dtype=torch.float64)
+            if state.get_tensor_model_parallel_world_size() > 1:
+                dist.all_reduce(split, group=state.get_tensor_model_parallel_group())
+            for block, split_sq in zip(blocks, split.tolist()):
+                figures[f"grad_norm/{block}"] = (split_sq + self._grad_sq[(block, False)]) ** 0.5
+        return dict(sorted(figures.items()))

@@ -1,0 +1,122 @@
+"""Megatron's tensor-parallel layers. They know nothing of GPT.
+
+Each layer's weight is one slice of a full ("master") weight. Initialisation builds the full weight
+with the given `init_method` (a function that fills a tensor in place; give it its own seeded
+generator to make the weights independent of the TP size and of what else a process builds) and
+keeps this rank's slice, so TP=1 and TP=k start from identical full weights. On the meta device
+nothing is allocated or initialised.
+
+    ColumnParallelLinear   Y = X A^T + b, A split by output rows:  Y_i = X A_i^T + b_i  (no comm forward)
+    RowParallelLinear      Y = X A^T + b, A split by input columns: Y = sum_i X_i A_i^T + b  (all-reduce)
+    VocabParallelEmbedding rows of the table split by vocabulary range; out-of-range ids give zeros,
+                           and an all-reduce sums the ranks' partial lookups.
+A column-parallel layer followed by a row-parallel one (attention QKV -> W_O, MLP W_1 -> W_2) needs
+one all-reduce in forward and one in backward.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from megatron_snm.parallel import state
+from megatron_snm.parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron_snm.tensor_parallel.utils import divide, mark_tensor_parallel, vocab_range
+
+InitMethod = Callable[[torch.Tensor], object]  # fills a full fp32 weight in place
+
+
+def _partitioned_parameter(full_shape, partition_dim, init_method: InitMethod, dtype) -> torch.nn.Parameter:
+    """This rank's slice of a full weight initialised by `init_method`."""
+    world, rank = state.get_tensor_model_parallel_world_size(), state.get_tensor_model_parallel_rank()
+    local_shape = list(full_shape)
+    local_shape[partition_dim] = divide(full_shape[partition_dim], world, f"dimension {partition_dim} of {tuple(full_shape)}")
+    param = torch.nn.Parameter(torch.empty(local_shape, dtype=dtype))  # honours a `with torch.device(...)`
+    if world > 1:
+        mark_tensor_parallel(param, partition_dim)
+    if param.device.type != "meta":
+        master = torch.empty(full_shape, dtype=torch.float32)  # on the CPU: generators there are device-independent
+        init_method(master)
+        size = local_shape[partition_dim]
+        with torch.no_grad():
+            param.copy_(master.narrow(partition_dim, rank * size, size))
+    return param
+
+
+def _zero_bias(size: int, dtype, partition_dim: int | None) -> torch.nn.Parameter:
+    bias = torch.nn.Parameter(torch.zeros(size, dtype=dtype))
+    if partition_dim is not None and state.get_tensor_model_parallel_world_size() > 1:
+        mark_tensor_parallel(bias, partition_dim)
+    return bias
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """Linear layer with the output features split over TP ranks.
+
+    Input: the full activation (replicated). Output: this rank's output features, or all of them
+    with `gather_output=True`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, init_method: InitMethod, bias: bool = True,
+                 gather_output: bool = False, params_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.gather_output = gather_output
+        world = state.get_tensor_model_parallel_world_size()
+        self.weight = _partitioned_parameter((out_features, in_features), 0, init_method, params_dtype)
+        self.bias = _zero_bias(divide(out_features, world, "output features"), params_dtype, 0) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
+        return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
+
+
+class RowParallelLinear(torch.nn.Module):
+    """Linear layer with the input features split over TP ranks.
+
+    Input: this rank's input features (`input_is_parallel=True`, e.g. after a ColumnParallelLinear)
+    or the full activation, which is then split. Output: the full activation (replicated); the bias
+    is added once, after the all-reduce.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, init_method: InitMethod, bias: bool = True,
+                 input_is_parallel: bool = False, params_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.input_is_parallel = input_is_parallel
+        self.weight = _partitioned_parameter((out_features, in_features), 1, init_method, params_dtype)
+        self.bias = _zero_bias(out_features, params_dtype, None) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x)
+        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """Embedding table with the vocabulary (rows) split over TP ranks.
+
+    `num_embeddings` must already be padded to a multiple of the TP size (GPT pads to a multiple of
+    128 x TP). Output: the full embedding (replicated).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method: InitMethod,
+                 params_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        world, rank = state.get_tensor_model_parallel_world_size(), state.get_tensor_model_parallel_rank()
+        self.vocab_start, self.vocab_end = vocab_range(num_embeddings, rank, world)
+        self.weight = _partitioned_parameter((num_embeddings, embedding_dim), 0, init_method, params_dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if state.get_tensor_model_parallel_world_size() == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+        partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_model_parallel_region(partial)
