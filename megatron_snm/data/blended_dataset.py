@@ -31,8 +31,9 @@ class BlendedDataset(torch.utils.data.Dataset):
         counts = np.bincount(self.dataset_index, minlength=len(self.datasets))
         for k, (count, dataset) in enumerate(zip(counts, self.datasets)):
             if count > len(dataset):
+                name = repr(dataset) if len(repr(dataset)) < 200 else f"{type(dataset).__name__} of {len(dataset)}"
                 raise ValueError(
-                    f"BlendedDataset: the blend draws {count} samples from dataset {k} ({dataset!r}), "
+                    f"BlendedDataset: the blend draws {count} samples from dataset {k} ({name}), "
                     f"which has only {len(dataset)}"
                 )
 
