@@ -10,6 +10,8 @@ built by the C++ helpers and cached as .npy files, define it, as in Megatron:
     shuffle_index   the order samples are served in
 
 All three depend only on the documents, seq_length, the number of samples and the seed.
+A document is a document of the .idx (Megatron's GPTDataset takes each sequence for one, which
+differs only for sentence-split data).
 """
 from __future__ import annotations
 
@@ -94,10 +96,12 @@ class GPTDataset(torch.utils.data.Dataset):
         if self.tokens_per_epoch < 2:
             raise ValueError(f"{indexed.prefix}: the {name} documents [{begin}, {end}) hold {self.tokens_per_epoch} tokens")
 
+        # What the indices depend on. The data is named by file name and size, not by its full
+        # path, so that every rank computes the same name wherever the data is mounted.
         self.description = {
             "class": "GPTDataset",
             "format": INDEX_FORMAT,
-            "prefix": os.path.abspath(indexed.prefix),
+            "dataset": os.path.basename(indexed.prefix),
             "idx_bytes": os.path.getsize(idx_path(indexed.prefix)),
             "split": name,
             "documents": list(self.documents),
@@ -120,7 +124,13 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def _load(self):
         for key, path in self.paths.items():
-            setattr(self, key, np.load(path, mmap_mode="r"))
+            try:
+                setattr(self, key, np.load(path, mmap_mode="r"))
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"{path}: index missing after global rank 0 built it; the cache directory must be on "
+                    "a filesystem every rank sees (set cache_dir)"
+                ) from None
 
     def _build_and_save(self, sizes: np.ndarray):
         start = time.time()
@@ -253,7 +263,8 @@ def build_train_valid_test_datasets(
     seed: int,
     cache_dir: str | None = None,
 ):
-    """(train, valid, test) for Megatron's `--data-path`, `--split`, `--seq-length`, `--seed`.
+    """(train, valid, test) for Megatron's `--data-path`, `--split`, `--seq-length`, `--seed`
+and `--data-cache-path` (cache_dir).
 
     Each is a GPTDataset (one prefix) or a BlendedDataset (several), or None where the split is
     empty or asks for no samples. Call it on every rank, in the same order.
