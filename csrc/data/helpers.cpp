@@ -16,10 +16,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <memory>
-#include <stdexcept>
 #include <vector>
 
 namespace py = pybind11;
