@@ -39,8 +39,10 @@ KernelSet kernels(DType x, DType w) {
   return use_avx2 ? avx2::kernel_set(x, w) : generic::kernel_set(x, w);
 }
 
-// Rows per task: enough elements that scheduling costs nothing next to the work.
-int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+// Elements per task: enough that waking a thread costs nothing next to the work.
+constexpr int64_t kMinTaskElements = 32768;
+
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(cols, 1)); }
 
 }  // namespace
 
@@ -81,7 +83,8 @@ void cpu_backward(DType x_type, DType w_type, const void* dy, const void* x, con
   // One block of rows per thread, each summing its rows' dgamma/dbeta into its own partial
   // buffer; the few buffers are then added up in parallel over columns. No atomics, and no
   // serial pass over the rows.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>({at::get_num_threads(), rows, rows * cols / kMinTaskElements}));
   const size_t n = static_cast<size_t>(parts * 2 * cols);
   std::vector<float> partials_f;
   std::vector<double> partials_d;

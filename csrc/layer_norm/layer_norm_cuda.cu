@@ -22,7 +22,9 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kMaxThreads = 256;  // per block, forward and backward
-constexpr int kMaxBackwardBlocksPerSm = 8;
+// Backward blocks per SM: enough rows in flight to stream at full bandwidth, few enough that the
+// per-block dgamma/dbeta partials (2 * cols floats each) stay a small share of the traffic.
+constexpr int kMaxBackwardBlocksPerSm = 4;
 
 // Accumulation type: float64 for float64 data, float32 otherwise.
 template <typename T> struct AccOf { using type = float; };
