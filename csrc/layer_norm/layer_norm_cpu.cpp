@@ -50,8 +50,6 @@ std::vector<double> task_scratch(int64_t cols) { return std::vector<double>(stat
 
 }  // namespace
 
-bool cpu_supported(DType x, DType w) { return generic::kernel_set(x, w).forward != nullptr; }
-
 const char* cpu_isa() { return use_avx2 ? "avx2" : "generic"; }
 
 bool set_cpu_isa(const char* name) {

@@ -369,10 +369,6 @@ cudaError_t launch_backward(const void* dy, const void* x, const void* mean, con
 
 }  // namespace
 
-bool cuda_supported(DType x, DType w) {
-  return dispatch(x, w, [](auto) { return cudaSuccess; }) == cudaSuccess;
-}
-
 cudaError_t cuda_forward(DType x_type, DType w_type, const void* x, const void* gamma,
                          const void* beta, void* y, void* mean, void* rstd, int64_t rows,
                          int64_t cols, double eps, cudaStream_t stream) {
