@@ -22,8 +22,8 @@ DTYPE_PAIRS = [
     (torch.float16, torch.float16),
     (torch.float16, torch.float32),
 ]
-# One row, a single column, hidden sizes that leave vector tails, a 3-D input, a wide row.
-SHAPES = [(1, 64), (3, 1), (7, 37), (16, 127), (5, 1023), (2, 3, 40), (9, 2304)]
+# A 1-D input, one row, a single column, hidden sizes that leave vector tails, a 3-D input, a wide row.
+SHAPES = [(16,), (1, 64), (3, 1), (7, 37), (16, 127), (5, 1023), (2, 3, 40), (9, 2304)]
 # (rtol, atol) for outputs rounded to each dtype; the statistics are float32 throughout.
 TOLERANCE = {
     torch.float64: (1e-10, 1e-10),
