@@ -143,6 +143,8 @@ def test_module_matches_nn_layer_norm_and_state_dict():
     theirs2 = torch.nn.LayerNorm((4, 6), eps=1e-6)
     theirs2.load_state_dict(mine.state_dict())
     torch.testing.assert_close(theirs2(x), theirs(x))
+    mine.reset_parameters()
+    torch.testing.assert_close(mine(x), torch.nn.LayerNorm((4, 6), eps=1e-6)(x), rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_backend_is_our_kernel_and_is_logged_once(caplog):

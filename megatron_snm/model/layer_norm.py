@@ -142,6 +142,8 @@ def fused_layer_norm(x, weight, bias, eps=1e-5, normalized_shape=None):
 
 
 class FusedLayerNorm(torch.nn.Module):
+    """torch.nn.LayerNorm's interface and parameters, computed by `fused_layer_norm`."""
+
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, device=None, dtype=None):
         super().__init__()
         if isinstance(normalized_shape, int):
