@@ -1,15 +1,15 @@
 """Forward+backward time of our fused LayerNorm against torch.nn.functional.layer_norm.
 
 Both run in this process on the same tensors, interleaved repeat by repeat so that load from
-other processes hits both alike. After a warm-up, each time is the median over the repeats and
-each shape's ratio the median over the repeats of torch_time / our_time taken side by side (on a
-shared machine that is steadier than a ratio of medians measured moments apart). Prints a
-table, then as its last line one JSON object whose "ratio" is the smallest ratio over the shapes
-(higher is better). On CUDA it also reports the achieved
-bandwidth: the bytes a LayerNorm must move (forward reads x and writes y; backward reads x and dy
-and writes dx) over the time, against the device's peak.
+other processes hits both alike. After a warm-up, a case repeats at least --repeats times and
+for at least --min-seconds; each time is the median over the repeats, and each shape's ratio the
+median over the repeats of torch_time / our_time taken side by side (on a shared machine that
+is steadier than a ratio of medians measured moments apart). Prints a table, then as its last
+line one JSON object whose "ratio" is the smallest ratio over the shapes (higher is better).
+On CUDA it also reports the achieved bandwidth: the bytes a LayerNorm must move (forward reads x
+and writes y; backward reads x and dy and writes dx) over the time, against the device's peak.
 
-    python benchmarks/layer_norm.py [--device cpu|cuda] [--repeats N]
+    python benchmarks/layer_norm.py [--device cpu|cuda] [--repeats N] [--min-seconds S]
 """
 import argparse
 import json
@@ -34,6 +34,9 @@ def parse_args():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: cpu 11, cuda 50)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per case before timing")
+    p.add_argument(
+        "--min-seconds", type=float, default=2.0, help="keep repeating a case until its timed runs take this long"
+    )
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
@@ -81,7 +84,7 @@ def time_fwd_bwd(layer_norm, x, weight, bias, dy, device):
     return time.perf_counter() - start
 
 
-def bench_case(rows, cols, dtype, device, warmup, repeats):
+def bench_case(rows, cols, dtype, device, warmup, repeats, min_seconds):
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(rows, cols, dtype=dtype, device=device, generator=gen).requires_grad_()
     weight = (1 + 0.1 * torch.randn(cols, dtype=dtype, device=device, generator=gen)).requires_grad_()
@@ -91,12 +94,13 @@ def bench_case(rows, cols, dtype, device, warmup, repeats):
         "torch": lambda x, w, b: F.layer_norm(x, (cols,), w, b, EPS),
         "ours": lambda x, w, b: fused_layer_norm(x, w, b, EPS),
     }
+    for _ in range(warmup):
+        for fn in impls.values():
+            time_fwd_bwd(fn, x, weight, bias, dy, device)
     times = {name: [] for name in impls}
-    for i in range(warmup + repeats):
+    while len(times["ours"]) < repeats or sum(times["ours"]) + sum(times["torch"]) < min_seconds:
         for name, fn in impls.items():
-            t = time_fwd_bwd(fn, x, weight, bias, dy, device)
-            if i >= warmup:
-                times[name].append(t)
+            times[name].append(time_fwd_bwd(fn, x, weight, bias, dy, device))
     ratio = statistics.median(t / o for t, o in zip(times["torch"], times["ours"]))
     return {name: statistics.median(ts) for name, ts in times.items()} | {"ratio": ratio}
 
@@ -123,7 +127,7 @@ def main():
     ratios, gbps = {}, {}
     for dtype_name, dtype in DTYPES.items():
         for rows, cols in SHAPES:
-            t = bench_case(rows, cols, dtype, device, args.warmup, args.repeats)
+            t = bench_case(rows, cols, dtype, device, args.warmup, args.repeats, args.min_seconds)
             key = f"{dtype_name} {rows}x{cols}"
             ratios[key] = round(t["ratio"], 3)
             line = f"{dtype_name:>9} {rows:>5}x{cols:<6} {t['torch'] * 1e3:9.3f} {t['ours'] * 1e3:9.3f} {ratios[key]:6.2f}"
