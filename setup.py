@@ -23,9 +23,6 @@ except ImportError as e:  # pragma: no cover - a clear message beats a pybind11 
     ) from e
 from pybind11.setup_helpers import Pybind11Extension
 
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
-
-
 # The fused LayerNorm: no global -march, so the extension loads on any x86-64 CPU; the AVX2 build
 # of the kernels is chosen at run time (csrc/layer_norm/layer_norm_cpu_avx2.cpp). -fopenmp makes
 # at::parallel_for use torch's OpenMP threads. -Wno-psabi: 32-byte vectors pass by value only
