@@ -189,9 +189,11 @@ def test_killed_run_leaves_no_dataset(gpt2_files, sample_dir, tmp_path, sig):
         assert proc.wait(timeout=30) != 0
         psutil.wait_procs(workers, timeout=10)
     finally:  # never leave the run or its workers behind, whatever failed above
-        for p in [psutil.Process(proc.pid)] * (proc.poll() is None) + workers:
-            if p.is_running():
-                p.kill()
+        if proc.poll() is None:
+            proc.kill()
+        for w in workers:
+            if w.is_running():
+                w.kill()
         proc.wait()
         proc.stderr.close()
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
