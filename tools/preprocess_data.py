@@ -22,7 +22,6 @@ import argparse
 import collections
 import ctypes
 import dataclasses
-import itertools
 import multiprocessing
 import os
 import signal
@@ -109,7 +108,7 @@ def _init_worker(tokenizer, keys, append_eod, dtype):
 def tokenize_chunk(chunk: Chunk) -> Tokenized:
     tokenizer, keys, append_eod, dtype = _worker
     skips, docs, doc_lines = [], [], []  # skips as (line number, reason)
-    for lineno, raw in chunk.lines:
+    for lineno, raw in chunk.lines():
         parsed = parse_line(raw, keys)
         if isinstance(parsed, str):
             skips.append((lineno, parsed))
@@ -117,22 +116,22 @@ def tokenize_chunk(chunk: Chunk) -> Tokenized:
             docs.append(parsed)
             doc_lines.append(lineno)
 
-    ids = [tokenizer.tokenize_batch([d[k] for d in docs]) for k in range(len(keys))]
+    ids = [tokenizer.tokenize_batch_numpy([d[k] for d in docs]) for k in range(len(keys))]
     keep = []
     for i, lineno in enumerate(doc_lines):
-        if all(ids_k[i] for ids_k in ids):
+        if all(len(ids_k[i]) for ids_k in ids):
             keep.append(i)
         else:  # text that tokenizes to nothing (e.g. only characters the model drops)
             skips.append((lineno, "empty_text"))
     skips = [(reason, f"{chunk.path}:{lineno}") for lineno, reason in sorted(skips)] + chunk.skips
 
-    eod = [tokenizer.eod] if append_eod else []
+    eod = np.array([tokenizer.eod] if append_eod else [], dtype=dtype)
     tokens, lengths = [], np.zeros((len(keep), len(keys)), dtype=np.int64)
     for k, ids_k in enumerate(ids):
         lengths[:, k] = [len(ids_k[i]) + len(eod) for i in keep]
-        flat = itertools.chain.from_iterable(itertools.chain(ids_k[i], eod) for i in keep)
-        tokens.append(np.fromiter(flat, dtype=dtype, count=int(lengths[:, k].sum())))
-    return Tokenized(chunk.file_index, tokens, lengths, skips, chunk.nbytes, chunk.position,
+        pieces = [piece for i in keep for piece in (ids_k[i], eod)]
+        tokens.append(np.concatenate(pieces).astype(dtype, copy=False) if pieces else np.empty(0, dtype))
+    return Tokenized(chunk.file_index, tokens, lengths, skips, len(chunk.data), chunk.position,
                      chunk.opened, chunk.end_of_file)
 
 

@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def text_pieces(files, keys, skipped: SkipLog):
     """Every document's text under `keys`, cut at line ends into pieces of <= PIECE_CHARS."""
     for chunk in read_chunks(files):
-        for lineno, raw in chunk.lines:
+        for lineno, raw in chunk.lines():
             parsed = parse_line(raw, keys)
             if isinstance(parsed, str):
                 skipped.add(parsed, f"{chunk.path}:{lineno}")

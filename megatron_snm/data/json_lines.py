@@ -20,9 +20,9 @@ import collections
 import dataclasses
 import glob
 import gzip
+import itertools
 import json
 import os
-import re
 import zlib
 
 SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -30,7 +30,6 @@ REASONS = (
     "malformed_json", "missing_key", "non_utf8", "empty_text",
     "truncated_gzip", "corrupt_gzip", "unreadable_file",
 )
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
@@ -62,49 +61,69 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 
 @dataclasses.dataclass
 class Chunk:
-    """Consecutive lines of one file, the unit of work handed to a tokenizing worker."""
+    """Consecutive whole lines of one file, the unit of work handed to a tokenizing worker.
+
+    The lines travel as one block of bytes: cheap to pass between processes, and the worker,
+    not the reading process, pays for splitting them.
+    """
 
     path: str
     file_index: int
-    lines: list[tuple[int, bytes]]  # (line number, raw bytes)
+    data: bytes  # whole lines, each ending in a newline except perhaps the file's last
+    first_line: int  # line number of the first line in `data`
     skips: list[tuple[str, str]]  # (reason, "file:line") found while reading, after these lines
-    nbytes: int  # raw bytes in `lines`
     position: int  # input bytes consumed so far over all files (compressed for .gz), for the ETA
     opened: bool = True  # False when the file could not be opened at all
     end_of_file: bool = False
 
+    def lines(self):
+        """(line number, line without its newline) for each line."""
+        lines = self.data.split(b"\n")
+        if not lines[-1]:
+            lines.pop()
+        return zip(itertools.count(self.first_line), lines)
+
 
 def read_chunks(files: list[str], chunk_bytes: int = 1 << 20):
-    """Yields `Chunk`s of about `chunk_bytes` of lines, in input order; every file ends with a
-    chunk that has `end_of_file` set (an empty or unreadable file yields just that one)."""
+    """Yields `Chunk`s of about `chunk_bytes` of whole lines, in input order; every file ends with
+    a chunk that has `end_of_file` set (an empty or unreadable file yields just that one)."""
     done_bytes = 0
     for index, path in enumerate(files):
-        lines: list[tuple[int, bytes]] = []
-        nbytes = 0
-        lineno = 0
+        buf = bytearray()
+        first_line = 1
         skip = None
         raw = None
         try:
             raw = open(path, "rb")
             stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
-            for lineno, line in enumerate(stream, 1):
-                lines.append((lineno, line))
-                nbytes += len(line)
-                if nbytes >= chunk_bytes:
-                    yield Chunk(path, index, lines, [], nbytes, done_bytes + raw.tell())
-                    lines, nbytes = [], 0
+            # read1 hands over what has been decompressed so far, so a stream that breaks off
+            # costs only the line it breaks off in.
+            while piece := stream.read1(chunk_bytes):
+                buf += piece
+                cut = buf.rfind(b"\n") + 1 if len(buf) >= chunk_bytes else 0
+                if cut:
+                    data = bytes(buf[:cut])
+                    del buf[:cut]
+                    yield Chunk(path, index, data, first_line, [], done_bytes + raw.tell())
+                    first_line += data.count(b"\n")
         except EOFError:
-            skip = ("truncated_gzip", f"{path}:{lineno + 1}")
+            skip = ("truncated_gzip", None)
         except (gzip.BadGzipFile, zlib.error):
-            skip = ("corrupt_gzip", f"{path}:{lineno + 1}")
+            skip = ("corrupt_gzip", None)
         except OSError as e:
-            skip = ("unreadable_file", f"{path}:{lineno + 1} ({e.strerror or e})")
+            skip = ("unreadable_file", e.strerror or str(e))
         finally:
             if raw is not None:
                 raw.close()
+        skips = []
+        if skip:  # keep the whole lines read before the failure, drop the broken one
+            del buf[buf.rfind(b"\n") + 1 :]
+            reason, detail = skip
+            lineno = first_line + buf.count(b"\n")
+            where = f"{path}:{lineno}"
+            skips.append((reason, f"{where} ({detail})" if detail else where))
         done_bytes += _size_or_zero(path)
-        yield Chunk(path, index, lines, [skip] if skip else [], nbytes, done_bytes,
-                    opened=raw is not None, end_of_file=True)
+        yield Chunk(path, index, bytes(buf), first_line, skips, done_bytes, opened=raw is not None, end_of_file=True)
 
 
 def total_input_bytes(files: list[str]) -> int:
@@ -137,7 +156,9 @@ def parse_line(raw: bytes, keys: tuple[str, ...]) -> tuple[str, ...] | str | Non
         text = obj.get(key)
         if not isinstance(text, str):
             return "missing_key"
-        if _SURROGATE.search(text):
+        try:
+            text.encode("utf-8")  # fails only on a lone surrogate, which JSON can escape into a str
+        except UnicodeEncodeError:
             return "non_utf8"
         if not text.strip():
             return "empty_text"

@@ -18,6 +18,8 @@ import abc
 import json
 import os
 
+import numpy as np
+
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer")
 
 
@@ -38,6 +40,11 @@ class Tokenizer(abc.ABC):
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.tokenize(t) for t in texts]
+
+    def tokenize_batch_numpy(self, texts: list[str]) -> list[np.ndarray]:
+        """`tokenize_batch` as integer arrays: what preprocessing writes, without a detour
+        through Python ints where the library can hand over an array directly."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.tokenize_batch(texts)]
 
     @abc.abstractmethod
     def detokenize(self, ids) -> str:
@@ -144,6 +151,10 @@ class GPT2BPETokenizer(Tokenizer):
 
     def tokenize(self, text: str) -> list[int]:
         return self._encoding.encode_ordinary(text)
+
+    def tokenize_batch_numpy(self, texts: list[str]) -> list[np.ndarray]:
+        # disallowed_special=() reads "<|endoftext|>" in the text as plain text, as encode_ordinary does.
+        return [self._encoding.encode_to_numpy(t, disallowed_special=()) for t in texts]
 
     def detokenize(self, ids) -> str:
         return self._encoding.decode(list(ids))
