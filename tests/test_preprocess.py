@@ -161,10 +161,12 @@ def test_configuration_errors_fail_before_work(gpt2_files, sample_dir, tmp_path)
         (["--input", tmp_path / "none-*.jsonl", *gpt2_args(gpt2_files)], "no file matches"),
         (["--input", sample_dir, "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", gpt2_files[0]], "--merge-file"),
         (["--input", sample_dir, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tmp_path / "x.model"], "x.model"),
+        (["--input", sample_dir, *gpt2_args(gpt2_files), "--output-prefix", tmp_path / "file" / "out"], "cannot create"),
     ]:
-        run = cli("preprocess_data.py", *argv, "--output-prefix", tmp_path / "out")
+        (tmp_path / "file").touch()
+        run = cli("preprocess_data.py", "--output-prefix", tmp_path / "out", *argv)
         assert run.returncode == 1 and message in run.stderr, run.stderr
-    assert not list(tmp_path.glob("out*"))
+    assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])

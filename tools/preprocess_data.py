@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -168,6 +169,13 @@ def output_prefixes(args, files) -> list[list[str]]:
     if len(set(groups)) != len(groups):
         dup = next(g for g in groups if groups.count(g) > 1)
         raise ValueError(f"--output-per-input: two inputs share the file stem of {dup!r}; give them distinct names")
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output-prefix {args.output_prefix}: cannot create {out_dir} ({e.strerror})") from e
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--output-prefix {args.output_prefix}: {out_dir} is not writable")
     return [[f"{g}_{key}_document" for key in args.json_keys] for g in groups]
 
 
@@ -309,6 +317,10 @@ def main(argv=None) -> int:
         summary = run(args)
     except (ValueError, FileNotFoundError, BadInput) as e:
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenProcessPool:
+        print("preprocess_data.py: error: a worker process died (killed, or out of memory?); "
+              "no output written", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("preprocess_data.py: interrupted; no output written", file=sys.stderr)
