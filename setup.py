@@ -89,6 +89,7 @@ setup(
         "numpy",
         "sentencepiece",
         "tokenizers",
+        "tiktoken",
         "pybind11",
         "ninja",
         "tqdm",
@@ -96,7 +97,7 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py"],
-        "test": ["pytest", "pytest-timeout", "megatron-core", "tiktoken", "psutil"],
+        "test": ["pytest", "pytest-timeout", "megatron-core", "psutil"],
     },
     ext_modules=layer_norm_extensions() + data_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
