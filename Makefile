@@ -17,10 +17,11 @@ $(STAMP): requirements.txt requirements-nobuildiso.txt setup.py
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-build-isolation -r requirements-nobuildiso.txt
 	$(PIP) install -q mpi4py megatron-core
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c 'import os, site; open(os.path.join(site.getsitepackages()[0], "megatron_snm.pth"), "w").write(os.getcwd())'
 	touch $@
 
-# Incremental (ninja) rebuild of the C++ extensions in place.
+# Incremental (ninja) rebuild of the C++ extensions in place. The venv imports the package from
+# this checkout through megatron_snm.pth (what `pip install -e .` does, without building twice).
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
