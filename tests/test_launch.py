@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.distributed import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 LOSS = re.compile(r" iteration\s+(\d+)/\s*\d+ \|.*? lm loss: (\S+) \|")
@@ -50,19 +52,24 @@ def run(launcher_argv, run_dir):
     return losses, {int(i): float(v) for i, v in VALID.findall(out)}
 
 
-def test_deepspeed_and_torchrun_give_the_same_losses(sample_data, tmp_path):
-    from tests.distributed import free_port
+@pytest.fixture(scope="module")
+def deepspeed_run(sample_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ds")
+    return run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                *train_args(sample_data, run_dir)], run_dir)
 
-    ds = run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-              *train_args(sample_data, tmp_path / "ds")], tmp_path / "ds")
-    tr = run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-              *train_args(sample_data, tmp_path / "tr")], tmp_path / "tr")
-    assert tr[0] == pytest.approx(ds[0], rel=1e-6) and tr[1] == pytest.approx(ds[1], rel=1e-6)
-    assert ds[0][6] < ds[0][1]
 
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun not installed (tools/install_system_deps.sh installs Open MPI)")
-    mpi = run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PYTHONPATH", "-x", "PATH",
-               "-x", "OMP_NUM_THREADS", "-x", f"MASTER_PORT={free_port()}", sys.executable,
-               *train_args(sample_data, tmp_path / "mpi")], tmp_path / "mpi")
-    assert mpi[0] == pytest.approx(ds[0], rel=1e-6)
+def test_deepspeed_and_torchrun_give_the_same_losses(deepspeed_run, sample_data, tmp_path):
+    losses, valid = run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                         *train_args(sample_data, tmp_path)], tmp_path)
+    assert losses == pytest.approx(deepspeed_run[0], rel=1e-6) and valid == pytest.approx(deepspeed_run[1], rel=1e-6)
+    assert losses[6] < losses[1]
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None,
+                    reason="mpirun not installed (tools/install_system_deps.sh installs Open MPI)")
+def test_mpirun_gives_the_same_losses(deepspeed_run, sample_data, tmp_path):
+    losses, valid = run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PYTHONPATH", "-x",
+                         "PATH", "-x", "OMP_NUM_THREADS", "-x", f"MASTER_PORT={free_port()}", sys.executable,
+                         *train_args(sample_data, tmp_path)], tmp_path)
+    assert losses == pytest.approx(deepspeed_run[0], rel=1e-6) and valid == pytest.approx(deepspeed_run[1], rel=1e-6)
