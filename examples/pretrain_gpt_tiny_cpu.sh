@@ -14,7 +14,7 @@ DEEPSPEED=${DEEPSPEED:-$(dirname "$PY")/deepspeed}
 command -v "$DEEPSPEED" >/dev/null || DEEPSPEED=deepspeed
 OUT=${OUT:-runs/tiny-cpu}
 NPROC=${NPROC:-2}
-TRAIN_ITERS=${TRAIN_ITERS:-200}
+TRAIN_ITERS=${TRAIN_ITERS:-160}
 mkdir -p "$OUT"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -39,9 +39,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     --zero-stage 1 \
     --data-path "$OUT/c4_text_document" --split 85,10,5 --data-cache-path "$OUT/index-cache" \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" \
-    --log-interval 20 --eval-interval 50 --eval-iters 4 \
-    --log-stability-interval 50 --tensorboard-dir "$OUT/tensorboard" \
-    --save "$OUT/checkpoints" --save-interval 100 --load "$OUT/checkpoints" \
+    --log-interval 20 --eval-interval 40 --eval-iters 4 \
+    --log-stability-interval 40 --tensorboard-dir "$OUT/tensorboard" \
+    --save "$OUT/checkpoints" --save-interval 80 --load "$OUT/checkpoints" \
     2>&1 | tee "$OUT/train.log"
 
 # The validation loss must have fallen, and a checkpoint must exist.
