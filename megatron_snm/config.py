@@ -124,7 +124,7 @@ class Config:
     log_interval: int = _opt(100, "print the iteration line every this many steps", LOG, type=int)
     tensorboard_dir: str | None = _opt(None, "write TensorBoard scalars here", LOG)
     log_stability_interval: int = _opt(0, "every this many steps record the stability monitor's per-layer "
-                                       "figures (0: only on spikes)", LOG, type=int)
+                                       "figures (0: only on the step after a loss spike)", LOG, type=int)
 
     # --- checkpointing -----------------------------------------------------------------------
     save: str | None = _opt(None, "checkpoint directory to save to", CKPT)

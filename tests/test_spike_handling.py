@@ -68,7 +68,7 @@ def test_single_process(tmp_path, injected, capfd):
     skip, keep, stop = (tmp_path / n for n in ("skip", "keep", "stop"))
     runs = run_configs(1, [
         SPIKY + ["--skip-spiky-steps", "--save", str(skip)],
-        SPIKY + ["--save", str(keep)],
+        SPIKY + ["--save", str(keep), "--log-stability-interval", "1"],
         SPIKY + ["--save", str(stop), "--max-skipped-steps", "1"],
     ])
     out = capfd.readouterr().out
@@ -76,10 +76,15 @@ def test_single_process(tmp_path, injected, capfd):
     assert " skipped iteration 4: non-finite loss or gradient norm" in out
     assert " skipped iteration 8: loss spike" in out
     assert "number of skipped iterations:   2 | number of nan iterations:   1 |" in out
-    assert " loss spike at iteration 8: lm loss" in out and "residual_std/layer_01=" in out
-    assert "ln_amplification/layer_01.ln_1=" in out
+    assert " loss spike at iteration 8: lm loss" in out
+    after = out.split(" stability monitor at iteration 9, the step after the loss spike at iteration 8: ")[1]
+    assert "residual_std/layer_01=" in after and "ln_amplification/layer_01.ln_1=" in after
 
-    # Without --skip-spiky-steps the spike is logged but trained on.
+    # Without --skip-spiky-steps the spike is logged but trained on; with the monitor on every
+    # step (--log-stability-interval 1) the spike's own figures are in its line.
+    spike_lines = [part.splitlines()[0] for part in out.split(" loss spike at iteration 8: lm loss")[1:]]
+    assert spike_lines[0].endswith("; stability monitor figures follow at the next step")
+    assert "; stability monitor: grad_norm/layer_01=" in spike_lines[1]
     assert runs[1].skipped == [4] and runs[1].spikes == [8]
     assert not same_state(keep, 7, 8)
 

@@ -61,6 +61,10 @@ def _stability_figures(engine: TrainEngine) -> dict[str, float]:
     return dict(sorted(merged.items()))
 
 
+def _listing(figures: dict[str, float]) -> str:
+    return ", ".join(f"{name}={value:.4g}" for name, value in figures.items())
+
+
 def pretrain(cfg: Config, gpt_config: GPTConfig, ds_config: dict, datasets: tuple) -> TrainResult:
     train_ds, valid_ds, test_ds = datasets
     world = dist.get_world_size()
@@ -105,13 +109,16 @@ def pretrain(cfg: Config, gpt_config: GPTConfig, ds_config: dict, datasets: tupl
             last_saved = result.iteration
 
     train_batches = batches(train_ds, consumed, cfg.train_iters * cfg.global_batch_size)
-    watch_spikes = cfg.spike_factor > 0
+    # The stability monitor costs a few hooks per layer while it captures, so it runs only every
+    # --log-stability-interval steps and on the step right after a loss spike (a spike is known
+    # only once its step is done; --log-stability-interval 1 captures the spiky step itself).
+    after_spike = None
     while result.iteration < cfg.train_iters:
         it = result.iteration + 1
         lr = schedule(it)
         engine.set_lr(lr)
-        stability_step = cfg.log_stability_interval > 0 and it % cfg.log_stability_interval == 0
-        with engine.monitor.capture() if (watch_spikes or stability_step) else contextlib.nullcontext():
+        capture = after_spike is not None or (cfg.log_stability_interval > 0 and it % cfg.log_stability_interval == 0)
+        with engine.monitor.capture() if capture else contextlib.nullcontext():
             verdict, applied = engine.train_step(train_batches)
         result.iteration, consumed = it, consumed + cfg.global_batch_size
         policy.record(verdict, applied)
@@ -121,14 +128,17 @@ def pretrain(cfg: Config, gpt_config: GPTConfig, ds_config: dict, datasets: tupl
             why = "non-finite loss or gradient norm" if verdict.nonfinite else "loss spike" if verdict.spike else \
                 "DeepSpeed skipped the update (loss-scale overflow)"
             metrics.print(f" skipped iteration {it}: {why} (lm loss {verdict.loss:.6E}, grad norm {verdict.grad_norm})")
-        if verdict.spike or stability_step:
-            figures = _stability_figures(engine)
-            metrics.stability(figures, it)
-            if verdict.spike:
-                result.spikes.append(it)
-                metrics.print(f" loss spike at iteration {it}: lm loss {verdict.loss:.6E} > {cfg.spike_factor} x "
-                              f"running mean; stability monitor: "
-                              + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()))
+        figures = _stability_figures(engine) if capture else {}
+        metrics.stability(figures, it)
+        if verdict.spike:
+            result.spikes.append(it)
+            metrics.print(f" loss spike at iteration {it}: lm loss {verdict.loss:.6E} > {cfg.spike_factor} x running "
+                          f"mean {policy.running_mean():.6E}" + (f"; stability monitor: {_listing(figures)}" if capture else
+                                                                  "; stability monitor figures follow at the next step"))
+        elif after_spike is not None:
+            metrics.print(f" stability monitor at iteration {it}, the step after the loss spike at iteration "
+                          f"{after_spike}: {_listing(figures)}")
+        after_spike = it if verdict.spike else None
         metrics.training_step(iteration=it, consumed_samples=consumed, lr=lr, loss=verdict.loss, applied=applied,
                               loss_scale=engine.loss_scale(), grad_norm=verdict.grad_norm,
                               skipped_total=policy.skipped_total, nan_total=policy.nonfinite_total)
