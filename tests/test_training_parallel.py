@@ -18,8 +18,13 @@ RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def single():
-    return run_configs(1, [TINY])[0]
+def single_process_runs():
+    return run_configs(1, [TINY, TINY + ["--bf16", "--zero-stage", "1"]])
+
+
+@pytest.fixture(scope="module")
+def single(single_process_runs):
+    return single_process_runs[0]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +44,13 @@ def assert_same_run(run, reference):
 def test_single_process_learns(single):
     assert single.losses[10] < single.losses[1] - 0.1
     assert single.valid_losses[10] < single.valid_losses[5]
+
+
+def test_bf16_tracks_fp32(single_process_runs):
+    fp32, bf16 = single_process_runs
+    assert bf16.skipped == [] and bf16.losses[10] < bf16.losses[1] - 0.1
+    assert bf16.losses == pytest.approx(fp32.losses, rel=2e-2)
+    assert bf16.losses != pytest.approx(fp32.losses, rel=1e-6)  # it really ran in bf16
 
 
 @pytest.mark.parametrize("layout", TWO_PROCESS_LAYOUTS)

@@ -69,7 +69,10 @@ class GatedAdamW(torch.optim.AdamW):
         self.clip_grad = clip_grad
         self._global_grad_norm = None
         self.overflow = False
-        self._decision: bool | None = None
+        # None: the training step in progress has not been judged yet. Before the first training
+        # step the gate is open (DeepSpeed's fp16/bf16 wrappers step once at start-up to create
+        # the Adam state).
+        self._decision: bool | None = True
 
     def new_step(self) -> None:
         """Called by the training loop before each training step's forward passes."""
