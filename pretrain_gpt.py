@@ -9,12 +9,14 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch.distributed as dist
 
 from megatron_snm.config import ConfigError, parse_args
 from megatron_snm.data import build_train_valid_test_datasets
+from megatron_snm.data.gpt_dataset import parse_data_path
 from megatron_snm.data.tokenizers import build_tokenizer
 from megatron_snm.parallel import distributed, state
 from megatron_snm.training.loop import pretrain
@@ -27,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg.validate(env.world_size)
         if not cfg.data_path:
             raise ConfigError("--data-path is required")
+        for prefix in parse_data_path(cfg.data_path)[0]:
+            for suffix in (".bin", ".idx"):
+                if not os.path.isfile(prefix + suffix):
+                    raise ConfigError(f"--data-path: {prefix + suffix} does not exist (give the prefix that "
+                                      "tools/preprocess_data.py wrote, e.g. out/c4_text_document)")
         if not cfg.tokenizer_type:
             raise ConfigError("--tokenizer-type is required (the model's vocabulary size is the tokenizer's)")
         tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file, cfg.merge_file, cfg.tokenizer_model)

@@ -1,6 +1,7 @@
 """Resuming continues exactly: N steps + save + resume + M steps == N + M steps straight (CPU,
 fp32, with dropout, so the RNG states must come back too), under DP=2 with ZeRO-1 optimizer
-shards and under PP=2; and a checkpoint of another layout or model shape is refused clearly."""
+shards and under PP=2; and a checkpoint of another layout, ZeRO sharding or model shape is
+refused clearly."""
 import pytest
 
 from megatron_snm.config import ConfigError
@@ -20,6 +21,7 @@ def runs(tmp_path_factory):
         "zero1-resumed": RUN + zero + ["--load", str(zero1), "--save", str(zero1)],
         "refuse-tp": RUN + ["--tensor-model-parallel-size", "2", "--load", str(zero1)],
         "refuse-shape": RUN + zero + ["--ffn-hidden-size", "64", "--load", str(zero1)],
+        "refuse-zero": RUN + ["--zero-stage", "2", "--load", str(zero1)],
         "pp-straight": RUN + pp,
         "pp-first": RUN + pp + ["--train-iters", "6", "--save", str(pipe)],
         "pp-resumed": RUN + pp + ["--load", str(pipe), "--save", str(pipe)],
@@ -53,3 +55,9 @@ def test_refuses_other_model_shape(runs):
     err = runs[0]["refuse-shape"]
     assert isinstance(err, ConfigError)
     assert "ffn_hidden_size saved 128 vs this run's 64" in str(err)
+
+
+def test_refuses_other_zero_sharding(runs):
+    err = runs[0]["refuse-zero"]
+    assert isinstance(err, ConfigError)
+    assert "holds ZeRO stage 1 optimizer shards for 2 data-parallel ranks; this run has ZeRO stage 2 over 2" in str(err)

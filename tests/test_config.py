@@ -42,6 +42,18 @@ def test_bad_combinations_refused_before_any_process_group(argv, world, message,
     assert message in refused(argv, world, monkeypatch, capsys)
 
 
+def test_missing_data_and_tokenizer_refused(tmp_path, monkeypatch, capsys):
+    err = refused(SHAPE + ["--data-path", str(tmp_path / "nothing")], 1, monkeypatch, capsys)
+    assert f"--data-path: {tmp_path / 'nothing'}.bin does not exist" in err
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"c4{suffix}").write_bytes(b"")
+    err = refused(SHAPE + ["--data-path", str(tmp_path / "c4")], 1, monkeypatch, capsys)
+    assert "--tokenizer-type is required" in err
+    err = refused(SHAPE + ["--data-path", str(tmp_path / "c4"), "--tokenizer-type", "SentencePieceTokenizer",
+                           "--tokenizer-model", str(tmp_path / "missing.model")], 1, monkeypatch, capsys)
+    assert "missing.model" in err
+
+
 def write_json(tmp_path, config) -> str:
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))

@@ -134,12 +134,18 @@ def read_latest(load_dir: str) -> str | None:
 
 
 def check_compatible(saved: dict, current: dict, checkpoint_dir: str) -> None:
-    """Refuses a checkpoint of another parallel layout or model shape (ConfigError)."""
+    """Refuses a checkpoint of another parallel layout, ZeRO sharding or model shape (ConfigError)."""
     for key, flag in (("tensor_model_parallel_size", "--tensor-model-parallel-size"),
                       ("pipeline_model_parallel_size", "--pipeline-model-parallel-size")):
         if saved["parallel"][key] != current["parallel"][key]:
             raise ConfigError(f"checkpoint {checkpoint_dir} was saved with {flag} {saved['parallel'][key]}, "
                               f"this run uses {current['parallel'][key]}; resume with the same value")
+    was, now = saved["parallel"], current["parallel"]
+    if (was["zero_stage"] or now["zero_stage"]) and \
+            (was["zero_stage"], was["data_parallel_size"]) != (now["zero_stage"], now["data_parallel_size"]):
+        raise ConfigError(f"checkpoint {checkpoint_dir} holds ZeRO stage {was['zero_stage']} optimizer shards for "
+                          f"{was['data_parallel_size']} data-parallel ranks; this run has ZeRO stage "
+                          f"{now['zero_stage']} over {now['data_parallel_size']}: resume with the same layout")
     if saved["model_shape"] != current["model_shape"]:
         diff = {k: (saved["model_shape"].get(k), v) for k, v in current["model_shape"].items()
                 if saved["model_shape"].get(k) != v}
