@@ -1,5 +1,6 @@
 """Same losses, within fp32 tolerance, for a tiny GPT trained 10 steps on the same data: one
-process vs TP=2, PP=2, DP=2 under ZeRO 0-3 (one 2-process job), and TP=2 x PP=2 on 4 processes.
+process vs TP=2, PP=2 (ZeRO 0 and 1), DP=2 under ZeRO 0-3 (one 2-process job), and on 4 processes
+TP=2 x PP=2 and TP=2 x DP=2 under ZeRO-2.
 
 The model is seeded per weight (independent of the layout), the data order depends only on the
 global batch, and gradient clipping (--clip-grad 0.5) is active, so the global gradient norm must
@@ -12,6 +13,7 @@ from tests.training_harness import TINY, run_configs
 TWO_PROCESS_LAYOUTS = {
     "tp2": ["--tensor-model-parallel-size", "2"],
     "pp2": ["--pipeline-model-parallel-size", "2"],
+    "pp2-zero1": ["--pipeline-model-parallel-size", "2", "--zero-stage", "1"],
     **{f"dp2-zero{z}": ["--zero-stage", str(z)] for z in range(4)},
 }
 RTOL = 1e-5
@@ -58,6 +60,18 @@ def test_two_process_layout_matches_single_process(layout, single, two_process):
     assert_same_run(two_process[layout], single)
 
 
-def test_tp2_pp2_on_four_processes_matches_single_process(single):
-    run = run_configs(4, [TINY + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]])[0]
-    assert_same_run(run, single)
+FOUR_PROCESS_LAYOUTS = {
+    "tp2-pp2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+    "tp2-dp2-zero2": ["--tensor-model-parallel-size", "2", "--zero-stage", "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def four_process():
+    results = run_configs(4, [TINY + flags for flags in FOUR_PROCESS_LAYOUTS.values()])
+    return dict(zip(FOUR_PROCESS_LAYOUTS, results))
+
+
+@pytest.mark.parametrize("layout", FOUR_PROCESS_LAYOUTS)
+def test_four_process_layout_matches_single_process(layout, single, four_process):
+    assert_same_run(four_process[layout], single)
