@@ -23,9 +23,6 @@ except ImportError as e:  # pragma: no cover - a clear message beats a pybind11 
     ) from e
 from pybind11.setup_helpers import Pybind11Extension
 
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
-
-
 # The fused LayerNorm: no global -march, so the extension loads on any x86-64 CPU; the AVX2 build
 # of the kernels is chosen at run time (csrc/layer_norm/layer_norm_cpu_avx2.cpp). -fopenmp makes
 # at::parallel_for use torch's OpenMP threads. -Wno-psabi: 32-byte vectors pass by value only
@@ -92,6 +89,7 @@ setup(
         "numpy",
         "sentencepiece",
         "tokenizers",
+        "tiktoken",
         "pybind11",
         "ninja",
         "tqdm",
@@ -99,7 +97,7 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py"],
-        "test": ["pytest", "pytest-timeout", "megatron-core", "tiktoken", "psutil"],
+        "test": ["pytest", "pytest-timeout", "megatron-core", "psutil"],
     },
     ext_modules=layer_norm_extensions() + data_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -1,13 +1,15 @@
 """Forward+backward time of our fused LayerNorm against torch.nn.functional.layer_norm.
 
 Both run in this process on the same tensors, interleaved repeat by repeat so that load from
-other processes hits both alike; each time is the median over the repeats after a warm-up.
-Prints a table, then as its last line one JSON object whose "ratio" is the smallest
-torch_time / our_time over the shapes (higher is better). On CUDA it also reports the achieved
-bandwidth: the bytes a LayerNorm must move (forward reads x and writes y; backward reads x and dy
-and writes dx) over the time, against the device's peak.
+other processes hits both alike. After a warm-up, a case repeats at least --repeats times and
+for at least --min-seconds; each time is the median over the repeats, and each shape's ratio the
+median over the repeats of torch_time / our_time taken side by side (on a shared machine that
+is steadier than a ratio of medians measured moments apart). Prints a table, then as its last
+line one JSON object whose "ratio" is the smallest ratio over the shapes (higher is better).
+On CUDA it also reports the achieved bandwidth: the bytes a LayerNorm must move (forward reads x
+and writes y; backward reads x and dy and writes dx) over the time, against the device's peak.
 
-    python benchmarks/layer_norm.py [--device cpu|cuda] [--repeats N]
+    python benchmarks/layer_norm.py [--device cpu|cuda] [--repeats N] [--min-seconds S]
 """
 import argparse
 import json
@@ -30,13 +32,16 @@ EPS = 1e-5
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: cpu 9, cuda 50)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: cpu 11, cuda 50)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per case before timing")
+    p.add_argument(
+        "--min-seconds", type=float, default=2.0, help="keep repeating a case until its timed runs take this long"
+    )
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
     if args.repeats is None:
-        args.repeats = 9 if args.device == "cpu" else 50
+        args.repeats = 11 if args.device == "cpu" else 50
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     return args
@@ -79,7 +84,7 @@ def time_fwd_bwd(layer_norm, x, weight, bias, dy, device):
     return time.perf_counter() - start
 
 
-def bench_case(rows, cols, dtype, device, warmup, repeats):
+def bench_case(rows, cols, dtype, device, warmup, repeats, min_seconds):
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(rows, cols, dtype=dtype, device=device, generator=gen).requires_grad_()
     weight = (1 + 0.1 * torch.randn(cols, dtype=dtype, device=device, generator=gen)).requires_grad_()
@@ -89,13 +94,15 @@ def bench_case(rows, cols, dtype, device, warmup, repeats):
         "torch": lambda x, w, b: F.layer_norm(x, (cols,), w, b, EPS),
         "ours": lambda x, w, b: fused_layer_norm(x, w, b, EPS),
     }
+    for _ in range(warmup):
+        for fn in impls.values():
+            time_fwd_bwd(fn, x, weight, bias, dy, device)
     times = {name: [] for name in impls}
-    for i in range(warmup + repeats):
+    while len(times["ours"]) < repeats or sum(times["ours"]) + sum(times["torch"]) < min_seconds:
         for name, fn in impls.items():
-            t = time_fwd_bwd(fn, x, weight, bias, dy, device)
-            if i >= warmup:
-                times[name].append(t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[name].append(time_fwd_bwd(fn, x, weight, bias, dy, device))
+    ratio = statistics.median(t / o for t, o in zip(times["torch"], times["ours"]))
+    return {name: statistics.median(ts) for name, ts in times.items()} | {"ratio": ratio}
 
 
 def main():
@@ -106,10 +113,12 @@ def main():
         from megatron_snm import _layer_norm
 
         print(f"CPU threads={torch.get_num_threads()}, kernels ISA={_layer_norm.isa()}")
-    peak = None
+    peak = copy_gbps = None
     if device == "cuda":
-        peak = peak_bandwidth_gbps(0) or copy_bandwidth_gbps(0)
-        print(f"{torch.cuda.get_device_name(0)}, peak memory bandwidth {peak:.0f} GB/s")
+        copy_gbps = copy_bandwidth_gbps(0)
+        peak = peak_bandwidth_gbps(0) or copy_gbps
+        print(f"{torch.cuda.get_device_name(0)}: nominal peak memory bandwidth {peak:.0f} GB/s, "
+              f"measured copy {copy_gbps:.0f} GB/s")
 
     header = f"{'dtype':>9} {'shape':>12} {'torch ms':>9} {'ours ms':>9} {'ratio':>6}"
     if device == "cuda":
@@ -118,9 +127,9 @@ def main():
     ratios, gbps = {}, {}
     for dtype_name, dtype in DTYPES.items():
         for rows, cols in SHAPES:
-            t = bench_case(rows, cols, dtype, device, args.warmup, args.repeats)
+            t = bench_case(rows, cols, dtype, device, args.warmup, args.repeats, args.min_seconds)
             key = f"{dtype_name} {rows}x{cols}"
-            ratios[key] = round(t["torch"] / t["ours"], 3)
+            ratios[key] = round(t["ratio"], 3)
             line = f"{dtype_name:>9} {rows:>5}x{cols:<6} {t['torch'] * 1e3:9.3f} {t['ours'] * 1e3:9.3f} {ratios[key]:6.2f}"
             if device == "cuda":
                 moved = 5 * rows * cols * dtype.itemsize  # fwd: x in, y out; bwd: x, dy in, dx out
@@ -136,7 +145,7 @@ def main():
         "bf16_min_ratio": min(r for k, r in ratios.items() if k.startswith("bfloat16")),
     }
     if device == "cuda":
-        result.update(gbps=gbps, peak_gbps=round(peak, 1))
+        result.update(gbps=gbps, peak_gbps=round(peak, 1), copy_gbps=round(copy_gbps, 1))
     print(json.dumps(result))
 
 

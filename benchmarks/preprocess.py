@@ -4,12 +4,17 @@
     python benchmarks/preprocess.py                    # builds the corpus with make_corpus.sh
     python benchmarks/preprocess.py --input DIR_OR_FILES
 
-Baseline (the ceiling): the same texts, already in memory, through `tokenize_batch` in this one
-process. Then preprocess_data.py, as a subprocess, with --workers 1 and 2, and with 2 workers on
-the input given twice. Its throughput is its own processing time (the summary's `time`, which
-leaves out interpreter start-up and tokenizer loading, as the baseline does); memory is the peak
-of the summed RSS of the tool and its workers, sampled every 20 ms (an upper bound: forked
-workers share pages with the main process).
+Baseline (the ceiling): the same texts, already in memory, through the tokenizer's batch call
+(lists or arrays, whichever is faster) in this one process. Then preprocess_data.py, as a
+subprocess, with --workers 1 and 2, and with 2 workers on the input given twice. Its throughput
+is its own processing time (the summary's `time`, which leaves out interpreter start-up and
+tokenizer loading, as the baseline does); memory is the peak of the summed RSS of the tool and
+its workers, sampled every 50 ms (an upper bound: forked workers share pages with the main
+process). Rounds are interleaved and the best of each configuration kept.
+
+Wall-clock ratios need idle cores: where the kernel shares CPU fairly between sessions
+(sched_autogroup) and other sessions are busy, extra worker processes get no extra CPU. So the
+CPU seconds per input MB are reported too, and from them the ratio two free cores would allow.
 
 Last line, JSON: ratio = 2-worker throughput / single-process tokenizer throughput (target >= 1.7
 on 2 free cores), with peak RSS (target < 1 GB, flat when the input doubles).
@@ -92,7 +97,7 @@ def preprocess(files, workers, args, out_prefix) -> dict:
                 peak[0] = max(peak[0], sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
             except psutil.Error:  # a process ended between listing and reading
                 pass
-            time.sleep(0.02)
+            time.sleep(0.05)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -128,6 +133,7 @@ def main() -> int:
     open(empty, "w").close()
     # Start-up CPU (interpreter, imports, tokenizer load, worker start) is not per-byte work.
     startup_cpu = preprocess([empty], 2, args, out)["cpu_seconds"]
+    print(f"[bench] start-up CPU of preprocess_data.py (empty input): {startup_cpu:.2f} s", file=sys.stderr, flush=True)
 
     rounds = {"base": [], "w1": [], "w2": []}
     for r in range(args.repeat):

@@ -10,7 +10,7 @@ import pytest
 
 from megatron_snm.data import gpt_dataset
 from megatron_snm.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets, split_document_ranges
-from megatron_snm.data.helpers import build_document_sample_index
+from megatron_snm.data.helpers import build_document_sample_index, build_shuffle_index
 from megatron_snm.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError
 from tests.distributed import run_distributed
 
@@ -59,6 +59,29 @@ def test_sample_index_matches_megatron_core(mcore, num_docs, begin, end, epochs,
     if separate:
         assert np.array_equal(np.sort(document_index[-(end - begin) :]), np.arange(begin, end))
     assert not np.array_equal(document_index[: end - begin], np.arange(begin, end))  # shuffled
+
+
+def chi_square(counts: np.ndarray) -> float:
+    expected = counts.sum() / counts.size
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_shuffles_are_uniform():
+    # Small: the 24 orders of 4 items over 24,000 seeds (chi-square, 23 degrees of freedom).
+    orders = {}
+    for seed in range(24_000):
+        key = tuple(build_shuffle_index(4, 4, seed))
+        orders[key] = orders.get(key, 0) + 1
+    assert len(orders) == 24 and chi_square(np.array(list(orders.values()))) < 60  # p ~ 1e-4
+    # Large enough for several buckets: where each eighth of the items lands (49 dof).
+    n = 1 << 20
+    index = build_shuffle_index(n, n, 99)
+    source_block = (np.asarray(index, dtype=np.int64) * 8) // n
+    destination_block = (np.arange(n) * 8) // n
+    table = np.bincount(source_block * 8 + destination_block, minlength=64)
+    assert chi_square(table) < 100  # p ~ 3e-5
+    # and within buckets: ascents between neighbours, (n - 1) / 2 +- sqrt(n / 12) when uniform.
+    assert abs(np.mean(np.diff(np.asarray(index, dtype=np.int64)) > 0) - 0.5) < 0.002
 
 
 def stream_of(ds: GPTDataset) -> np.ndarray:

@@ -22,8 +22,8 @@ DTYPE_PAIRS = [
     (torch.float16, torch.float16),
     (torch.float16, torch.float32),
 ]
-# One row, a single column, hidden sizes that leave vector tails, a 3-D input, a wide row.
-SHAPES = [(1, 64), (3, 1), (7, 37), (16, 127), (5, 1023), (2, 3, 40), (9, 2304)]
+# A 1-D input, one row, a single column, hidden sizes that leave vector tails, a 3-D input, a wide row.
+SHAPES = [(16,), (1, 64), (3, 1), (7, 37), (16, 127), (5, 1023), (2, 3, 40), (9, 2304)]
 # (rtol, atol) for outputs rounded to each dtype; the statistics are float32 throughout.
 TOLERANCE = {
     torch.float64: (1e-10, 1e-10),
@@ -143,6 +143,8 @@ def test_module_matches_nn_layer_norm_and_state_dict():
     theirs2 = torch.nn.LayerNorm((4, 6), eps=1e-6)
     theirs2.load_state_dict(mine.state_dict())
     torch.testing.assert_close(theirs2(x), theirs(x))
+    mine.reset_parameters()
+    torch.testing.assert_close(mine(x), torch.nn.LayerNorm((4, 6), eps=1e-6)(x), rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_backend_is_our_kernel_and_is_logged_once(caplog):
@@ -185,10 +187,16 @@ def test_bad_input_raises_clear_errors():
         cpu_ext.set_isa("avx512")
 
 
-def test_dweight_reduction_over_many_rows_and_threads():
-    # More rows than threads, so each thread's partial dgamma/dbeta and their sum are exercised.
-    x, w, b, dy = make_inputs((1000, 40), torch.float32, torch.float32, "cpu", seed=3)
-    assert_matches(ours(x, w, b, dy), reference(x, w, b, dy), torch.float32, (torch.float32,) * 4)
+def test_dweight_reduction_over_thread_partials():
+    # Enough work for four threads, each summing an uneven share of rows into its own partial
+    # dgamma/dbeta before the partials are added up.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        x, w, b, dy = make_inputs((3001, 64), torch.float32, torch.float32, "cpu", seed=3)
+        assert_matches(ours(x, w, b, dy), reference(x, w, b, dy), torch.float32, (torch.float32,) * 4)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.cuda

@@ -114,6 +114,7 @@ def test_bad_input_is_counted_and_good_documents_kept(gpt2_files, tmp_path):
         b'{"text": "lone \\ud800 surrogate"}\n',            # 9 non_utf8
         b'{"text": 42}\n',                                  # 10 missing_key
         doc("third good"),
+        b"[" * 100_000 + b"\n",                            # 12 malformed_json (nested too deep)
     ])
     full = b"".join(doc(f"gz line {i} " + "w" * 2000) for i in range(40))
     (shards / "b.json.gz").write_bytes(gzip.compress(full)[:-200])  # truncated_gzip mid-stream
@@ -124,9 +125,8 @@ def test_bad_input_is_counted_and_good_documents_kept(gpt2_files, tmp_path):
     summary = preprocess("--input", shards, "--output-prefix", tmp_path / "out", *gpt2_args(gpt2_files),
                          "--chunk-bytes", 100, "--workers", 2, "--append-eod")
     counts = dict(summary.skipped.counts)
-    assert counts == {"malformed_json": 2, "missing_key": 2, "non_utf8": 2, "empty_text": 1,
+    assert counts == {"malformed_json": 3, "missing_key": 2, "non_utf8": 2, "empty_text": 1,
                       "truncated_gzip": 1, "corrupt_gzip": 1, "unreadable_file": 1}
-    assert summary.skipped.examples["malformed_json"] == [f"{shards}/a.jsonl:2", f"{shards}/a.jsonl:8"]
     assert summary.skipped.examples["unreadable_file"][0].startswith(f"{shards}/e.jsonl:1")
 
     tok = build_tokenizer("GPT2BPETokenizer", *gpt2_files)
@@ -139,7 +139,7 @@ def test_bad_input_is_counted_and_good_documents_kept(gpt2_files, tmp_path):
     good = ["first good", "second good, caf\u00e9 \u65e5\u672c", "third good", *survived, "gz good"]
     assert documents(tmp_path / "out_text_document") == [ids + [tok.eod] for ids in tok.tokenize_batch(good)]
     # The summary names each reason with its first examples.
-    assert f"malformed_json: 2 ({shards}/a.jsonl:2, {shards}/a.jsonl:8)" in summary.skipped.lines()
+    assert f"malformed_json: 3 ({shards}/a.jsonl:2, {shards}/a.jsonl:8, {shards}/a.jsonl:12)" in summary.skipped.lines()
 
 
 def test_strict_stops_with_error_naming_the_line(gpt2_files, tmp_path):

@@ -125,6 +125,7 @@ def test_huggingface_tokenizer_json(gpt2, gpt2_files, sample_dir, tmp_path):
     hf = Tokenizer(models.BPE.from_file(*map(str, gpt2_files)))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens(["<|endoftext|>"])  # special, yet plain text when a document contains it
     hf.save(str(tmp_path / "tokenizer.json"))
 
     tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=tmp_path / "tokenizer.json")

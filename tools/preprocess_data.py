@@ -191,6 +191,10 @@ class Summary:
 
 
 class Writer:
+    """Appends tokenized chunks, already in input order, to one builder per JSON key; with
+    --output-per-input, finalizes each file's datasets at its last chunk and opens the next
+    file's at its first (a file that could not be opened gets none)."""
+
     def __init__(self, prefixes: list[list[str]], dtype, per_input: bool):
         self.prefixes, self.dtype, self.per_input = prefixes, dtype, per_input
         self.builders: list[IndexedDatasetBuilder] = []

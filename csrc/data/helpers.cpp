@@ -16,10 +16,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
-#include <stdexcept>
-#include <string>
+#include <memory>
 #include <vector>
 
 namespace py = pybind11;
@@ -96,7 +94,7 @@ template <typename T, typename Fill, typename Take>
 void bucket_shuffle(int64_t n, uint64_t seed, Fill fill, Take take) {
   if (n == 0) return;
   const int64_t num_buckets = std::max<int64_t>(1, n / kBucketItems);
-  std::vector<T> scattered(static_cast<size_t>(n));
+  std::unique_ptr<T[]> scattered(new T[n]);  // uninitialised: every slot is written once
   std::vector<int64_t> start(static_cast<size_t>(num_buckets) + 1, 0);
   {
     // Count, then scatter, drawing the same bucket sequence twice (cheaper than storing it).
@@ -110,7 +108,7 @@ void bucket_shuffle(int64_t n, uint64_t seed, Fill fill, Take take) {
   std::vector<T> bucket;
   for (int64_t b = 0; b < num_buckets; ++b) {
     // Inside-out Fisher-Yates: bucket becomes a uniform permutation of this bucket's items.
-    const T *in = scattered.data() + start[b];
+    const T *in = scattered.get() + start[b];
     const int64_t count = start[b + 1] - start[b];
     bucket.resize(static_cast<size_t>(count));
     Rng rng(derive_seed(seed, static_cast<uint64_t>(b) + 1));
@@ -123,7 +121,7 @@ void bucket_shuffle(int64_t n, uint64_t seed, Fill fill, Take take) {
   }
 }
 
-void check(bool ok, const std::string &message) {
+void check(bool ok, const char *message) {
   if (!ok) throw py::value_error(message);
 }
 
@@ -234,12 +232,13 @@ py::tuple build_document_sample_index(py::array_t<int32_t, py::array::c_style> s
   check(num_epochs >= 1, "build_document_sample_index: num_epochs must be >= 1");
   check(seq_length >= 1, "build_document_sample_index: seq_length must be >= 1");
   const int32_t *s = sizes.data();
-  int64_t tokens_per_epoch = 0, longest = 0;
+  int64_t tokens_per_epoch = 0, longest = 0, shortest = 0;
   for (int64_t d = begin; d < end; ++d) {
-    check(s[d] >= 0, "build_document_sample_index: negative document size");
     tokens_per_epoch += s[d];
     longest = std::max<int64_t>(longest, s[d]);
+    shortest = std::min<int64_t>(shortest, s[d]);
   }
+  check(shortest >= 0, "build_document_sample_index: negative document size");
   check(tokens_per_epoch >= 1, "build_document_sample_index: the documents hold no tokens");
   check(end - begin <= std::numeric_limits<int64_t>::max() / num_epochs / 16, "build_document_sample_index: too many documents");
   const int64_t num_samples = num_samples_of(num_epochs, tokens_per_epoch, seq_length);

@@ -39,12 +39,16 @@ KernelSet kernels(DType x, DType w) {
   return use_avx2 ? avx2::kernel_set(x, w) : generic::kernel_set(x, w);
 }
 
-// Rows per task: enough elements that scheduling costs nothing next to the work.
-int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+// Elements per task: enough that waking a thread costs nothing next to the work.
+constexpr int64_t kMinTaskElements = 32768;
+
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(cols, 1)); }
+
+// A task's scratch for the kernels: 3 * cols elements of the accumulation type (double-sized
+// elements fit both float32 and float64).
+std::vector<double> task_scratch(int64_t cols) { return std::vector<double>(static_cast<size_t>(3 * cols)); }
 
 }  // namespace
-
-bool cpu_supported(DType x, DType w) { return generic::kernel_set(x, w).forward != nullptr; }
 
 const char* cpu_isa() { return use_avx2 ? "avx2" : "generic"; }
 
@@ -64,7 +68,8 @@ void cpu_forward(DType x_type, DType w_type, const void* x, const void* gamma, c
                  void* y, void* mean, void* rstd, int64_t rows, int64_t cols, double eps) {
   const KernelSet k = kernels(x_type, w_type);
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
-    k.forward(x, gamma, beta, y, mean, rstd, r0, r1, cols, eps);
+    std::vector<double> scratch = task_scratch(cols);
+    k.forward(x, gamma, beta, y, mean, rstd, scratch.data(), r0, r1, cols, eps);
   });
 }
 
@@ -74,14 +79,16 @@ void cpu_backward(DType x_type, DType w_type, const void* dy, const void* x, con
   const KernelSet k = kernels(x_type, w_type);
   if (dgamma == nullptr) {
     at::parallel_for(0, rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
-      k.backward_dx_only(dy, x, mean, rstd, gamma, dx, nullptr, r0, r1, cols);
+      std::vector<double> scratch = task_scratch(cols);
+      k.backward_dx_only(dy, x, mean, rstd, gamma, dx, nullptr, scratch.data(), r0, r1, cols);
     });
     return;
   }
   // One block of rows per thread, each summing its rows' dgamma/dbeta into its own partial
   // buffer; the few buffers are then added up in parallel over columns. No atomics, and no
   // serial pass over the rows.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>({at::get_num_threads(), rows, rows * cols / kMinTaskElements}));
   const size_t n = static_cast<size_t>(parts * 2 * cols);
   std::vector<float> partials_f;
   std::vector<double> partials_d;
@@ -97,9 +104,10 @@ void cpu_backward(DType x_type, DType w_type, const void* dy, const void* x, con
     acc_bytes = sizeof(float);
   }
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<double> scratch = task_scratch(cols);
     for (int64_t p = p0; p < p1; ++p) {
       k.backward_with_weight_grads(dy, x, mean, rstd, gamma, dx, partials + p * 2 * cols * acc_bytes,
-                                   rows * p / parts, rows * (p + 1) / parts, cols);
+                                   scratch.data(), rows * p / parts, rows * (p + 1) / parts, cols);
     }
   });
   at::parallel_for(0, cols, 4096, [&](int64_t c0, int64_t c1) {

@@ -12,8 +12,6 @@
 
 namespace ln {
 
-bool cpu_supported(DType x, DType w);
-
 // y = (x - mean) * rstd * gamma + beta, row by row; also writes mean[rows] and rstd[rows].
 void cpu_forward(DType x_type, DType w_type, const void* x, const void* gamma, const void* beta,
                  void* y, void* mean, void* rstd, int64_t rows, int64_t cols, double eps);

@@ -15,8 +15,6 @@
 
 namespace ln {
 
-bool cuda_supported(DType x, DType w);
-
 cudaError_t cuda_forward(DType x_type, DType w_type, const void* x, const void* gamma,
                          const void* beta, void* y, void* mean, void* rstd, int64_t rows,
                          int64_t cols, double eps, cudaStream_t stream);

@@ -10,6 +10,8 @@ built by the C++ helpers and cached as .npy files, define it, as in Megatron:
     shuffle_index   the order samples are served in
 
 All three depend only on the documents, seq_length, the number of samples and the seed.
+A document is a document of the .idx (Megatron's GPTDataset takes each sequence for one, which
+differs only for sentence-split data).
 """
 from __future__ import annotations
 
@@ -94,10 +96,12 @@ class GPTDataset(torch.utils.data.Dataset):
         if self.tokens_per_epoch < 2:
             raise ValueError(f"{indexed.prefix}: the {name} documents [{begin}, {end}) hold {self.tokens_per_epoch} tokens")
 
+        # What the indices depend on. The data is named by file name and size, not by its full
+        # path, so that every rank computes the same name wherever the data is mounted.
         self.description = {
             "class": "GPTDataset",
             "format": INDEX_FORMAT,
-            "prefix": os.path.abspath(indexed.prefix),
+            "dataset": os.path.basename(indexed.prefix),
             "idx_bytes": os.path.getsize(idx_path(indexed.prefix)),
             "split": name,
             "documents": list(self.documents),
@@ -120,37 +124,26 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def _load(self):
         for key, path in self.paths.items():
-            setattr(self, key, np.load(path, mmap_mode="r"))
+            try:
+                setattr(self, key, np.load(path, mmap_mode="r"))
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"{path}: index missing after global rank 0 built it; the cache directory must be on "
+                    "a filesystem every rank sees (set cache_dir)"
+                ) from None
 
     def _build_and_save(self, sizes: np.ndarray):
-        begin, end = self.documents
-        if sizes.dtype != np.int32:
-            if sizes[begin:end].max() > np.iinfo(np.int32).max:
-                raise ValueError(f"{self.indexed.prefix}: a document holds 2^31 tokens or more")
-            sizes = sizes.astype(np.int32)
-        # Megatron's epoch rule: enough epochs for num_samples, and when the last epoch is used
-        # for less than 80% of its samples it is shuffled on its own (and its samples served last),
-        # so the samples from the earlier epochs are not mixed with a few from a repeat.
-        needed = self.num_samples * self.seq_length + 1
-        num_epochs = -(-needed // self.tokens_per_epoch)
-        per_epoch = (self.tokens_per_epoch - 1) // self.seq_length
-        before_final = ((num_epochs - 1) * self.tokens_per_epoch - 1) // self.seq_length
-        separate_final_epoch = num_epochs > 1 and self.num_samples - before_final < int(0.8 * per_epoch)
-
         start = time.time()
         logger.info(
-            "%s: building %s indices for %d samples of %d tokens over %d epoch(s) of %d documents",
-            self.indexed.prefix, self.name, self.num_samples, self.seq_length + 1, num_epochs, end - begin,
+            "%s: building %s indices for %d samples of %d tokens from %d documents",
+            self.indexed.prefix, self.name, self.num_samples, self.seq_length + 1, self.documents[1] - self.documents[0],
         )
-        document_index, sample_index = build_document_sample_index(
-            sizes, begin, end, num_epochs, separate_final_epoch, self.seq_length, self.seed % 2**64
-        )
-        total = sample_index.shape[0] - 1
-        shuffle_index = build_shuffle_index(before_final if separate_final_epoch else total, total, self.seed % 2**64)
-        for key, array in (("document_index", document_index), ("sample_index", sample_index), ("shuffle_index", shuffle_index)):
+        indices = build_indices(sizes, self.documents, self.num_samples, self.seq_length, self.seed)
+        for key, array in zip(self.paths, indices):
             _save_atomically(self.paths[key], lambda f, a=array: np.save(f, a))
         # The description goes last: its presence marks a complete cache entry.
-        description = json.dumps({**self.description, "num_epochs": num_epochs, "samples_built": total}, indent=2)
+        total = len(indices[2])
+        description = json.dumps({**self.description, "samples_built": total}, indent=2)
         _save_atomically(self.description_path, lambda f: f.write(description.encode()))
         logger.info("%s: %s indices built in %.2f s (%d samples)", self.indexed.prefix, self.name, time.time() - start, total)
 
@@ -184,6 +177,32 @@ class GPTDataset(torch.utils.data.Dataset):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._load()
+
+
+def build_indices(
+    sizes: np.ndarray, documents: tuple[int, int], num_samples: int, seq_length: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(document_index, sample_index, shuffle_index) for documents [begin, end) of `sizes`
+    (tokens per document), as in Megatron: enough epochs for num_samples, and when the last
+    epoch is used for less than 80% of its samples it is shuffled on its own and its samples
+    served last, so a few repeats do not mix into the earlier epochs."""
+    begin, end = documents
+    if sizes.dtype != np.int32:
+        if sizes[begin:end].max() > np.iinfo(np.int32).max:
+            raise ValueError("a document holds 2^31 tokens or more")
+        sizes = sizes.astype(np.int32)
+    tokens_per_epoch = int(np.sum(sizes[begin:end], dtype=np.int64))
+    num_epochs = -(-(num_samples * seq_length + 1) // tokens_per_epoch)
+    per_epoch = (tokens_per_epoch - 1) // seq_length
+    before_final = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
+    separate_final_epoch = num_epochs > 1 and num_samples - before_final < int(0.8 * per_epoch)
+    seed %= 2**64
+    document_index, sample_index = build_document_sample_index(
+        sizes, begin, end, num_epochs, separate_final_epoch, seq_length, seed
+    )
+    total = sample_index.shape[0] - 1
+    shuffle_index = build_shuffle_index(before_final if separate_final_epoch else total, total, seed)
+    return document_index, sample_index, shuffle_index
 
 
 def _save_atomically(path: str, write):
@@ -244,7 +263,8 @@ def build_train_valid_test_datasets(
     seed: int,
     cache_dir: str | None = None,
 ):
-    """(train, valid, test) for Megatron's `--data-path`, `--split`, `--seq-length`, `--seed`.
+    """(train, valid, test) for Megatron's `--data-path`, `--split`, `--seq-length`, `--seed`
+and `--data-cache-path` (cache_dir).
 
     Each is a GPTDataset (one prefix) or a BlendedDataset (several), or None where the split is
     empty or asks for no samples. Call it on every rank, in the same order.

@@ -147,7 +147,7 @@ def parse_line(raw: bytes, keys: tuple[str, ...]) -> tuple[str, ...] | str | Non
         return "non_utf8"
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # bad syntax, a 5,000-digit number, nesting too deep
         return "malformed_json"
     if not isinstance(obj, dict):
         return "malformed_json"

@@ -39,6 +39,7 @@ class Tokenizer(abc.ABC):
         """Ids of `text`, read as plain text: special-token strings in it are not special."""
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        """`tokenize` of each text, with one call into the library where it has a batch path."""
         return [self.tokenize(t) for t in texts]
 
     def tokenize_batch_numpy(self, texts: list[str]) -> list[np.ndarray]:
@@ -208,6 +209,7 @@ class HuggingFaceTokenizer(Tokenizer):
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{path}: no tokenizer.json there")
         self._tok = HFTokenizer.from_file(file)
+        self._tok.encode_special_tokens = True  # "<|endoftext|>" written in a document is plain text
         self._eod = self._find_eod(directory, file)
 
     def _find_eod(self, directory: str, file: str) -> int:

@@ -89,8 +89,14 @@ def _affine_or_identity(x, normalized_shape, weight, bias):
 
 def _ours(extension, x, normalized_shape, weight, bias, eps):
     weight, bias = _affine_or_identity(x, normalized_shape, weight, bias)
-    cols = math.prod(normalized_shape)
-    y = _FusedLayerNormFunction.apply(x.reshape(-1, cols), weight.reshape(cols), bias.reshape(cols), eps, extension)
+    # The kernels see [rows, cols] and [cols]; reshape only when needed, as each costs
+    # microseconds of Python that small, GPU-bound calls notice.
+    if len(normalized_shape) > 1:
+        cols = math.prod(normalized_shape)
+        weight, bias = weight.reshape(cols), bias.reshape(cols)
+    if x.dim() == 2 and len(normalized_shape) == 1:
+        return _FusedLayerNormFunction.apply(x, weight, bias, eps, extension)
+    y = _FusedLayerNormFunction.apply(x.reshape(-1, weight.numel()), weight, bias, eps, extension)
     return y.view(x.shape)
 
 
@@ -136,6 +142,8 @@ def fused_layer_norm(x, weight, bias, eps=1e-5, normalized_shape=None):
 
 
 class FusedLayerNorm(torch.nn.Module):
+    """torch.nn.LayerNorm's interface and parameters, computed by `fused_layer_norm`."""
+
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, device=None, dtype=None):
         super().__init__()
         if isinstance(normalized_shape, int):
