@@ -134,7 +134,7 @@ class TrainEngine:
             self.verdict = self.policy.judge(loss, float("inf") if norm is None else norm)
             applied = False
         else:
-            applied = bool(self.optimizer._decision) and self.engine.was_step_applied()
+            applied = self.optimizer.updated and self.engine.was_step_applied()
         self.verdict = Verdict(loss, norm, self.verdict.nonfinite, self.verdict.spike, self.verdict.skip)
         return self.verdict, applied
 

@@ -78,6 +78,12 @@ class GatedAdamW(torch.optim.AdamW):
         """Called by the training loop before each training step's forward passes."""
         self._decision = None
 
+    @property
+    def updated(self) -> bool:
+        """Whether this training step's update was applied here (False also if DeepSpeed skipped
+        the step before calling us)."""
+        return bool(self._decision)
+
     @torch.no_grad()
     def step(self, closure=None):
         if self._decision is None:
