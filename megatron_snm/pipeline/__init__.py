@@ -1,0 +1,1 @@
+"""Pipeline parallelism: the GPT as stages of DeepSpeed's pipeline engine (module.py)."""
