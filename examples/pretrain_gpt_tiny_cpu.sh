@@ -5,7 +5,8 @@
 #   2. tokenize the sample into Megatron's .bin/.idx format (tools/preprocess_data.py)
 #   3. pre-train with the paper's recipe (scaled init + Embed LN), validating as it goes, and
 #      save a checkpoint at the end; then check the validation loss fell.
-# Everything lands in $OUT (default ./runs/tiny-cpu); re-running resumes from its checkpoint.
+# Everything lands in $OUT (default ./runs/tiny-cpu); a re-run reuses the tokenizer and the
+# tokenized data but trains from scratch (resuming is `--load`, see the README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -30,6 +31,7 @@ fi
 
 # 2 processes x 1 thread each on a 2-core machine; more threads per process only contend.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+rm -rf "$OUT/checkpoints" "$OUT/tensorboard"
 "$DEEPSPEED" --num_gpus "$NPROC" pretrain_gpt.py \
     --num-layers 4 --hidden-size 128 --num-attention-heads 4 --seq-length 128 \
     --init-method small --embedding-norm layernorm \
@@ -41,7 +43,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/tokenizer.model" \
     --log-interval 20 --eval-interval 40 --eval-iters 4 \
     --log-stability-interval 40 --tensorboard-dir "$OUT/tensorboard" \
-    --save "$OUT/checkpoints" --save-interval 80 --load "$OUT/checkpoints" \
+    --save "$OUT/checkpoints" --save-interval 80 \
     2>&1 | tee "$OUT/train.log"
 
 # The validation loss must have fallen, and a checkpoint must exist.
