@@ -26,12 +26,30 @@ from pybind11.setup_helpers import Pybind11Extension
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
 
 
+# The fused LayerNorm: no global -march, so the extension loads on any x86-64 CPU; the AVX2 build
+# of the kernels is chosen at run time (csrc/layer_norm/layer_norm_cpu_avx2.cpp). -fopenmp makes
+# at::parallel_for use torch's OpenMP threads. -Wno-psabi: 32-byte vectors pass by value only
+# between the kernels' own inline helpers.
+LAYER_NORM_CXX_FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]
+# nvcc: sm_80 (A100) and sm_90 (H100/H200) code, plus PTX for newer GPUs to JIT from.
+LAYER_NORM_NVCC_FLAGS = [
+    "-O3",
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+
+
 def layer_norm_extensions():
     exts = [
         cpp_extension.CppExtension(
             "megatron_snm._layer_norm",
-            ["csrc/layer_norm/layer_norm_cpu.cpp", "csrc/layer_norm/bindings.cpp"],
-            extra_compile_args=CXX_FLAGS,
+            [
+                "csrc/layer_norm/layer_norm_cpu.cpp",
+                "csrc/layer_norm/layer_norm_cpu_avx2.cpp",
+                "csrc/layer_norm/bindings.cpp",
+            ],
+            extra_compile_args=LAYER_NORM_CXX_FLAGS,
             extra_link_args=["-fopenmp"],
         )
     ]
@@ -42,7 +60,7 @@ def layer_norm_extensions():
             cpp_extension.CUDAExtension(
                 "megatron_snm._layer_norm_cuda",
                 ["csrc/layer_norm/layer_norm_cuda.cu", "csrc/layer_norm/cuda_glue.cpp"],
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "--use_fast_math"]},
+                extra_compile_args={"cxx": ["-O3"], "nvcc": LAYER_NORM_NVCC_FLAGS},
             )
         )
     return exts

@@ -75,11 +75,16 @@ def _tp_body(rank, world):
     configs = {name: GPTConfig(**TINY, **overrides) for name, overrides in CASES.items()}
     reference = {name: _run(config) for name, config in configs.items()}  # no groups yet: TP=1
     reference_figures = _monitor_figures()
+    bf16 = GPTConfig(**TINY, params_dtype=torch.bfloat16)
+    reference_bf16 = _run(bf16)
     state.initialize_model_parallel(world)
     results = {name: _compare(_run(config), reference[name]) for name, config in configs.items()}
     figures = _monitor_figures()
     assert figures.keys() == reference_figures.keys()
     results["monitor"] = max(abs(figures[k] / reference_figures[k] - 1) for k in figures)
+    bf16_loss, _, bf16_grads = _run(bf16)  # bf16 collectives on gloo; only rounding may differ
+    results["bf16"] = (abs(bf16_loss / reference_bf16[0] - 1),
+                       max(_rel(bf16_grads[n].float(), reference_bf16[2][n].float()) for n in bf16_grads))
 
     # Attention dropout on split heads: recompute must replay each rank's own masks.
     dropout = dict(TINY, hidden_dropout=0.2, attention_dropout=0.2)
@@ -105,3 +110,9 @@ def test_tp2_equals_tp1(results, case):
 
 def test_monitor_figures_equal_over_tp(results):
     assert all(per_rank["monitor"] < 1e-5 for per_rank in results), [r["monitor"] for r in results]
+
+
+def test_bf16_tp2_close_to_tp1(results):
+    for per_rank in results:
+        loss_rel, grad_rel = per_rank["bf16"]
+        assert loss_rel < 1e-2 and grad_rel < 5e-2, per_rank["bf16"]

@@ -60,11 +60,24 @@ def exists(prefix: str) -> bool:
     return os.path.isfile(bin_path(prefix)) and os.path.isfile(idx_path(prefix))
 
 
+def sequence_pointers(lengths: np.ndarray, dtype) -> np.ndarray:
+    """Byte offset of each sequence in the .bin: int64 throughout, so corpora past 2^31 tokens
+    or bytes do not wrap."""
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+        pointers *= np.dtype(dtype).itemsize
+    return pointers
+
+
 class IndexedDataset:
     """Read-only, zero-copy view of `prefix.bin`/`prefix.idx`.
 
     `ds[i]` is sequence i as a numpy array backed by the memmap; `ds.get(i, offset, length)`
-    is a window of it. `sequence_lengths` and `document_indices` are the index arrays.
+    is a window of it, `ds.get_document(d, offset, length)` a window of document d.
+    `sequence_lengths`, `sequence_pointers` and `document_indices` are the index arrays.
+    Opening checks what is cheap to check (header, sizes, that the index spans exactly the .bin);
+    it does not scan the arrays.
     """
 
     def __init__(self, prefix: str):
@@ -102,17 +115,30 @@ class IndexedDataset:
         self.document_indices = np.frombuffer(self._idx, dtype=np.int64, count=n_doc, offset=off)
 
         bin_size = os.path.getsize(bpath)
-        if n_seq:
-            end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
-            if end > bin_size:
-                raise IndexedDatasetError(
-                    f"{bpath}: truncated or mismatched data file ({bin_size} bytes, index {ipath} "
-                    f"points to byte {end})"
-                )
-        if n_doc and (self.document_indices[0] != 0 or self.document_indices[-1] != n_seq):
+        # The writer lays the sequences out back to back, so the index fixes the .bin's size.
+        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if n_seq else 0
+        if n_seq and (self.sequence_pointers[0] != 0 or self.sequence_lengths[-1] < 0):
+            raise IndexedDatasetError(f"{ipath}: corrupt index (first pointer or last length out of range)")
+        if end > bin_size:
+            raise IndexedDatasetError(
+                f"{bpath}: truncated or mismatched data file ({bin_size} bytes, index {ipath} points to byte {end})"
+            )
+        if end < bin_size:
+            raise IndexedDatasetError(
+                f"{bpath}: mismatched data file ({bin_size} bytes, index {ipath} describes {end}): "
+                "the .bin and .idx come from different runs"
+            )
+        if n_doc < 1 or self.document_indices[0] != 0 or self.document_indices[-1] != n_seq:
             raise IndexedDatasetError(f"{ipath}: document indices do not cover the {n_seq} sequences")
         # np.memmap cannot map an empty file; an empty dataset has nothing to read anyway.
         self._bin = np.memmap(bpath, mode="r", dtype=np.uint8) if bin_size else np.empty(0, np.uint8)
+
+    # Pickling (DataLoader workers under spawn) reopens the files instead of copying the memmaps.
+    def __getstate__(self):
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state):
+        self.__init__(state["prefix"])
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
@@ -124,7 +150,10 @@ class IndexedDataset:
     @property
     def document_lengths(self) -> np.ndarray:
         """Tokens per document (a document may span several sequences)."""
-        starts = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)])
+        if len(self.document_indices) == len(self.sequence_lengths) + 1:
+            return self.sequence_lengths  # one sequence per document, the usual layout
+        starts = np.zeros(len(self.sequence_lengths) + 1, dtype=np.int64)
+        np.cumsum(self.sequence_lengths, out=starts[1:])
         return np.diff(starts[self.document_indices])
 
     def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
@@ -141,13 +170,29 @@ class IndexedDataset:
             return [self.get(i) for i in range(*idx.indices(len(self)))]
         return self.get(int(idx))
 
+    def get_document(self, doc: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens [offset, offset + length) of document `doc`, across its sequences (which the
+        writer lays out back to back)."""
+        first, last = int(self.document_indices[doc]), int(self.document_indices[doc + 1])
+        if last - first == 1:
+            return self.get(first, offset, length)
+        size = int(np.sum(self.sequence_lengths[first:last], dtype=np.int64))
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(f"{self.prefix}: window [{offset}, {offset + length}) outside document {doc} of {size} tokens")
+        if last == first:
+            return np.empty(0, self.dtype)
+        start = int(self.sequence_pointers[first]) + offset * self.dtype.itemsize
+        return np.frombuffer(self._bin, dtype=self.dtype, count=length, offset=start)
+
 
 class IndexedDatasetBuilder:
     """Appends sequences to `prefix.bin`; `finalize()` writes `prefix.idx`.
 
     Both files are written under temporary names and renamed only by `finalize()`, the `.idx`
     last, so an interrupted run never leaves a pair that looks complete. Use as a context
-    manager: leaving the block with an exception removes the temporaries.
+    manager: leaving the block without `finalize()` (an exception, say) removes the temporaries.
     """
 
     def __init__(self, prefix: str, dtype=np.uint16):
@@ -206,9 +251,7 @@ class IndexedDatasetBuilder:
         os.fsync(self._bin.fileno())
         self._bin.close()
         lengths = np.asarray(self.sequence_lengths, dtype=np.int32)
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        if len(lengths) > 1:
-            np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        pointers = sequence_pointers(lengths, self.dtype)
         docs = np.asarray(self.document_indices, dtype=np.int64)
         idx_tmp = idx_path(self.prefix) + self._tmp_suffix
         with open(idx_tmp, "wb") as f:
@@ -218,6 +261,9 @@ class IndexedDatasetBuilder:
             f.write(docs.tobytes(order="C"))
             f.flush()
             os.fsync(f.fileno())
+        # An old .idx must not pair with the new .bin if we die between the two renames.
+        if os.path.exists(idx_path(self.prefix)):
+            os.remove(idx_path(self.prefix))
         os.replace(self._bin_tmp, bin_path(self.prefix))
         os.replace(idx_tmp, idx_path(self.prefix))
         self._finalized = True
@@ -234,6 +280,6 @@ class IndexedDatasetBuilder:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and not self._finalized:
+        if not self._finalized:
             self.abort()
         return False

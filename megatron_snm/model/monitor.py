@@ -12,11 +12,13 @@
         loss.backward()
     monitor.figures()  # {"residual_std/layer_01": 0.42, "ln_amplification/layer_01.ln_1": 17.3, ...}
 
-Values are means over everything captured (several micro-batches, or a checkpointed block's
-recompute). Gradient norms of tensor-parallel parameters cover the full (all-rank) parameter, so
-with TP > 1 every TP rank must call figures(); activations and LayerNorms are replicated over TP
-ranks and need no communication. Works inside DeepSpeed engines and pipeline stages: parameter
-gradients are read by tensor hooks as autograd produces them, not from .grad.
+Activation and LayerNorm figures are means over everything captured (several micro-batches, or a
+checkpointed block's recompute, which measures the same values again). A block's grad_norm is the
+root of the sum of squares of every gradient its parameters received while capturing; it covers
+the full (all-rank) tensor-parallel parameters, so with TP > 1 every TP rank must call figures().
+Activations and LayerNorms are replicated over TP ranks and need no communication. Parameter
+gradients are read by tensor hooks as autograd produces them, not from .grad, which ZeRO may
+partition or free.
 """
 from __future__ import annotations
 

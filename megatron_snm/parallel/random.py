@@ -26,13 +26,11 @@ MODEL_PARALLEL_RNG = "model-parallel-rng"
 _TP_SEED_OFFSET = 2718
 
 
-def _cuda_in_use() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
-
-
 def _get_default_states() -> dict:
+    """CPU and (where there is a GPU) current-device CUDA generator states. Always both, so a
+    stream seeded before the first CUDA op still governs CUDA kernels later."""
     states = {"cpu": torch.get_rng_state()}
-    if _cuda_in_use():
+    if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
 

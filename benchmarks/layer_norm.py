@@ -1,0 +1,144 @@
+"""Forward+backward time of our fused LayerNorm against torch.nn.functional.layer_norm.
+
+Both run in this process on the same tensors, interleaved repeat by repeat so that load from
+other processes hits both alike; each time is the median over the repeats after a warm-up.
+Prints a table, then as its last line one JSON object whose "ratio" is the smallest
+torch_time / our_time over the shapes (higher is better). On CUDA it also reports the achieved
+bandwidth: the bytes a LayerNorm must move (forward reads x and writes y; backward reads x and dy
+and writes dx) over the time, against the device's peak.
+
+    python benchmarks/layer_norm.py [--device cpu|cuda] [--repeats N]
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_snm.model.layer_norm import backend_name, fused_layer_norm  # noqa: E402
+
+SHAPES = [(2048, 512), (8192, 2304), (16384, 2304)]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EPS = 1e-5
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: cpu 9, cuda 50)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per case before timing")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    if args.repeats is None:
+        args.repeats = 9 if args.device == "cpu" else 50
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    return args
+
+
+def peak_bandwidth_gbps(device):
+    """The device's nominal memory bandwidth from its clock and bus width (HBM transfers on both
+    clock edges), or None where torch does not report them."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+
+
+def copy_bandwidth_gbps(device):
+    """Measured device-to-device copy bandwidth (bytes read + written per second): a practical peak."""
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(20):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    return 2 * src.numel() * 20 / (time.perf_counter() - start) / 1e9
+
+
+def time_fwd_bwd(layer_norm, x, weight, bias, dy, device):
+    """Seconds for one forward+backward (all three gradients)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    y = layer_norm(x, weight, bias)
+    torch.autograd.grad(y, (x, weight, bias), dy)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_case(rows, cols, dtype, device, warmup, repeats):
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(rows, cols, dtype=dtype, device=device, generator=gen).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(cols, dtype=dtype, device=device, generator=gen)).requires_grad_()
+    bias = (0.1 * torch.randn(cols, dtype=dtype, device=device, generator=gen)).requires_grad_()
+    dy = torch.randn(rows, cols, dtype=dtype, device=device, generator=gen)
+    impls = {
+        "torch": lambda x, w, b: F.layer_norm(x, (cols,), w, b, EPS),
+        "ours": lambda x, w, b: fused_layer_norm(x, w, b, EPS),
+    }
+    times = {name: [] for name in impls}
+    for i in range(warmup + repeats):
+        for name, fn in impls.items():
+            t = time_fwd_bwd(fn, x, weight, bias, dy, device)
+            if i >= warmup:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main():
+    args = parse_args()
+    device = args.device
+    print(f"LayerNorm forward+backward, device={device}, ours = {backend_name(device)}")
+    if device == "cpu":
+        from megatron_snm import _layer_norm
+
+        print(f"CPU threads={torch.get_num_threads()}, kernels ISA={_layer_norm.isa()}")
+    peak = None
+    if device == "cuda":
+        peak = peak_bandwidth_gbps(0) or copy_bandwidth_gbps(0)
+        print(f"{torch.cuda.get_device_name(0)}, peak memory bandwidth {peak:.0f} GB/s")
+
+    header = f"{'dtype':>9} {'shape':>12} {'torch ms':>9} {'ours ms':>9} {'ratio':>6}"
+    if device == "cuda":
+        header += f" {'ours GB/s':>9} {'% peak':>6}"
+    print(header)
+    ratios, gbps = {}, {}
+    for dtype_name, dtype in DTYPES.items():
+        for rows, cols in SHAPES:
+            t = bench_case(rows, cols, dtype, device, args.warmup, args.repeats)
+            key = f"{dtype_name} {rows}x{cols}"
+            ratios[key] = round(t["torch"] / t["ours"], 3)
+            line = f"{dtype_name:>9} {rows:>5}x{cols:<6} {t['torch'] * 1e3:9.3f} {t['ours'] * 1e3:9.3f} {ratios[key]:6.2f}"
+            if device == "cuda":
+                moved = 5 * rows * cols * dtype.itemsize  # fwd: x in, y out; bwd: x, dy in, dx out
+                gbps[key] = round(moved / t["ours"] / 1e9, 1)
+                line += f" {gbps[key]:9.0f} {100 * gbps[key] / peak:6.1f}"
+            print(line, flush=True)
+
+    result = {
+        "benchmark": "layer_norm",
+        "ratio": min(ratios.values()),
+        "device": device,
+        "ratios": ratios,
+        "bf16_min_ratio": min(r for k, r in ratios.items() if k.startswith("bfloat16")),
+    }
+    if device == "cuda":
+        result.update(gbps=gbps, peak_gbps=round(peak, 1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""GPT pre-training samples over indexed datasets, and the train/valid/test builder.
+
+A `GPTDataset` serves samples of `seq_length + 1` tokens cut from the concatenation of a range
+of documents (inputs are tokens [0, seq_length), labels [1, seq_length + 1)). Three indices,
+built by the C++ helpers and cached as .npy files, define it, as in Megatron:
+
+    document_index  the range's document ids over as many epochs as the samples need, shuffled
+    sample_index    [num_samples + 1, 2]: (position in document_index, token offset) where each
+                    sample starts; sample i ends on the token where sample i + 1 starts
+    shuffle_index   the order samples are served in
+
+All three depend only on the documents, seq_length, the number of samples and the seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from megatron_snm.data.blended_dataset import BlendedDataset
+from megatron_snm.data.helpers import build_document_sample_index, build_shuffle_index
+from megatron_snm.data.indexed_dataset import IndexedDataset, idx_path
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+# A blend asks each dataset for this much more than its share, so it never runs short.
+BLEND_SURPLUS = 0.005
+# Bump when the index algorithm changes, so old caches are not mistaken for new ones.
+INDEX_FORMAT = 1
+
+
+def parse_split(split: str) -> list[float]:
+    """`--split "969,30,1"` -> normalised train/valid/test weights (missing ones are 0)."""
+    try:
+        weights = [float(w) for w in re.split(r"[,/]", split.strip())]
+    except ValueError:
+        raise ValueError(f"--split {split!r}: expected up to three numbers such as '969,30,1'") from None
+    if len(weights) > len(SPLITS) or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--split {split!r}: expected up to three non-negative numbers with a positive sum")
+    weights += [0.0] * (len(SPLITS) - len(weights))
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def split_document_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
+    """Document range [begin, end) of each split (megatron-core's rule: each bookend of the
+    cumulative weights rounded to the nearest document)."""
+    bounds = np.concatenate([[0.0], np.cumsum(parse_split(split))])
+    return [(int(round(lo * num_documents)), int(round(hi * num_documents))) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+class GPTDataset(torch.utils.data.Dataset):
+    """Samples of `seq_length + 1` token ids (int64) from documents [begin, end) of `indexed`.
+
+    The indices are cached in `cache_dir` (default: `index-cache/` beside the data) under a hash
+    of everything they depend on. With torch.distributed initialised, global rank 0 builds them
+    and the other ranks wait, then every rank memory-maps the same files; so every rank must
+    construct the same datasets in the same order.
+    """
+
+    def __init__(
+        self,
+        indexed: IndexedDataset,
+        documents: tuple[int, int],
+        num_samples: int,
+        seq_length: int,
+        seed: int,
+        cache_dir: str | None = None,
+        name: str = "train",
+    ):
+        begin, end = documents
+        if not 0 <= begin < end <= indexed.num_documents:
+            raise ValueError(f"{indexed.prefix}: document range [{begin}, {end}) outside its {indexed.num_documents} documents")
+        if num_samples < 1 or seq_length < 1:
+            raise ValueError(f"{indexed.prefix}: need num_samples >= 1 and seq_length >= 1, got {num_samples}, {seq_length}")
+        self.indexed = indexed
+        self.documents = (int(begin), int(end))
+        self.num_samples = int(num_samples)
+        self.seq_length = int(seq_length)
+        self.seed = int(seed)
+        self.name = name
+
+        sizes = indexed.document_lengths  # int32 (one sequence per document) or int64
+        self.tokens_per_epoch = int(np.sum(sizes[begin:end], dtype=np.int64))
+        if self.tokens_per_epoch < 2:
+            raise ValueError(f"{indexed.prefix}: the {name} documents [{begin}, {end}) hold {self.tokens_per_epoch} tokens")
+
+        self.description = {
+            "class": "GPTDataset",
+            "format": INDEX_FORMAT,
+            "prefix": os.path.abspath(indexed.prefix),
+            "idx_bytes": os.path.getsize(idx_path(indexed.prefix)),
+            "split": name,
+            "documents": list(self.documents),
+            "tokens_per_epoch": self.tokens_per_epoch,
+            "num_samples": self.num_samples,
+            "seq_length": self.seq_length,
+            "seed": self.seed,
+        }
+        digest = hashlib.sha256(json.dumps(self.description, sort_keys=True).encode()).hexdigest()[:20]
+        cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(indexed.prefix)), "index-cache")
+        base = os.path.join(cache_dir, f"{os.path.basename(indexed.prefix)}-{name}-{digest}")
+        self.paths = {k: f"{base}-{k}.npy" for k in ("document_index", "sample_index", "shuffle_index")}
+        self.description_path = f"{base}-description.json"
+
+        _build_on_rank0(self._cached, lambda: self._build_and_save(sizes), indexed.prefix)
+        self._load()
+
+    def _cached(self) -> bool:
+        return all(os.path.isfile(p) for p in [*self.paths.values(), self.description_path])
+
+    def _load(self):
+        for key, path in self.paths.items():
+            setattr(self, key, np.load(path, mmap_mode="r"))
+
+    def _build_and_save(self, sizes: np.ndarray):
+        begin, end = self.documents
+        if sizes.dtype != np.int32:
+            if sizes[begin:end].max() > np.iinfo(np.int32).max:
+                raise ValueError(f"{self.indexed.prefix}: a document holds 2^31 tokens or more")
+            sizes = sizes.astype(np.int32)
+        # Megatron's epoch rule: enough epochs for num_samples, and when the last epoch is used
+        # for less than 80% of its samples it is shuffled on its own (and its samples served last),
+        # so the samples from the earlier epochs are not mixed with a few from a repeat.
+        needed = self.num_samples * self.seq_length + 1
+        num_epochs = -(-needed // self.tokens_per_epoch)
+        per_epoch = (self.tokens_per_epoch - 1) // self.seq_length
+        before_final = ((num_epochs - 1) * self.tokens_per_epoch - 1) // self.seq_length
+        separate_final_epoch = num_epochs > 1 and self.num_samples - before_final < int(0.8 * per_epoch)
+
+        start = time.time()
+        logger.info(
+            "%s: building %s indices for %d samples of %d tokens over %d epoch(s) of %d documents",
+            self.indexed.prefix, self.name, self.num_samples, self.seq_length + 1, num_epochs, end - begin,
+        )
+        document_index, sample_index = build_document_sample_index(
+            sizes, begin, end, num_epochs, separate_final_epoch, self.seq_length, self.seed % 2**64
+        )
+        total = sample_index.shape[0] - 1
+        shuffle_index = build_shuffle_index(before_final if separate_final_epoch else total, total, self.seed % 2**64)
+        for key, array in (("document_index", document_index), ("sample_index", sample_index), ("shuffle_index", shuffle_index)):
+            _save_atomically(self.paths[key], lambda f, a=array: np.save(f, a))
+        # The description goes last: its presence marks a complete cache entry.
+        description = json.dumps({**self.description, "num_epochs": num_epochs, "samples_built": total}, indent=2)
+        _save_atomically(self.description_path, lambda f: f.write(description.encode()))
+        logger.info("%s: %s indices built in %.2f s (%d samples)", self.indexed.prefix, self.name, time.time() - start, total)
+
+    def __len__(self) -> int:
+        # Every sample the epochs yield (at least num_samples), as in Megatron.
+        return len(self.shuffle_index)
+
+    def __getitem__(self, idx: int) -> dict:
+        i = int(self.shuffle_index[idx])
+        (first, start), (last, stop) = self.sample_index[i], self.sample_index[i + 1]
+        first, start, last, stop = int(first), int(start), int(last), int(stop)
+        get, docs = self.indexed.get_document, self.document_index
+        if first == last:
+            parts = [get(int(docs[first]), start, stop - start + 1)]
+        else:
+            parts = [get(int(docs[first]), start)]
+            parts += [get(int(docs[p])) for p in range(first + 1, last)]
+            parts.append(get(int(docs[last]), 0, stop + 1))
+        return {"text": np.concatenate(parts, dtype=np.int64)}
+
+    def __repr__(self) -> str:
+        return f"GPTDataset({self.indexed.prefix!r}, {self.name}, documents={list(self.documents)})"
+
+    # DataLoader workers under spawn re-map the cached files rather than receive copies.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for key in self.paths:
+            del state[key]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._load()
+
+
+def _save_atomically(path: str, write):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _build_on_rank0(cached, build, what: str):
+    """Runs build() on global rank 0 unless cached(); the other ranks wait for it and fail with
+    rank 0's error rather than hang."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    error = None
+    if rank == 0 and not cached():
+        try:
+            build()
+        except Exception as e:
+            error = e
+    if distributed:
+        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        torch.distributed.broadcast_object_list(status, src=0)
+        if rank != 0 and status[0] is not None:
+            raise RuntimeError(f"{what}: rank 0 failed to build the dataset indices: {status[0]}")
+    if error is not None:
+        raise error
+
+
+def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], list[float]]:
+    """Megatron's `--data-path`: `PREFIX` or `W1 PREFIX1 W2 PREFIX2 ...` -> (prefixes, weights)."""
+    items = data_path.split() if isinstance(data_path, str) else [str(x) for x in data_path]
+    if len(items) == 1:
+        return items, [1.0]
+    if not items or len(items) % 2:
+        raise ValueError(f"--data-path {' '.join(items)!r}: expected PREFIX or WEIGHT PREFIX pairs")
+    prefixes, weights = items[1::2], []
+    for w in items[0::2]:
+        try:
+            weights.append(float(w))
+        except ValueError:
+            raise ValueError(f"--data-path: weight {w!r} is not a number (expected WEIGHT PREFIX pairs)") from None
+        if not math.isfinite(weights[-1]) or weights[-1] <= 0:
+            raise ValueError(f"--data-path: weight {w!r} must be positive")
+    return prefixes, weights
+
+
+def build_train_valid_test_datasets(
+    data_path: Sequence[str] | str,
+    split: str,
+    num_samples: tuple[int, int, int],
+    seq_length: int,
+    seed: int,
+    cache_dir: str | None = None,
+):
+    """(train, valid, test) for Megatron's `--data-path`, `--split`, `--seq-length`, `--seed`.
+
+    Each is a GPTDataset (one prefix) or a BlendedDataset (several), or None where the split is
+    empty or asks for no samples. Call it on every rank, in the same order.
+    """
+    prefixes, weights = parse_data_path(data_path)
+    parse_split(split)
+    if len(num_samples) != len(SPLITS) or any(int(n) < 0 for n in num_samples):
+        raise ValueError(f"num_samples must be three non-negative counts, got {num_samples}")
+    if seq_length < 1:
+        raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
+    indexed = [IndexedDataset(p) for p in prefixes]  # every file checked before any work
+    ranges = [split_document_ranges(split, ds.num_documents) for ds in indexed]
+    total = sum(weights)
+    weights = [w / total for w in weights]
+
+    result = []
+    for s, name in enumerate(SPLITS):
+        wanted = int(num_samples[s])
+        empty = [ds.prefix for ds, r in zip(indexed, ranges) if r[s][0] >= r[s][1]]
+        if wanted == 0 or len(empty) == len(indexed):
+            result.append(None)
+            continue
+        if empty:
+            raise ValueError(f"--split {split!r} leaves no {name} documents in {empty[0]}, which the blend draws from")
+        if len(indexed) == 1:
+            result.append(GPTDataset(indexed[0], ranges[0][s], wanted, seq_length, seed, cache_dir, name))
+            continue
+        parts = [
+            GPTDataset(ds, r[s], math.ceil(math.ceil(wanted * w) * (1 + BLEND_SURPLUS)), seq_length, seed, cache_dir, name)
+            for ds, r, w in zip(indexed, ranges, weights)
+        ]
+        result.append(BlendedDataset(parts, weights, wanted))
+    return tuple(result)

@@ -1,0 +1,82 @@
+"""Who am I, how many are we, and which backend: the same answer under every launcher.
+
+- `deepspeed` (pdsh/local) and `torchrun` export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT.
+- `mpirun` (Open MPI) exports OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK; where those are absent but
+  the process runs under another MPI, mpi4py answers. MASTER_ADDR must then be given (or is the
+  local host for a single node) and MASTER_PORT defaults to 29500.
+
+`discover()` reads this without starting anything, so configuration checks can use the world size
+before any process group exists; `initialize(env)` then starts torch.distributed through DeepSpeed
+with NCCL on GPU and gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torch" (deepspeed/torchrun), "mpi" (OMPI_* or mpi4py), "single"
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _mpi4py_world():
+    """(rank, size, local rank) from mpi4py when this process runs under an MPI launcher, else None."""
+    if not any(k.startswith(("PMI_", "PMIX_", "MPI_LOCALRANKID", "SLURM_MPI")) for k in os.environ):
+        return None  # importing mpi4py outside an MPI job would start a singleton MPI world
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    world = MPI.COMM_WORLD
+    local = world.Split_type(MPI.COMM_TYPE_SHARED)
+    return world.Get_rank(), world.Get_size(), local.Get_rank()
+
+
+def discover() -> DistEnv:
+    env = os.environ
+    addr, port = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500"))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), addr, port, "torch")
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return DistEnv(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                       int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")), addr, port, "mpi")
+    mpi = _mpi4py_world()
+    if mpi is not None:
+        return DistEnv(*mpi, addr, port, "mpi")
+    return DistEnv(0, 1, 0, addr, port, "single")
+
+
+def initialize(env: DistEnv, cpu_shm_comm: bool = False) -> None:
+    """Starts torch.distributed (via deepspeed.comm) for `env`. Idempotent.
+
+    On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce the first time it starts (a minute
+    or more); it only speeds up collectives within a node, so unless `cpu_shm_comm` asks for it we
+    mark it unavailable and DeepSpeed uses plain gloo.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    # DeepSpeed and torch.distributed read the rendezvous from the environment.
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    if env.backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    elif not cpu_shm_comm:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False)
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

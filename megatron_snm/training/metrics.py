@@ -1,0 +1,95 @@
+"""What the run reports: Megatron-LM's log lines (so users' parsers keep working), throughput
+(tokens/s and model TFLOP/s per rank, with an ETA), and TensorBoard scalars.
+
+Every rank calls in; rank 0 prints and writes TensorBoard (all ranks know the global loss, grad
+norm and timing, so nothing else needs gathering).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from megatron_snm.model.config import GPTConfig
+
+
+def model_flops_per_token(config: GPTConfig) -> float:
+    """Training FLOPs per token, forward + backward, no recompute: 6N + 12 L h s, with N the
+    parameters touched per token (blocks + embedding table used as the output layer)."""
+    h, L, s, f = config.hidden_size, config.num_layers, config.seq_length, config.ffn_hidden_size
+    per_block = 4 * h * h + 2 * h * f  # QKV + output projection, two FFN matrices
+    n = L * per_block + config.padded_vocab_size * h
+    return 6.0 * n + 12.0 * L * h * s
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class TrainingMetrics:
+    def __init__(self, *, rank: int, world_size: int, train_iters: int, global_batch_size: int, seq_length: int,
+                 flops_per_token: float, log_interval: int, tensorboard_dir: str | None):
+        self.is_writer = rank == 0
+        self.world_size, self.train_iters = world_size, train_iters
+        self.global_batch_size, self.seq_length = global_batch_size, seq_length
+        self.flops_per_token, self.log_interval = flops_per_token, log_interval
+        self.writer = None
+        if tensorboard_dir and self.is_writer:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+        self._interval_start = time.perf_counter()
+        self._losses: list[float] = []
+        self._iters_in_interval = 0
+
+    def print(self, message: str) -> None:
+        if self.is_writer:
+            print(message, flush=True)
+
+    def scalar(self, tag: str, value: float, iteration: int) -> None:
+        if self.writer is not None and math.isfinite(value):
+            self.writer.add_scalar(tag, value, iteration)
+
+    def training_step(self, *, iteration: int, consumed_samples: int, lr: float, loss: float, applied: bool,
+                      loss_scale: float, grad_norm: float | None, skipped_total: int, nan_total: int) -> None:
+        self._iters_in_interval += 1
+        if applied:
+            self._losses.append(loss)
+        self.scalar("lm-loss-training/lm loss", loss, iteration)
+        self.scalar("learning-rate/learning-rate", lr, iteration)
+        if grad_norm is not None:
+            self.scalar("grad-norm/grad-norm", grad_norm, iteration)
+        if iteration % self.log_interval and iteration != self.train_iters:
+            return
+        now = time.perf_counter()
+        per_iter = (now - self._interval_start) / self._iters_in_interval
+        tokens_per_s = self.global_batch_size * self.seq_length / per_iter
+        tflops_per_rank = tokens_per_s * self.flops_per_token / self.world_size / 1e12
+        mean_loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
+        norm = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
+        self.print(
+            f" iteration {iteration:8d}/{self.train_iters:8d} | consumed samples: {consumed_samples:12d} |"
+            f" elapsed time per iteration (ms): {per_iter * 1000:.1f} | learning rate: {lr:.3E} |"
+            f" global batch size: {self.global_batch_size:5d} | lm loss: {mean_loss:.6E} |"
+            f" loss scale: {loss_scale:.1f} | grad norm: {norm} |"
+            f" number of skipped iterations: {skipped_total:3d} | number of nan iterations: {nan_total:3d} |"
+            f" tokens per second: {tokens_per_s:.1f} | TFLOP/s per rank: {tflops_per_rank:.3f} |"
+            f" ETA: {_duration(per_iter * (self.train_iters - iteration))} |"
+        )
+        self.scalar("throughput/tokens-per-second", tokens_per_s, iteration)
+        self.scalar("throughput/tflops-per-rank", tflops_per_rank, iteration)
+        self._interval_start, self._losses, self._iters_in_interval = now, [], 0
+
+    def evaluation(self, where: str, loss: float, iteration: int, tag: str = "validation") -> None:
+        ppl = math.exp(min(20.0, loss))
+        line = f" validation loss at {where} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+        self.print("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
+        self.scalar(f"lm-loss-{tag}/lm loss", loss, iteration)
+        self.scalar(f"lm-loss-{tag}/lm loss ppl", ppl, iteration)
+
+    def stability(self, figures: dict[str, float], iteration: int) -> None:
+        for name, value in figures.items():
+            self.scalar(f"stability/{name}", value, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,93 @@
+"""AdamW with Megatron's weight-decay groups, whose update can be withheld for one step.
+
+DeepSpeed is given this optimizer (torch's AdamW, so no fused-Adam JIT build on CPU; the fused
+CUDA kernel on GPU) and calls its `step()` after reducing, unscaling and clipping the gradients:
+directly under ZeRO-0 in fp32, through its ZeRO / fp16 / bf16 wrappers otherwise. Withholding the
+update here keeps the parameters and the Adam moments exactly as they were under every wrapper,
+because the wrappers copy the (unchanged) fp32 master weights back to the model afterwards. That
+is how a non-finite or spiky step is skipped (training/spikes.py decides).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_snm.model.embedding import GPTEmbedding
+from megatron_snm.parallel import state
+from megatron_snm.tensor_parallel.utils import is_tensor_parallel
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
+    """Two groups: with weight decay (matrices) and without (biases, norms, optionally embeddings)."""
+    embeddings = set()
+    for module in model.modules():
+        if isinstance(module, GPTEmbedding):
+            embeddings.update({id(module.word_embeddings.weight), id(module.position_embeddings)})
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or (not decay_embeddings and id(param) in embeddings)
+        (no_decay if exempt else decay).append(param)
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return [g for g in groups if g["params"]]  # DeepSpeed's ZeRO cannot flatten an empty group
+
+
+def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """L2 norm of all gradients of the model, counting each weight once: TP-split weights on every
+    TP rank, replicated ones on TP rank 0 only, and pipeline-tied copies (DeepSpeed's
+    `ds_pipe_replicated`) only on their owning stage. Must be called on every model-parallel rank."""
+    squares = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    tp_rank0 = state.get_tensor_model_parallel_rank() == 0
+    for p in params:
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+            continue
+        if is_tensor_parallel(p) or tp_rank0:
+            squares += p.grad.detach().float().pow(2).sum()
+    if state.is_initialized() and dist.get_world_size(state.get_model_parallel_group()) > 1:
+        dist.all_reduce(squares, group=state.get_model_parallel_group())
+    return squares.sqrt()
+
+
+class GatedAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW whose update happens only when `allow_update()` says so.
+
+    `allow_update` is asked once per training step (DeepSpeed's ZeRO wrappers call step() once per
+    parameter group) and must return the same answer on every rank. When this optimizer is the
+    engine's own (ZeRO-0, fp32) it also measures and clips the gradient norm, which DeepSpeed's
+    wrappers do themselves otherwise: `clip_grad` > 0 clips, the norm is exposed as
+    `_global_grad_norm` and a skipped step as `overflow`, the attributes DeepSpeed's engine reads.
+    """
+
+    def __init__(self, params, *, allow_update: Callable[[float | None], bool], measure_grad_norm: bool = False,
+                 clip_grad: float = 0.0, **adamw_kwargs):
+        super().__init__(params, **adamw_kwargs)
+        self.allow_update = allow_update
+        self.measure_grad_norm = measure_grad_norm
+        self.clip_grad = clip_grad
+        self._global_grad_norm = None
+        self.overflow = False
+        self._decision: bool | None = None
+
+    def new_step(self) -> None:
+        """Called by the training loop before each training step's forward passes."""
+        self._decision = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._decision is None:
+            norm = None
+            if self.measure_grad_norm:
+                params = [p for g in self.param_groups for p in g["params"]]
+                norm = float(global_grad_norm(params))
+                self._global_grad_norm = norm
+                if self.clip_grad > 0 and norm > self.clip_grad and norm == norm and norm != float("inf"):
+                    torch._foreach_mul_([p.grad for p in params if p.grad is not None],
+                                        self.clip_grad / (norm + 1e-6))
+            self._decision = self.allow_update(norm)
+            self.overflow = not self._decision
+        if self._decision:
+            return super().step(closure)
+        return None

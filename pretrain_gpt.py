@@ -1,0 +1,60 @@
+"""Pre-train a GPT: flags -> model, data, DeepSpeed engine -> train.
+
+    deepspeed --num_gpus 2 pretrain_gpt.py --num-layers 2 ... --deepspeed_config ds.json
+    torchrun --nproc_per_node 2 pretrain_gpt.py ...
+    mpirun -np 2 python pretrain_gpt.py ...
+
+`python pretrain_gpt.py --help` lists every flag. Exit status: 0 done, 2 bad configuration
+(checked before any process group starts), 3 stopped because the run diverged.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+
+from megatron_snm.config import ConfigError, parse_args
+from megatron_snm.data import build_train_valid_test_datasets
+from megatron_snm.data.tokenizers import build_tokenizer
+from megatron_snm.parallel import distributed, state
+from megatron_snm.training.loop import pretrain
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    env = distributed.discover()
+    try:
+        cfg.validate(env.world_size)
+        if not cfg.data_path:
+            raise ConfigError("--data-path is required")
+        if not cfg.tokenizer_type:
+            raise ConfigError("--tokenizer-type is required (the model's vocabulary size is the tokenizer's)")
+        tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file, cfg.merge_file, cfg.tokenizer_model)
+        gpt_config = cfg.gpt_config(tokenizer.vocab_size)
+        ds_config = cfg.build_deepspeed_config(env.world_size)
+    except (ConfigError, ValueError, OSError) as err:
+        print(f"pretrain_gpt.py: error: {err}", file=sys.stderr)
+        return 2
+
+    distributed.initialize(env, cpu_shm_comm=cfg.cpu_shm_comm)
+    state.initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+    samples = cfg.global_batch_size
+    num_samples = (cfg.train_iters * samples, cfg.eval_iters * samples, cfg.eval_iters * samples)
+
+    def build():
+        return build_train_valid_test_datasets(cfg.data_path, cfg.split, num_samples, cfg.seq_length, cfg.seed,
+                                               cfg.data_cache_path)
+
+    # Rank 0 builds (and caches) the sample indices first; the others then only read them.
+    datasets = build() if env.rank == 0 else None
+    dist.barrier()
+    if env.rank != 0:
+        datasets = build()
+    result = pretrain(cfg, gpt_config, ds_config, datasets)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 3 if result.diverged else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

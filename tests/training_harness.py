@@ -1,0 +1,59 @@
+"""Runs the training loop in-process on N gloo ranks (tests/distributed.py), several
+configurations per launched job to pay DeepSpeed's start-up once.
+
+    losses = run_configs(world_size, [argv1, argv2, ...])   # per config: rank 0's TrainResult
+
+Data: a fixed random-token corpus cut into samples (the loop only sees indexable samples of
+seq_length + 1 tokens; the dataset builders have their own tests).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tests.distributed import run_distributed
+
+VOCAB = 96
+SEQ = 16
+
+TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
+        "--make-vocab-size-divisible-by", "16", "--micro-batch-size", "2", "--global-batch-size", "8",
+        "--train-iters", "10", "--lr", "3e-3", "--lr-warmup-iters", "2", "--min-lr", "3e-4",
+        "--weight-decay", "0.1", "--clip-grad", "1.0", "--log-interval", "5", "--eval-interval", "5",
+        "--eval-iters", "1", "--seed", "7"]
+
+
+def token_samples(count: int, seed: int) -> list[dict]:
+    """Samples from a learnable stream: each token is a noisy function of the previous one."""
+    rng = np.random.default_rng(seed)
+    stream = np.empty(count * SEQ + 1, dtype=np.int64)
+    stream[0] = 0
+    for i in range(1, len(stream)):
+        stream[i] = (stream[i - 1] * 5 + 3) % VOCAB if rng.random() < 0.8 else rng.integers(VOCAB)
+    return [{"text": stream[i * SEQ: (i + 1) * SEQ + 1]} for i in range(count)]
+
+
+def _body(rank, world_size, runs):
+    import torch
+
+    from megatron_snm.config import parse_args
+    from megatron_snm.parallel import distributed, state
+    from megatron_snm.training.loop import pretrain
+
+    torch.set_num_threads(1)  # 2 shared cores: OpenMP spinning across ranks costs 20x
+    distributed.initialize(distributed.discover())
+    results = []
+    for argv in runs:
+        cfg = parse_args(argv)
+        cfg.validate(world_size)
+        state.initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+        samples = cfg.train_iters * cfg.global_batch_size
+        datasets = (token_samples(samples, 1), token_samples(cfg.eval_iters * cfg.global_batch_size, 2),
+                    token_samples(cfg.eval_iters * cfg.global_batch_size, 3))
+        results.append(pretrain(cfg, cfg.gpt_config(VOCAB), cfg.build_deepspeed_config(world_size), datasets))
+        state.destroy_model_parallel()
+    return results
+
+
+def run_configs(world_size: int, runs: list[list[str]]):
+    """Each config's TrainResult as seen by rank 0."""
+    return run_distributed(_body, world_size, runs)[0]

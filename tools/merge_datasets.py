@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Merges `.bin`/`.idx` datasets into one, in the order given (e.g. the per-shard outputs of
+`preprocess_data.py --output-per-input`).
+
+    python tools/merge_datasets.py --input out/c4_shard0_text_document out/c4_shard1_text_document \\
+        --output-prefix out/c4_text_document
+    python tools/merge_datasets.py --input out/shards/ --output-prefix out/c4_text_document
+
+A directory stands for every dataset in it (each `.idx` with its `.bin`), in sorted order. All
+inputs are opened and checked (same token dtype) before anything is written; the output is
+written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_snm.data.indexed_dataset import (  # noqa: E402
+    IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError,
+)
+
+
+def input_prefixes(inputs: list[str]) -> list[str]:
+    prefixes = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, n[: -len(".idx")]) for n in os.listdir(item) if n.endswith(".idx"))
+            if not found:
+                raise ValueError(f"--input {item}: directory holds no .idx files")
+            prefixes.extend(found)
+        else:
+            prefixes.append(item[: -len(".idx")] if item.endswith((".idx", ".bin")) else item)
+    return prefixes
+
+
+def merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:
+    datasets = [IndexedDataset(p) for p in prefixes]  # raises IndexedDatasetError naming the file
+    dtypes = {ds.dtype for ds in datasets}
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{p} ({ds.dtype})" for p, ds in zip(prefixes, datasets))
+        raise ValueError(f"inputs have different token dtypes, cannot merge: {listing}")
+    if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in prefixes}:
+        raise ValueError(f"--output-prefix {output_prefix} is also an input")
+    with IndexedDatasetBuilder(output_prefix, datasets[0].dtype) as builder:
+        for prefix in prefixes:
+            builder.add_index(prefix)
+        builder.finalize()
+    return IndexedDataset(output_prefix)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--input", nargs="+", required=True, help="dataset prefixes, or directories of datasets")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        prefixes = input_prefixes(args.input)
+        merged = merge(prefixes, args.output_prefix)
+    except (ValueError, IndexedDatasetError) as e:
+        print(f"merge_datasets.py: error: {e}", file=sys.stderr)
+        return 1
+    tokens = int(merged.sequence_lengths.sum(dtype="int64"))
+    print(f"[merge] {len(prefixes)} dataset(s) -> {args.output_prefix}: {merged.num_documents:,} documents, "
+          f"{tokens:,} tokens in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
