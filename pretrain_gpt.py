@@ -41,15 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     samples = cfg.global_batch_size
     num_samples = (cfg.train_iters * samples, cfg.eval_iters * samples, cfg.eval_iters * samples)
 
-    def build():
-        return build_train_valid_test_datasets(cfg.data_path, cfg.split, num_samples, cfg.seq_length, cfg.seed,
+    # Every rank calls this; rank 0 builds and caches the sample indices, the others read them.
+    datasets = build_train_valid_test_datasets(cfg.data_path, cfg.split, num_samples, cfg.seq_length, cfg.seed,
                                                cfg.data_cache_path)
-
-    # Rank 0 builds (and caches) the sample indices first; the others then only read them.
-    datasets = build() if env.rank == 0 else None
-    dist.barrier()
-    if env.rank != 0:
-        datasets = build()
     result = pretrain(cfg, gpt_config, ds_config, datasets)
     dist.barrier()
     dist.destroy_process_group()

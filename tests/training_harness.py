@@ -2,6 +2,7 @@
 configurations per launched job to pay DeepSpeed's start-up once.
 
     losses = run_configs(world_size, [argv1, argv2, ...])   # per config: rank 0's TrainResult
+    python -m tests.training_harness ARGS...                # one process, one config (for kill tests)
 
 Data: a fixed random-token corpus cut into samples (the loop only sees indexable samples of
 seq_length + 1 tokens; the dataset builders have their own tests).
@@ -18,7 +19,7 @@ SEQ = 16
 TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
         "--make-vocab-size-divisible-by", "16", "--micro-batch-size", "2", "--global-batch-size", "8",
         "--train-iters", "10", "--lr", "3e-3", "--lr-warmup-iters", "2", "--min-lr", "3e-4",
-        "--weight-decay", "0.1", "--clip-grad", "1.0", "--log-interval", "5", "--eval-interval", "5",
+        "--weight-decay", "0.1", "--clip-grad", "0.5", "--log-interval", "5", "--eval-interval", "5",
         "--eval-iters", "1", "--seed", "7"]
 
 
@@ -35,7 +36,7 @@ def token_samples(count: int, seed: int) -> list[dict]:
 def _body(rank, world_size, runs):
     import torch
 
-    from megatron_snm.config import parse_args
+    from megatron_snm.config import ConfigError, parse_args
     from megatron_snm.parallel import distributed, state
     from megatron_snm.training.loop import pretrain
 
@@ -49,11 +50,29 @@ def _body(rank, world_size, runs):
         samples = cfg.train_iters * cfg.global_batch_size
         datasets = (token_samples(samples, 1), token_samples(cfg.eval_iters * cfg.global_batch_size, 2),
                     token_samples(cfg.eval_iters * cfg.global_batch_size, 3))
-        results.append(pretrain(cfg, cfg.gpt_config(VOCAB), cfg.build_deepspeed_config(world_size), datasets))
-        state.destroy_model_parallel()
+        try:
+            results.append(pretrain(cfg, cfg.gpt_config(VOCAB), cfg.build_deepspeed_config(world_size), datasets))
+        except ConfigError as err:  # e.g. a refused checkpoint: returned for the test to inspect
+            results.append(err)
+        finally:
+            state.destroy_model_parallel()
     return results
 
 
 def run_configs(world_size: int, runs: list[list[str]]):
-    """Each config's TrainResult as seen by rank 0."""
+    """Each config's TrainResult (or ConfigError) as seen by rank 0."""
     return run_distributed(_body, world_size, runs)[0]
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    from tests.distributed import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    result = _body(0, 1, [sys.argv[1:]])[0]
+    sys.exit(3 if isinstance(result, Exception) or result.diverged else 0)

@@ -34,8 +34,8 @@ from megatron_snm.parallel import random as tp_random
 
 LATEST = "latest"
 METADATA = "megatron_snm.json"
-# Test hook: seconds to sleep inside a save, after the data is written and before it is published,
-# so a test can kill the run mid-save.
+# Test hook "ITERATION:SECONDS": sleep inside the save of that iteration, after the data is written
+# and before it is published, so a test can kill the run mid-save.
 SLEEP_IN_SAVE_ENV = "MEGATRON_SNM_TEST_SLEEP_IN_SAVE"
 
 
@@ -112,8 +112,8 @@ def save_checkpoint(engine, save_dir: str, iteration: int, metadata: dict) -> st
     if rank == 0:
         with open(os.path.join(tmp_dir, METADATA), "w") as f:
             json.dump(dict(metadata, iteration=iteration), f, indent=1)
-    if os.environ.get(SLEEP_IN_SAVE_ENV):
-        time.sleep(float(os.environ[SLEEP_IN_SAVE_ENV]))
+    if os.environ.get(SLEEP_IN_SAVE_ENV, "").startswith(f"{iteration}:"):
+        time.sleep(float(os.environ[SLEEP_IN_SAVE_ENV].split(":")[1]))
     dist.barrier()
     if rank == 0:
         if os.path.exists(final_dir):  # re-saving an iteration `latest` does not name (a resumed run)

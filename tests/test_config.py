@@ -1,0 +1,115 @@
+"""Flags: Megatron names, presets, the DeepSpeed JSON merge, and every bad combination refused by
+`pretrain_gpt.py` before any process group starts (exit status 2, the flag named)."""
+import json
+
+import pytest
+import torch.distributed as dist
+
+import pretrain_gpt
+from megatron_snm.config import ConfigError, build_parser, parse_args
+
+SHAPE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+         "--train-iters", "10"]
+
+
+def refused(argv, world_size, monkeypatch, capsys) -> str:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    assert pretrain_gpt.main(argv) == 2
+    assert not dist.is_initialized()
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, world, message", [
+    (SHAPE + ["--hidden-size", "66"], 1, "--hidden-size (66) must be divisible by --num-attention-heads (4)"),
+    (SHAPE + ["--tensor-model-parallel-size", "8"], 8, "--num-attention-heads (4) must be divisible by "
+                                                        "--tensor-model-parallel-size (8)"),
+    (SHAPE + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 6,
+     "world size 6 is not divisible by --tensor-model-parallel-size (2) x --pipeline-model-parallel-size (2)"),
+    (SHAPE + ["--pipeline-model-parallel-size", "2", "--zero-stage", "3"], 2,
+     "ZeRO stage 3 (--zero-stage or the DeepSpeed JSON) cannot be combined with --pipeline-model-parallel-size 2"),
+    (SHAPE + ["--pipeline-model-parallel-size", "4"], 4, "--pipeline-model-parallel-size (4) must not exceed "
+                                                         "--num-layers (2)"),
+    (SHAPE + ["--fp16", "--bf16"], 1, "--fp16 and --bf16 are mutually exclusive"),
+    (SHAPE + ["--micro-batch-size", "2", "--global-batch-size", "6"], 2,
+     "--global-batch-size (6) must be divisible by --micro-batch-size (2) x data-parallel size (2"),
+    (SHAPE + ["--train-tokens", "1000"], 1, "give exactly one of --train-iters and --train-tokens"),
+    (SHAPE + ["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (SHAPE[:-2], 1, "give exactly one of --train-iters and --train-tokens"),
+    (SHAPE[2:], 1, "--num-layers is required (or give --model-size)"),
+])
+def test_bad_combinations_refused_before_any_process_group(argv, world, message, monkeypatch, capsys):
+    assert message in refused(argv, world, monkeypatch, capsys)
+
+
+def write_json(tmp_path, config) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("json_config, flags, message", [
+    ({"zero_optimization": {"stage": 2}}, ["--zero-stage", "1"], "--zero-stage 1 conflicts with"),
+    ({"train_micro_batch_size_per_gpu": 4}, ["--micro-batch-size", "2"], "--micro-batch-size 2 conflicts with"),
+    ({"train_batch_size": 32}, ["--global-batch-size", "16"], "--global-batch-size 16 conflicts with"),
+    ({"gradient_clipping": 0.5}, ["--clip-grad", "1.0"], "--clip-grad 1.0 conflicts with"),
+    ({"bf16": {"enabled": False}}, ["--bf16"], "--bf16 True conflicts with"),
+    ({"optimizer": {"type": "Adam"}}, [], "remove the 'optimizer' section"),
+    ({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}, [],
+     "gradient_accumulation_steps 3 disagrees with --global-batch-size 16"),
+])
+def test_deepspeed_json_conflicts_refused(json_config, flags, message, tmp_path, monkeypatch, capsys):
+    argv = SHAPE + ["--micro-batch-size", "2"] * ("--micro-batch-size" not in flags) + flags + \
+        ["--deepspeed", "--deepspeed_config", write_json(tmp_path, json_config)]
+    err = refused(argv, 2, monkeypatch, capsys)
+    assert message in err and "ds.json" in err
+
+
+def test_deepspeed_json_fills_what_flags_leave_open(tmp_path):
+    path = write_json(tmp_path, {"zero_optimization": {"stage": 2, "overlap_comm": True}, "bf16": {"enabled": True},
+                                 "train_batch_size": 32, "gradient_clipping": 0.3, "wall_clock_breakdown": True})
+    cfg = parse_args(SHAPE + ["--micro-batch-size", "4", "--deepspeed_config", path])
+    cfg.validate(world_size=4)
+    assert (cfg.zero_stage, cfg.bf16, cfg.fp16, cfg.global_batch_size, cfg.clip_grad) == (2, True, False, 32, 0.3)
+    ds = cfg.build_deepspeed_config(world_size=4)
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["wall_clock_breakdown"] is True  # the JSON's own keys are kept
+
+
+def test_generated_deepspeed_config_from_flags():
+    cfg = parse_args(SHAPE + ["--micro-batch-size", "2", "--global-batch-size", "16", "--zero-stage", "3",
+                              "--fp16", "--loss-scale", "128", "--tensor-model-parallel-size", "2"])
+    cfg.validate(world_size=4)  # DP = 2 -> 4 micro-batches per step
+    ds = cfg.build_deepspeed_config(world_size=4)
+    assert ds["gradient_accumulation_steps"] == 4 and ds["zero_optimization"] == {"stage": 3}
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 128.0} and ds["bf16"] == {"enabled": False}
+    assert ds["gradient_clipping"] == 1.0
+
+
+def test_defaults_presets_and_train_tokens():
+    cfg = parse_args(["--model-size", "1.7b", "--num-layers", "4", "--train-tokens", "1000000",
+                      "--global-batch-size", "8", "--local_rank=1"])
+    cfg.validate(world_size=1)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.seq_length) == (4, 2304, 24, 2048)
+    assert cfg.train_iters == 62  # ceil(1e6 / (8 x 2048))
+    assert cfg.lr_decay_iters == 62 and cfg.zero_stage == 0 and cfg.clip_grad == 1.0
+    gpt = cfg.gpt_config(vocab_size=50257)
+    assert gpt.scaled_init and gpt.embedding_norm == "layernorm" and gpt.ffn_hidden_size == 4 * 2304
+
+
+def test_help_documents_every_flag():
+    text = build_parser().format_help()
+    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--zero-stage", "--deepspeed_config",
+                 "--micro-batch-size", "--global-batch-size", "--lr-decay-style", "--adam-beta2", "--clip-grad",
+                 "--train-tokens", "--eval-iters", "--tensorboard-dir", "--log-stability-interval", "--save-interval",
+                 "--spike-factor", "--skip-spiky-steps", "--max-skipped-steps", "--embedding-norm", "--no-scaled-init",
+                 "--no-weight-decay-embeddings", "--data-path", "--tokenizer-model", "--bf16"):
+        assert flag in text, flag
+
+
+def test_config_error_is_a_value_error():
+    with pytest.raises(ConfigError):
+        parse_args(SHAPE + ["--lr", "1e-3", "--min-lr", "1e-2"]).validate(1)

@@ -1,0 +1,68 @@
+"""`pretrain_gpt.py` end to end (tokenizer -> preprocessed sample -> GPTDataset -> training) under
+the launchers users run: the same seed and data give the same losses under `deepspeed` and
+`torchrun` (and `mpirun` where Open MPI is installed), with 2 processes on gloo."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+LOSS = re.compile(r" iteration\s+(\d+)/\s*\d+ \|.*? lm loss: (\S+) \|")
+VALID = re.compile(r" validation loss at iteration (\d+) \| lm loss value: (\S+) \|")
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory, sample_dir):
+    out = tmp_path_factory.mktemp("launch")
+    train = str(sample_dir / "c4-train.00000-of-00001.json.gz")
+    subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", train, "--model-prefix", str(out / "tok"),
+                    "--vocab-size", "500"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", train, "--output-prefix", str(out / "c4"),
+                    "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(out / "tok.model"),
+                    "--append-eod"], cwd=REPO, check=True, capture_output=True)
+    return out
+
+
+def train_args(data, run_dir):
+    return ["pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "6",
+            "--lr", "3e-3", "--log-interval", "1", "--eval-interval", "3", "--eval-iters", "1", "--zero-stage", "1",
+            "--data-path", str(data / "c4_text_document"), "--split", "90,10,0", "--data-cache-path",
+            str(data / "cache"), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+            str(data / "tok.model"), "--save", str(run_dir / "ckpt"), "--tensorboard-dir", str(run_dir / "tb")]
+
+
+def run(launcher_argv, run_dir):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + os.environ["PATH"])
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(launcher_argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    losses = {int(i): float(v) for i, v in LOSS.findall(out)}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6], out[-5000:]
+    assert (run_dir / "ckpt" / "latest").read_text() == "iter_0000006"
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tb"))
+    return losses, {int(i): float(v) for i, v in VALID.findall(out)}
+
+
+def test_deepspeed_and_torchrun_give_the_same_losses(sample_data, tmp_path):
+    from tests.distributed import free_port
+
+    ds = run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+              *train_args(sample_data, tmp_path / "ds")], tmp_path / "ds")
+    tr = run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+              *train_args(sample_data, tmp_path / "tr")], tmp_path / "tr")
+    assert tr[0] == pytest.approx(ds[0], rel=1e-6) and tr[1] == pytest.approx(ds[1], rel=1e-6)
+    assert ds[0][6] < ds[0][1]
+
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not installed (tools/install_system_deps.sh installs Open MPI)")
+    mpi = run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PYTHONPATH", "-x", "PATH",
+               "-x", "OMP_NUM_THREADS", "-x", f"MASTER_PORT={free_port()}", sys.executable,
+               *train_args(sample_data, tmp_path / "mpi")], tmp_path / "mpi")
+    assert mpi[0] == pytest.approx(ds[0], rel=1e-6)
