@@ -18,6 +18,22 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
 PYTHON="${PYTHON:-python}"
 
+# micro_batch_for MAX: the largest micro-batch <= MAX that splits GLOBAL_BATCH evenly over the
+# data-parallel ranks (world / (TP x PP)) with a whole number of accumulation steps, so changing
+# NNODES keeps the paper's global batch. Prints it; fails with a message if there is none.
+micro_batch_for() {
+    local dp=$((NNODES * GPUS_PER_NODE / (TP * PP))) m
+    for ((m = $1; m >= 1; m--)); do
+        if ((dp > 0 && GLOBAL_BATCH % (m * dp) == 0)); then
+            echo "$m"
+            return 0
+        fi
+    done
+    echo "error: GLOBAL_BATCH=$GLOBAL_BATCH cannot be split over DP=$dp ranks (NNODES=$NNODES x" \
+         "GPUS_PER_NODE=$GPUS_PER_NODE / (TP=$TP x PP=$PP)); change one of them" >&2
+    return 2
+}
+
 # launch ARGS...: runs pretrain_gpt.py ARGS on NNODES x GPUS_PER_NODE ranks.
 launch() {
     local world=$((NNODES * GPUS_PER_NODE)) cmd

@@ -21,8 +21,8 @@ GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 TP="${TP:-2}"
 PP="${PP:-1}"
 ZERO="${ZERO:-1}"
-MICRO_BATCH="${MICRO_BATCH:-4}"          # 4 x DP 4 x 33 accumulation steps = 528
 GLOBAL_BATCH="${GLOBAL_BATCH:-528}"
+MICRO_BATCH="${MICRO_BATCH:-$(micro_batch_for 4)}"   # the largest <= 4 that splits 528: 4 x DP 4 x 33 steps
 LR="${LR:-5e-4}"
 MIN_LR="${MIN_LR:-1e-5}"
 TRAIN_ITERS="${TRAIN_ITERS:-50000}"      # 528 x 2048 tokens each: ~54B tokens

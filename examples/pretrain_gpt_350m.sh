@@ -11,7 +11,7 @@
 # One node of 8 GPUs: the model fits on each GPU, so pure data parallelism (DP=8), ZeRO-1.
 #   bash examples/pretrain_gpt_350m.sh
 #   LR=1e-3 EMBEDDING_NORM=scaled bash examples/pretrain_gpt_350m.sh
-#   NNODES=2 MICRO_BATCH=1 HOSTFILE=examples/hostfile.example bash examples/pretrain_gpt_350m.sh
+#   NNODES=2 HOSTFILE=examples/hostfile.example bash examples/pretrain_gpt_350m.sh   # DP=16, micro-batch 1
 # Data: see examples/README.md (tools/preprocess_data.py over C4).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
@@ -21,8 +21,8 @@ GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 TP="${TP:-1}"
 PP="${PP:-1}"
 ZERO="${ZERO:-1}"
-MICRO_BATCH="${MICRO_BATCH:-2}"          # 2 x DP 8 x 33 accumulation steps = 528
 GLOBAL_BATCH="${GLOBAL_BATCH:-528}"
+MICRO_BATCH="${MICRO_BATCH:-$(micro_batch_for 2)}"   # the largest <= 2 that splits 528: 2 x DP 8 x 33 steps
 LR="${LR:-5e-4}"
 MIN_LR="${MIN_LR:-1e-5}"
 TRAIN_ITERS="${TRAIN_ITERS:-50000}"      # 528 x 2048 tokens each: ~54B tokens
