@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Step 6 of benchmarks/gpu_check.sh: the real training job on one device for a few steps, under
+# torchrun (NCCL on a GPU, gloo on CPU) through DeepSpeed, on the bundled C4-format sample.
+#   bash benchmarks/gpu_check_job.sh WORK_DIR MICRO_BATCH STEPS MODEL_AND_PRECISION_FLAGS...
+# Tokenizer: GPT-2's files where the tests find them (MEGATRON_SNM_GPT2_DIR, else ../shared/data/gpt2),
+# else a small SentencePiece model trained on the sample.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO="$(pwd)"
+PYTHON="${PYTHON:-python}"
+work=$1 micro=$2 steps=$3
+shift 3
+mkdir -p "$work"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+sample=data/sample/c4-train.00000-of-00001.json.gz
+
+gpt2="${MEGATRON_SNM_GPT2_DIR:-$REPO/../shared/data/gpt2}"
+if [[ -f "$gpt2/vocab.json" && -f "$gpt2/merges.txt" ]]; then
+    tokenizer=(--tokenizer-type GPT2BPETokenizer --vocab-file "$gpt2/vocab.json" --merge-file "$gpt2/merges.txt")
+else
+    echo "GPT-2 files not in $gpt2: a SentencePiece tokenizer trained on the sample instead"
+    "$PYTHON" tools/train_tokenizer.py --input "$sample" --model-prefix "$work/tokenizer" --vocab-size 2000
+    tokenizer=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$work/tokenizer.model")
+fi
+"$PYTHON" tools/preprocess_data.py --input "$sample" --output-prefix "$work/sample" "${tokenizer[@]}" \
+    --append-eod --workers 4
+
+torchrun --nproc-per-node 1 --master-port "${MASTER_PORT:-29531}" pretrain_gpt.py "$@" \
+    --init-method small --embedding-norm layernorm --zero-stage 0 \
+    --micro-batch-size "$micro" --global-batch-size "$micro" --train-iters "$steps" \
+    --lr 5e-4 --min-lr 5e-5 --lr-warmup-iters 5 --lr-decay-style cosine --clip-grad 1.0 \
+    --data-path "$work/sample_text_document" --split 98,1,1 --data-cache-path "$work/index-cache" \
+    "${tokenizer[@]}" --log-interval 5 --eval-interval "$steps" --eval-iters 1

@@ -1,0 +1,308 @@
+"""Training throughput of our GPT: tokens/s and achieved model TFLOP/s against the machine's own
+matrix-multiply rate, measured in the same run.
+
+    python benchmarks/train_throughput.py                     # CPU: the issue's 6-layer GPT, all legs
+    python benchmarks/train_throughput.py --device cuda --model-size 350m --legs bf16 \\
+        --micro-batch-size 8 --steps 30 --peak-tflops 989       # one GPU (benchmarks/gpu_check.sh)
+
+What one training step is: our GPTModel forward with the vocabulary-parallel loss, backward, data-
+parallel gradient all-reduce (DP legs), gradient clipping to 1.0, and torch's AdamW with Megatron's
+weight-decay groups (training/optimizer.py's choice; foreach on CPU, fused on CUDA), then
+zero_grad. bf16 keeps fp32 master weights and moments, as DeepSpeed's bf16 optimizer does. The
+DeepSpeed engine itself is not in the loop.
+
+Model FLOPs per token: 6 N + 12 L h s (N = all parameters, embedding included since the tied output
+layer is a GEMM with it; the second term is attention's score and context products). Achieved
+TFLOP/s = tokens/s x that.
+
+The ceiling: F.linear (the call the model's layers make) over the model's own forward GEMM shapes
+(QKV, W_O, W_1, W_2, output layer at micro-batch x seq tokens), total FLOPs over total time, in
+the leg's dtype. It is measured before and after the training legs and the best is kept. `ratio`
+= fp32 achieved / fp32 ceiling.
+
+Other processes may share the cores: every time reported is the best of its repeats (load only
+ever slows a repeat down); the median is printed beside it. The legs:
+    fp32  1 process, all cores
+    bf16  1 process; skipped, with the reason, where the bf16 GEMM rate is below fp32's (CPUs
+          without bf16 matrix units, e.g. AVX2-only: a bf16 step would take minutes)
+    tp2   2 processes, gloo, tensor parallel (cores split between them)
+    dp2   2 processes, gloo, data parallel, each with its own micro-batch
+Last line: one JSON object with "benchmark", "ratio" and every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_snm.model.config import GPTConfig  # noqa: E402
+from megatron_snm.model.gpt import GPTModel, gpt_loss  # noqa: E402
+from megatron_snm.model.presets import MODEL_PRESETS  # noqa: E402
+from megatron_snm.parallel import random as tp_random  # noqa: E402
+from megatron_snm.parallel import state  # noqa: E402
+
+ISSUE_SHAPE = dict(num_layers=6, hidden_size=512, num_attention_heads=8, seq_length=256)
+GPT2_VOCAB = 50257
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LEGS = ("fp32", "bf16", "tp2", "dp2")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--model-size", choices=sorted(MODEL_PRESETS), help="a preset instead of the issue's 6-layer GPT")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per step and process")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per leg")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    p.add_argument("--legs", default=None, help=f"comma-separated subset of {','.join(LEGS)} "
+                   "(default: all on cpu, bf16 on cuda)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's nominal dense peak in the bf16 leg's dtype, for MFU (H200 bf16: 989)")
+    args = p.parse_args(argv)
+    args.legs = (args.legs or ("bf16" if args.device == "cuda" else ",".join(LEGS))).split(",")
+    if unknown := set(args.legs) - set(LEGS):
+        p.error(f"--legs: unknown {sorted(unknown)}; choose from {LEGS}")
+    if args.device == "cuda" and ({"tp2", "dp2"} & set(args.legs)):
+        p.error("--legs tp2/dp2 run on CPU processes only")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    if min(args.micro_batch_size, args.steps) < 1 or args.warmup < 0:
+        p.error("--micro-batch-size and --steps must be >= 1, --warmup >= 0")
+    return args
+
+
+def gpt_config(args, dtype: torch.dtype) -> GPTConfig:
+    shape = MODEL_PRESETS[args.model_size] if args.model_size else ISSUE_SHAPE
+    return GPTConfig(**shape, vocab_size=GPT2_VOCAB, init_method="small", params_dtype=dtype)
+
+
+def model_flops_per_token(config: GPTConfig, num_params: int) -> float:
+    return 6 * num_params + 12 * config.num_layers * config.hidden_size * config.seq_length
+
+
+def full_parameter_count(config: GPTConfig) -> int:
+    """All parameters of the whole (TP=1) model, counted on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPTModel(config).parameters())
+
+
+# --- the ceiling -----------------------------------------------------------------------------
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def gemm_ceiling_gflops(config: GPTConfig, tokens: int, dtype, device, repeats: int = 5) -> float:
+    """Best rate of F.linear over the model's forward GEMMs (one pass = each shape once)."""
+    h, f, v = config.hidden_size, config.ffn_hidden_size, config.padded_vocab_size
+    shapes = [(h, 3 * h), (h, h), (h, f), (f, h), (h, v)]  # (in, out): QKV, W_O, W_1, W_2, output layer
+    operands = [(torch.randn(tokens, i, dtype=dtype, device=device), torch.randn(o, i, dtype=dtype, device=device))
+                for i, o in shapes]
+    flops = sum(2 * tokens * i * o for i, o in shapes)
+    best = math.inf
+    for rep in range(repeats + 1):  # the first pass warms up
+        _sync(device)
+        start = time.perf_counter()
+        for x, w in operands:
+            F.linear(x, w)
+        _sync(device)
+        if rep:
+            best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
+# --- one training step -----------------------------------------------------------------------
+
+class TrainStep:
+    """forward + backward + (DP all-reduce) + clip + AdamW, as training runs it."""
+
+    def __init__(self, config: GPTConfig, device: str, clip_grad: float = 1.0):
+        tp_random.model_parallel_seed(1234)
+        with torch.device(device):
+            self.model = GPTModel(config)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.clip_grad = clip_grad
+        # bf16 (like DeepSpeed's bf16 optimizer): fp32 master weights carry the update.
+        self.masters = None
+        if config.params_dtype != torch.float32:
+            self.masters = [p.detach().float().requires_grad_() for p in self.params]
+        opt_params = self.masters or self.params
+        by_id = {id(p): m for p, m in zip(self.params, opt_params)}
+        decay = [by_id[id(p)] for p in self.params if p.ndim >= 2]
+        no_decay = [by_id[id(p)] for p in self.params if p.ndim < 2]  # biases and norms
+        self.optimizer = torch.optim.AdamW(
+            [dict(params=decay, weight_decay=0.01), dict(params=no_decay, weight_decay=0.0)],
+            lr=1e-4, fused=(device == "cuda") or None,
+        )
+        self.dp_group = state.get_data_parallel_group() if state.get_data_parallel_world_size() > 1 else None
+
+    def __call__(self, tokens, labels) -> float:
+        loss = gpt_loss(self.model(tokens), labels)
+        loss.backward()
+        grads = [p.grad for p in self.params]
+        if self.dp_group is not None:  # one flat all-reduce, as DeepSpeed's buckets do
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.dp_group)
+            flat /= dist.get_world_size(self.dp_group)
+            for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(reduced)
+        if self.masters is not None:
+            for m, g in zip(self.masters, grads):
+                m.grad = g.float()
+        # Every rank holds the whole gradient except under TP, where the split weights' norms are
+        # per rank: the clip factor then differs slightly per rank, which costs the same.
+        torch.nn.utils.clip_grad_norm_([m for m in (self.masters or self.params)], self.clip_grad, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.masters)
+            for p in self.params:
+                p.grad = None
+        return loss.detach().item()
+
+
+def time_steps(step: TrainStep, config: GPTConfig, micro_batch: int, device: str, warmup: int, steps: int,
+               seed: int = 0) -> list[float]:
+    """Seconds of each timed step, on fixed random tokens (the data pipeline is not timed)."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, config.vocab_size, (micro_batch, config.seq_length + 1), generator=g).to(device)
+    tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        loss = step(tokens, labels)
+        _sync(device)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {loss} at step {i}")
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+# --- legs ----------------------------------------------------------------------------------
+
+def single_process_leg(args, dtype) -> list[float]:
+    config = gpt_config(args, dtype)
+    return time_steps(TrainStep(config, args.device), config, args.micro_batch_size, args.device,
+                      args.warmup, args.steps)
+
+
+def _two_process_worker(rank, world, port, leg, args, threads, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        state.initialize_model_parallel(tensor_parallel_size=2 if leg == "tp2" else 1)
+        config = gpt_config(args, torch.float32)
+        times = time_steps(TrainStep(config, "cpu"), config, args.micro_batch_size, "cpu", args.warmup, args.steps,
+                           seed=state.get_data_parallel_rank())  # DP ranks get different data
+        if rank == 0:
+            queue.put(times)
+    finally:
+        state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def two_process_leg(args, leg) -> list[float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = max(1, torch.get_num_threads() // 2)
+    procs = [ctx.Process(target=_two_process_worker, args=(r, 2, port, leg, args, threads, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    if any(proc.exitcode for proc in procs):
+        raise RuntimeError(f"leg {leg}: a worker failed (exit codes {[proc.exitcode for proc in procs]})")
+    return queue.get(timeout=10)
+
+
+# --- report --------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    fp32_config = gpt_config(args, torch.float32)
+    tokens_per_step = args.micro_batch_size * fp32_config.seq_length
+    flops_per_token = model_flops_per_token(fp32_config, full_parameter_count(fp32_config))
+    print(f"model: {fp32_config.num_layers} layers, hidden {fp32_config.hidden_size}, seq {fp32_config.seq_length}, "
+          f"vocab {fp32_config.padded_vocab_size}; {flops_per_token / 1e6:.1f} MFLOP/token; "
+          f"{tokens_per_step} tokens/step/process; device {args.device}, {torch.get_num_threads()} threads", flush=True)
+
+    needed = {leg for leg in args.legs if leg in DTYPES}
+    if {"tp2", "dp2"} & set(args.legs) or (args.device == "cpu" and "bf16" in needed):
+        needed.add("fp32")  # the TP/DP legs' ceiling; on CPU the bf16 leg's yardstick
+    ceilings = {d: gemm_ceiling_gflops(fp32_config, tokens_per_step, DTYPES[d], args.device) for d in sorted(needed)}
+    if args.device == "cuda":  # one GPU, but set up as training is: NCCL process group, parallel groups
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        state.initialize_model_parallel()
+
+    results, skipped = {}, {}
+    for leg in args.legs:
+        if leg == "bf16" and args.device == "cpu" and ceilings["bf16"] < ceilings.get("fp32", 0.0):
+            skipped[leg] = (f"bf16 GEMMs run at {ceilings['bf16']:.1f} GFLOP/s here, below fp32's "
+                            f"{ceilings['fp32']:.1f}: no bf16 matrix hardware on this CPU")
+            print(f"[{leg}] skipped: {skipped[leg]}", flush=True)
+            continue
+        start = time.perf_counter()
+        if leg in DTYPES:
+            times = single_process_leg(args, DTYPES[leg])
+        else:
+            times = two_process_leg(args, leg)
+        processes_with_own_data = 2 if leg == "dp2" else 1
+        results[leg] = dict(step_s=min(times), median_step_s=statistics.median(times),
+                            tokens_per_s=processes_with_own_data * tokens_per_step / min(times))
+        results[leg]["tflops"] = results[leg]["tokens_per_s"] * flops_per_token / 1e12
+        print(f"[{leg}] steps {[round(t, 3) for t in times]} s ({time.perf_counter() - start:.0f} s with set-up)",
+              flush=True)
+    for d in ceilings:  # again after the legs: keep the better
+        ceilings[d] = max(ceilings[d], gemm_ceiling_gflops(fp32_config, tokens_per_step, DTYPES[d], args.device))
+
+    summary = {"benchmark": "train_throughput", "device": args.device, "model_flops_per_token": flops_per_token,
+               "tokens_per_step_per_process": tokens_per_step,
+               "gemm_ceiling_tflops": {d: c / 1e3 for d, c in ceilings.items()}}
+    print(f"\n{'leg':6} {'tokens/s':>10} {'TFLOP/s':>9} {'of GEMM ceiling':>16} {'best step s':>12} {'median s':>9}")
+    for leg, r in results.items():
+        ceiling = ceilings.get(leg if leg in DTYPES else "fp32")
+        r["of_ceiling"] = r["tflops"] * 1e3 / ceiling if ceiling else None
+        if args.peak_tflops:
+            r["mfu"] = r["tflops"] / args.peak_tflops
+        print(f"{leg:6} {r['tokens_per_s']:10.1f} {r['tflops']:9.4f} {r['of_ceiling'] or 0:16.2f} "
+              f"{r['step_s']:12.3f} {r['median_step_s']:9.3f}" + (f"   MFU {r['mfu']:.3f}" if "mfu" in r else ""))
+        summary[leg] = r
+    for d, c in ceilings.items():
+        print(f"GEMM ceiling {d}: {c / 1e3:.4f} TFLOP/s (F.linear over the model's forward GEMM shapes)")
+    if "fp32" in results:
+        for leg in ("bf16", "tp2", "dp2"):
+            if leg in results:
+                summary[f"{leg}_vs_fp32"] = results[leg]["tokens_per_s"] / results["fp32"]["tokens_per_s"]
+                print(f"{leg} / fp32 tokens/s: {summary[f'{leg}_vs_fp32']:.2f}")
+    summary["skipped"] = skipped
+    main_leg = "fp32" if "fp32" in results else next(iter(results), None)
+    summary["ratio"] = results[main_leg]["of_ceiling"] if main_leg else None
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
