@@ -28,6 +28,6 @@ fi
 torchrun --nproc-per-node 1 --master-port "${MASTER_PORT:-29531}" pretrain_gpt.py "$@" \
     --init-method small --embedding-norm layernorm --zero-stage 0 \
     --micro-batch-size "$micro" --global-batch-size "$micro" --train-iters "$steps" \
-    --lr 5e-4 --min-lr 5e-5 --lr-warmup-iters 5 --lr-decay-style cosine --clip-grad 1.0 \
+    --lr 5e-4 --min-lr 5e-5 --lr-warmup-iters $((steps / 5)) --lr-decay-style cosine --clip-grad 1.0 \
     --data-path "$work/sample_text_document" --split 98,1,1 --data-cache-path "$work/index-cache" \
-    "${tokenizer[@]}" --log-interval 5 --eval-interval "$steps" --eval-iters 1
+    "${tokenizer[@]}" --log-interval $((steps >= 10 ? 5 : 1)) --eval-interval "$steps" --eval-iters 1

@@ -5,15 +5,16 @@ matrix-multiply rate, measured in the same run.
     python benchmarks/train_throughput.py --device cuda --model-size 350m --legs bf16 \\
         --micro-batch-size 8 --steps 30 --peak-tflops 989       # one GPU (benchmarks/gpu_check.sh)
 
-What one training step is: our GPTModel forward with the vocabulary-parallel loss, backward, data-
-parallel gradient all-reduce (DP legs), gradient clipping to 1.0, and torch's AdamW with Megatron's
-weight-decay groups (training/optimizer.py's choice; foreach on CPU, fused on CUDA), then
-zero_grad. bf16 keeps fp32 master weights and moments, as DeepSpeed's bf16 optimizer does. The
-DeepSpeed engine itself is not in the loop.
+What one training step is: exactly what pretrain_gpt.py runs per iteration, minus the data loader:
+the training engine (training/engine.py: our GPTModel in DeepSpeed's engine, ZeRO-0, torch's AdamW
+with Megatron's weight-decay groups, gradient clipping to 1.0, the spike policy's verdict) built
+from the real flags (config.py), one global batch of one micro-batch per data-parallel rank, with
+the stability monitor capturing as the loop does while spike detection is on (its default).
+torch.distributed is gloo on CPU, NCCL on GPU, as under the launchers.
 
-Model FLOPs per token: 6 N + 12 L h s (N = all parameters, embedding included since the tied output
-layer is a GEMM with it; the second term is attention's score and context products). Achieved
-TFLOP/s = tokens/s x that.
+Model FLOPs per token: 6 N + 12 L h s (training/metrics.py, the figure the training log reports;
+N = the blocks' matrices + the embedding table, which the tied output layer multiplies with).
+Achieved TFLOP/s = tokens/s x that.
 
 The ceiling: F.linear (the call the model's layers make) over the model's own forward GEMM shapes
 (QKV, W_O, W_1, W_2, output layer at micro-batch x seq tokens), total FLOPs over total time, in
@@ -32,6 +33,7 @@ Last line: one JSON object with "benchmark", "ratio" and every figure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -47,11 +49,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_snm.config import parse_args as parse_training_args  # noqa: E402
 from megatron_snm.model.config import GPTConfig  # noqa: E402
-from megatron_snm.model.gpt import GPTModel, gpt_loss  # noqa: E402
 from megatron_snm.model.presets import MODEL_PRESETS  # noqa: E402
-from megatron_snm.parallel import random as tp_random  # noqa: E402
-from megatron_snm.parallel import state  # noqa: E402
+from megatron_snm.parallel import distributed, state  # noqa: E402
+from megatron_snm.training.engine import build_train_engine  # noqa: E402
+from megatron_snm.training.metrics import model_flops_per_token  # noqa: E402
+from megatron_snm.training.spikes import SpikePolicy  # noqa: E402
 
 ISSUE_SHAPE = dict(num_layers=6, hidden_size=512, num_attention_heads=8, seq_length=256)
 GPT2_VOCAB = 50257
@@ -88,16 +92,6 @@ def gpt_config(args, dtype: torch.dtype) -> GPTConfig:
     return GPTConfig(**shape, vocab_size=GPT2_VOCAB, init_method="small", params_dtype=dtype)
 
 
-def model_flops_per_token(config: GPTConfig, num_params: int) -> float:
-    return 6 * num_params + 12 * config.num_layers * config.hidden_size * config.seq_length
-
-
-def full_parameter_count(config: GPTConfig) -> int:
-    """All parameters of the whole (TP=1) model, counted on the meta device: nothing is allocated."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in GPTModel(config).parameters())
-
-
 # --- the ceiling -----------------------------------------------------------------------------
 
 def _sync(device):
@@ -127,59 +121,41 @@ def gemm_ceiling_gflops(config: GPTConfig, tokens: int, dtype, device, repeats: 
 # --- one training step -----------------------------------------------------------------------
 
 class TrainStep:
-    """forward + backward + (DP all-reduce) + clip + AdamW, as training runs it."""
+    """One training iteration of pretrain_gpt.py's loop on the training engine, with given data."""
 
-    def __init__(self, config: GPTConfig, device: str, clip_grad: float = 1.0):
-        tp_random.model_parallel_seed(1234)
-        with torch.device(device):
-            self.model = GPTModel(config)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.clip_grad = clip_grad
-        # bf16 (like DeepSpeed's bf16 optimizer): fp32 master weights carry the update.
-        self.masters = None
-        if config.params_dtype != torch.float32:
-            self.masters = [p.detach().float().requires_grad_() for p in self.params]
-        opt_params = self.masters or self.params
-        by_id = {id(p): m for p, m in zip(self.params, opt_params)}
-        decay = [by_id[id(p)] for p in self.params if p.ndim >= 2]
-        no_decay = [by_id[id(p)] for p in self.params if p.ndim < 2]  # biases and norms
-        self.optimizer = torch.optim.AdamW(
-            [dict(params=decay, weight_decay=0.01), dict(params=no_decay, weight_decay=0.0)],
-            lr=1e-4, fused=(device == "cuda") or None,
-        )
-        self.dp_group = state.get_data_parallel_group() if state.get_data_parallel_world_size() > 1 else None
+    def __init__(self, args, precision: str, tensor_parallel: int = 1):
+        shape = ["--model-size", args.model_size] if args.model_size else \
+            [f"--{k.replace('_', '-')}={v}" for k, v in ISSUE_SHAPE.items()]
+        self.cfg = parse_training_args([*shape, "--init-method", "small", "--micro-batch-size", str(args.micro_batch_size),
+                               "--train-iters", "1000000", "--lr", "1e-4", "--zero-stage", "0",
+                               "--tensor-model-parallel-size", str(tensor_parallel),
+                               *(["--bf16"] if precision == "bf16" else [])])
+        env = distributed.discover()
+        self.cfg.validate(env.world_size)
+        distributed.initialize(env)
+        state.initialize_model_parallel(tensor_parallel)
+        self.gpt_config = self.cfg.gpt_config(GPT2_VOCAB)
+        self.engine = build_train_engine(self.cfg, self.gpt_config, self.cfg.build_deepspeed_config(env.world_size),
+                                         SpikePolicy(self.cfg.spike_factor, self.cfg.spike_window,
+                                                     self.cfg.skip_spiky_steps, self.cfg.max_skipped_steps))
+        self.engine.set_lr(self.cfg.lr)
 
     def __call__(self, tokens, labels) -> float:
-        loss = gpt_loss(self.model(tokens), labels)
-        loss.backward()
-        grads = [p.grad for p in self.params]
-        if self.dp_group is not None:  # one flat all-reduce, as DeepSpeed's buckets do
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=self.dp_group)
-            flat /= dist.get_world_size(self.dp_group)
-            for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(reduced)
-        if self.masters is not None:
-            for m, g in zip(self.masters, grads):
-                m.grad = g.float()
-        # Every rank holds the whole gradient except under TP, where the split weights' norms are
-        # per rank: the clip factor then differs slightly per rank, which costs the same.
-        torch.nn.utils.clip_grad_norm_([m for m in (self.masters or self.params)], self.clip_grad, foreach=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.masters is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, self.masters)
-            for p in self.params:
-                p.grad = None
-        return loss.detach().item()
+        with self.engine.monitor.capture():
+            verdict, applied = self.engine.train_step(itertools.repeat((tokens, labels)))
+        if not applied:
+            raise RuntimeError(f"the engine skipped the step: {verdict}")
+        return verdict.loss
+
+    def close(self):
+        state.destroy_model_parallel()
 
 
-def time_steps(step: TrainStep, config: GPTConfig, micro_batch: int, device: str, warmup: int, steps: int,
-               seed: int = 0) -> list[float]:
+def time_steps(step: TrainStep, device: str, warmup: int, steps: int, seed: int = 0) -> list[float]:
     """Seconds of each timed step, on fixed random tokens (the data pipeline is not timed)."""
     g = torch.Generator().manual_seed(seed)
-    data = torch.randint(0, config.vocab_size, (micro_batch, config.seq_length + 1), generator=g).to(device)
+    micro_batch, seq = step.cfg.micro_batch_size, step.cfg.seq_length
+    data = torch.randint(0, GPT2_VOCAB, (micro_batch, seq + 1), generator=g).to(step.engine.engine.device)
     tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     times = []
     for i in range(warmup + steps):
@@ -196,34 +172,39 @@ def time_steps(step: TrainStep, config: GPTConfig, micro_batch: int, device: str
 
 # --- legs ----------------------------------------------------------------------------------
 
-def single_process_leg(args, dtype) -> list[float]:
-    config = gpt_config(args, dtype)
-    return time_steps(TrainStep(config, args.device), config, args.micro_batch_size, args.device,
-                      args.warmup, args.steps)
+def single_process_leg(args, precision) -> list[float]:
+    step = TrainStep(args, precision)
+    try:
+        return time_steps(step, args.device, args.warmup, args.steps)
+    finally:
+        step.close()
 
 
 def _two_process_worker(rank, world, port, leg, args, threads, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    step = TrainStep(args, "fp32", tensor_parallel=2 if leg == "tp2" else 1)
     try:
-        state.initialize_model_parallel(tensor_parallel_size=2 if leg == "tp2" else 1)
-        config = gpt_config(args, torch.float32)
-        times = time_steps(TrainStep(config, "cpu"), config, args.micro_batch_size, "cpu", args.warmup, args.steps,
-                           seed=state.get_data_parallel_rank())  # DP ranks get different data
+        # DP ranks get different data, TP ranks the same.
+        times = time_steps(step, "cpu", args.warmup, args.steps, seed=state.get_data_parallel_rank())
         if rank == 0:
             queue.put(times)
     finally:
-        state.destroy_model_parallel()
+        step.close()
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def two_process_leg(args, leg) -> list[float]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     threads = max(1, torch.get_num_threads() // 2)
     procs = [ctx.Process(target=_two_process_worker, args=(r, 2, port, leg, args, threads, queue)) for r in range(2)]
     for proc in procs:
@@ -242,7 +223,7 @@ def main(argv=None):
     torch.manual_seed(0)
     fp32_config = gpt_config(args, torch.float32)
     tokens_per_step = args.micro_batch_size * fp32_config.seq_length
-    flops_per_token = model_flops_per_token(fp32_config, full_parameter_count(fp32_config))
+    flops_per_token = model_flops_per_token(fp32_config)
     print(f"model: {fp32_config.num_layers} layers, hidden {fp32_config.hidden_size}, seq {fp32_config.seq_length}, "
           f"vocab {fp32_config.padded_vocab_size}; {flops_per_token / 1e6:.1f} MFLOP/token; "
           f"{tokens_per_step} tokens/step/process; device {args.device}, {torch.get_num_threads()} threads", flush=True)
@@ -251,12 +232,8 @@ def main(argv=None):
     if {"tp2", "dp2"} & set(args.legs) or (args.device == "cpu" and "bf16" in needed):
         needed.add("fp32")  # the TP/DP legs' ceiling; on CPU the bf16 leg's yardstick
     ceilings = {d: gemm_ceiling_gflops(fp32_config, tokens_per_step, DTYPES[d], args.device) for d in sorted(needed)}
-    if args.device == "cuda":  # one GPU, but set up as training is: NCCL process group, parallel groups
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        state.initialize_model_parallel()
+    # This process is rank 0 of 1 for the single-process legs (NCCL on GPU, gloo on CPU).
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
     results, skipped = {}, {}
     for leg in args.legs:
@@ -267,7 +244,7 @@ def main(argv=None):
             continue
         start = time.perf_counter()
         if leg in DTYPES:
-            times = single_process_leg(args, DTYPES[leg])
+            times = single_process_leg(args, leg)
         else:
             times = two_process_leg(args, leg)
         processes_with_own_data = 2 if leg == "dp2" else 1
