@@ -17,12 +17,11 @@ N = the blocks' matrices + the embedding table, which the tied output layer mult
 Achieved TFLOP/s = tokens/s x that.
 
 The ceiling: F.linear (the call the model's layers make) over the model's own forward GEMM shapes
-(QKV, W_O, W_1, W_2, output layer at micro-batch x seq tokens), total FLOPs over total time, in
-the leg's dtype. It is measured before and after the training legs and the best is kept. `ratio`
-= fp32 achieved / fp32 ceiling.
-
-Other processes may share the cores: every time reported is the best of its repeats (load only
-ever slows a repeat down); the median is printed beside it. The legs:
+(QKV, W_O, W_1, W_2, output layer at micro-batch x seq tokens), total FLOPs over total time, in the
+leg's dtype, measured just before and just after every timed step. Other processes may share the
+cores, and their load comes and goes within seconds: each step is held against the GEMM rate of its
+own moment, and `ratio` = the median over the fp32 steps of (step TFLOP/s / ceiling around it).
+tokens/s is the best step's. The legs:
     fp32  1 process, all cores
     bf16  1 process; skipped, with the reason, where the bf16 GEMM rate is below fp32's (CPUs
           without bf16 matrix units, e.g. AVX2-only: a bf16 step would take minutes)
@@ -99,23 +98,30 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def gemm_ceiling_gflops(config: GPTConfig, tokens: int, dtype, device, repeats: int = 5) -> float:
-    """Best rate of F.linear over the model's forward GEMMs (one pass = each shape once)."""
-    h, f, v = config.hidden_size, config.ffn_hidden_size, config.padded_vocab_size
-    shapes = [(h, 3 * h), (h, h), (h, f), (f, h), (h, v)]  # (in, out): QKV, W_O, W_1, W_2, output layer
-    operands = [(torch.randn(tokens, i, dtype=dtype, device=device), torch.randn(o, i, dtype=dtype, device=device))
-                for i, o in shapes]
-    flops = sum(2 * tokens * i * o for i, o in shapes)
-    best = math.inf
-    for rep in range(repeats + 1):  # the first pass warms up
-        _sync(device)
-        start = time.perf_counter()
-        for x, w in operands:
-            F.linear(x, w)
-        _sync(device)
-        if rep:
+class GemmCeiling:
+    """The rate of F.linear over the model's forward GEMMs: QKV, W_O, W_1, W_2 and the output layer at
+    `tokens` rows; one pass runs each shape once, and the rate is the pass's FLOPs over its time."""
+
+    def __init__(self, config: GPTConfig, tokens: int, dtype, device):
+        h, f, v = config.hidden_size, config.ffn_hidden_size, config.padded_vocab_size
+        shapes = [(h, 3 * h), (h, h), (h, f), (f, h), (h, v)]  # (in, out)
+        self.device = device
+        self.operands = [(torch.randn(tokens, i, dtype=dtype, device=device),
+                          torch.randn(o, i, dtype=dtype, device=device)) for i, o in shapes]
+        self.flops = sum(2 * tokens * i * o for i, o in shapes)
+        self.measure()  # warm-up
+
+    def measure(self, repeats: int = 1) -> float:
+        """GFLOP/s of the best of `repeats` passes."""
+        best = math.inf
+        for _ in range(repeats):
+            _sync(self.device)
+            start = time.perf_counter()
+            for x, w in self.operands:
+                F.linear(x, w)
+            _sync(self.device)
             best = min(best, time.perf_counter() - start)
-    return flops / best / 1e9
+        return self.flops / best / 1e9
 
 
 # --- one training step -----------------------------------------------------------------------
@@ -151,14 +157,20 @@ class TrainStep:
         state.destroy_model_parallel()
 
 
-def time_steps(step: TrainStep, device: str, warmup: int, steps: int, seed: int = 0) -> list[float]:
-    """Seconds of each timed step, on fixed random tokens (the data pipeline is not timed)."""
+def time_steps(step: TrainStep, device: str, warmup: int, steps: int, seed: int = 0,
+               ceiling: GemmCeiling | None = None) -> tuple[list[float], list[float]]:
+    """Seconds of each timed step, on fixed random tokens (the data pipeline is not timed), and, with
+    `ceiling`, the GEMM rate around each step (the mean of a pass just before and just after it), so
+    each step is held against the machine as it was while the step ran."""
     g = torch.Generator().manual_seed(seed)
     micro_batch, seq = step.cfg.micro_batch_size, step.cfg.seq_length
     data = torch.randint(0, GPT2_VOCAB, (micro_batch, seq + 1), generator=g).to(step.engine.engine.device)
     tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-    times = []
+    times, ceilings = [], []
+    before = None
     for i in range(warmup + steps):
+        if ceiling and i >= warmup and before is None:
+            before = ceiling.measure()
         _sync(device)
         start = time.perf_counter()
         loss = step(tokens, labels)
@@ -167,15 +179,19 @@ def time_steps(step: TrainStep, device: str, warmup: int, steps: int, seed: int 
             raise RuntimeError(f"non-finite loss {loss} at step {i}")
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return times
+            if ceiling:
+                after = ceiling.measure()
+                ceilings.append((before + after) / 2)
+                before = after
+    return times, ceilings
 
 
 # --- legs ----------------------------------------------------------------------------------
 
-def single_process_leg(args, precision) -> list[float]:
+def single_process_leg(args, precision, ceiling: GemmCeiling) -> tuple[list[float], list[float]]:
     step = TrainStep(args, precision)
     try:
-        return time_steps(step, args.device, args.warmup, args.steps)
+        return time_steps(step, args.device, args.warmup, args.steps, ceiling=ceiling)
     finally:
         step.close()
 
@@ -187,7 +203,7 @@ def _two_process_worker(rank, world, port, leg, args, threads, queue):
     step = TrainStep(args, "fp32", tensor_parallel=2 if leg == "tp2" else 1)
     try:
         # DP ranks get different data, TP ranks the same.
-        times = time_steps(step, "cpu", args.warmup, args.steps, seed=state.get_data_parallel_rank())
+        times, _ = time_steps(step, "cpu", args.warmup, args.steps, seed=state.get_data_parallel_rank())
         if rank == 0:
             queue.put(times)
     finally:
@@ -228,55 +244,58 @@ def main(argv=None):
           f"vocab {fp32_config.padded_vocab_size}; {flops_per_token / 1e6:.1f} MFLOP/token; "
           f"{tokens_per_step} tokens/step/process; device {args.device}, {torch.get_num_threads()} threads", flush=True)
 
-    needed = {leg for leg in args.legs if leg in DTYPES}
-    if {"tp2", "dp2"} & set(args.legs) or (args.device == "cpu" and "bf16" in needed):
-        needed.add("fp32")  # the TP/DP legs' ceiling; on CPU the bf16 leg's yardstick
-    ceilings = {d: gemm_ceiling_gflops(fp32_config, tokens_per_step, DTYPES[d], args.device) for d in sorted(needed)}
+    gemms = {d: GemmCeiling(fp32_config, tokens_per_step, DTYPES[d], args.device)
+             for d in sorted({leg for leg in args.legs if leg in DTYPES} | ({"fp32"} if args.device == "cpu" else set()))}
     # This process is rank 0 of 1 for the single-process legs (NCCL on GPU, gloo on CPU).
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
     results, skipped = {}, {}
     for leg in args.legs:
-        if leg == "bf16" and args.device == "cpu" and ceilings["bf16"] < ceilings.get("fp32", 0.0):
-            skipped[leg] = (f"bf16 GEMMs run at {ceilings['bf16']:.1f} GFLOP/s here, below fp32's "
-                            f"{ceilings['fp32']:.1f}: no bf16 matrix hardware on this CPU")
-            print(f"[{leg}] skipped: {skipped[leg]}", flush=True)
-            continue
+        if leg == "bf16" and args.device == "cpu":
+            bf16_rate, fp32_rate = gemms["bf16"].measure(2), gemms["fp32"].measure(2)
+            if bf16_rate < fp32_rate:
+                skipped[leg] = (f"bf16 GEMMs run at {bf16_rate:.1f} GFLOP/s here, below fp32's {fp32_rate:.1f}: "
+                                "no bf16 matrix hardware on this CPU")
+                print(f"[{leg}] skipped: {skipped[leg]}", flush=True)
+                continue
         start = time.perf_counter()
+        ceilings = []
         if leg in DTYPES:
-            times = single_process_leg(args, leg)
+            times, ceilings = single_process_leg(args, leg, gemms[leg])
         else:
             times = two_process_leg(args, leg)
         processes_with_own_data = 2 if leg == "dp2" else 1
-        results[leg] = dict(step_s=min(times), median_step_s=statistics.median(times),
-                            tokens_per_s=processes_with_own_data * tokens_per_step / min(times))
-        results[leg]["tflops"] = results[leg]["tokens_per_s"] * flops_per_token / 1e12
-        print(f"[{leg}] steps {[round(t, 3) for t in times]} s ({time.perf_counter() - start:.0f} s with set-up)",
-              flush=True)
-    for d in ceilings:  # again after the legs: keep the better
-        ceilings[d] = max(ceilings[d], gemm_ceiling_gflops(fp32_config, tokens_per_step, DTYPES[d], args.device))
-
-    summary = {"benchmark": "train_throughput", "device": args.device, "model_flops_per_token": flops_per_token,
-               "tokens_per_step_per_process": tokens_per_step,
-               "gemm_ceiling_tflops": {d: c / 1e3 for d, c in ceilings.items()}}
-    print(f"\n{'leg':6} {'tokens/s':>10} {'TFLOP/s':>9} {'of GEMM ceiling':>16} {'best step s':>12} {'median s':>9}")
-    for leg, r in results.items():
-        ceiling = ceilings.get(leg if leg in DTYPES else "fp32")
-        r["of_ceiling"] = r["tflops"] * 1e3 / ceiling if ceiling else None
+        rates = [processes_with_own_data * tokens_per_step / t for t in times]  # tokens/s per step
+        r = results[leg] = dict(step_s=min(times), median_step_s=statistics.median(times), tokens_per_s=max(rates))
+        r["tflops"] = r["tokens_per_s"] * flops_per_token / 1e12
+        if ceilings:
+            # Each step against the GEMM rate measured around it; the median over the steps.
+            r["gemm_ceiling_tflops"] = statistics.median(ceilings) / 1e3
+            r["of_ceiling"] = statistics.median(rate * flops_per_token / 1e9 / c for rate, c in zip(rates, ceilings))
         if args.peak_tflops:
             r["mfu"] = r["tflops"] / args.peak_tflops
-        print(f"{leg:6} {r['tokens_per_s']:10.1f} {r['tflops']:9.4f} {r['of_ceiling'] or 0:16.2f} "
-              f"{r['step_s']:12.3f} {r['median_step_s']:9.3f}" + (f"   MFU {r['mfu']:.3f}" if "mfu" in r else ""))
+        print(f"[{leg}] steps {[round(t, 3) for t in times]} s, GEMM ceiling around them "
+              f"{[round(c, 1) for c in ceilings]} GFLOP/s ({time.perf_counter() - start:.0f} s with set-up)",
+              flush=True)
+
+    summary = {"benchmark": "train_throughput", "device": args.device, "model_flops_per_token": flops_per_token,
+               "tokens_per_step_per_process": tokens_per_step}
+    print(f"\n{'leg':6} {'tokens/s':>10} {'TFLOP/s':>9} {'GEMM ceiling':>13} {'of ceiling':>11} "
+          f"{'best step s':>12} {'median s':>9}")
+    for leg, r in results.items():
+        print(f"{leg:6} {r['tokens_per_s']:10.1f} {r['tflops']:9.4f} {r.get('gemm_ceiling_tflops', 0):13.4f} "
+              f"{r.get('of_ceiling', 0):11.2f} {r['step_s']:12.3f} {r['median_step_s']:9.3f}"
+              + (f"   MFU {r['mfu']:.3f}" if "mfu" in r else ""))
         summary[leg] = r
-    for d, c in ceilings.items():
-        print(f"GEMM ceiling {d}: {c / 1e3:.4f} TFLOP/s (F.linear over the model's forward GEMM shapes)")
+    print("tokens/s: the best step; of ceiling: the median over steps of each step's TFLOP/s over the GEMM rate "
+          "measured around it (F.linear over the model's forward GEMM shapes)")
     if "fp32" in results:
         for leg in ("bf16", "tp2", "dp2"):
             if leg in results:
                 summary[f"{leg}_vs_fp32"] = results[leg]["tokens_per_s"] / results["fp32"]["tokens_per_s"]
                 print(f"{leg} / fp32 tokens/s: {summary[f'{leg}_vs_fp32']:.2f}")
     summary["skipped"] = skipped
-    main_leg = "fp32" if "fp32" in results else next(iter(results), None)
+    main_leg = "fp32" if "fp32" in results else next((leg for leg in results if leg in DTYPES), None)
     summary["ratio"] = results[main_leg]["of_ceiling"] if main_leg else None
     print(json.dumps(summary))
 
