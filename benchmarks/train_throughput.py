@@ -283,8 +283,8 @@ def main(argv=None):
     print(f"\n{'leg':6} {'tokens/s':>10} {'TFLOP/s':>9} {'GEMM ceiling':>13} {'of ceiling':>11} "
           f"{'best step s':>12} {'median s':>9}")
     for leg, r in results.items():
-        print(f"{leg:6} {r['tokens_per_s']:10.1f} {r['tflops']:9.4f} {r.get('gemm_ceiling_tflops', 0):13.4f} "
-              f"{r.get('of_ceiling', 0):11.2f} {r['step_s']:12.3f} {r['median_step_s']:9.3f}"
+        ceiling = f"{r['gemm_ceiling_tflops']:13.4f} {r['of_ceiling']:11.2f}" if "of_ceiling" in r else f"{'-':>13} {'-':>11}"
+        print(f"{leg:6} {r['tokens_per_s']:10.1f} {r['tflops']:9.4f} {ceiling} {r['step_s']:12.3f} {r['median_step_s']:9.3f}"
               + (f"   MFU {r['mfu']:.3f}" if "mfu" in r else ""))
         summary[leg] = r
     print("tokens/s: the best step; of ceiling: the median over steps of each step's TFLOP/s over the GEMM rate "
