@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Step 6 of benchmarks/gpu_check.sh: the real training job on one device for a few steps, under
+# torchrun (NCCL on a GPU, gloo on CPU) through DeepSpeed, on the bundled C4-format sample.
+#   bash benchmarks/gpu_check_job.sh WORK_DIR MICRO_BATCH STEPS MODEL_AND_PRECISION_FLAGS...
+# Tokenizer: GPT-2's files from MEGATRON_SNM_GPT2_DIR, ../shared/data/gpt2 (where the tests look),
+# shared/data/gpt2 or data/gpt2 (where the examples look); else a small SentencePiece model trained
+# on the sample.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO="$(pwd)"
+PYTHON="${PYTHON:-python}"
+work=$1 micro=$2 steps=$3
+shift 3
+mkdir -p "$work"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+sample=data/sample/c4-train.00000-of-00001.json.gz
+
+tokenizer=()
+for gpt2 in ${MEGATRON_SNM_GPT2_DIR:-} "$REPO/../shared/data/gpt2" "$REPO/shared/data/gpt2" "$REPO/data/gpt2"; do
+    if [[ -f "$gpt2/vocab.json" && -f "$gpt2/merges.txt" ]]; then
+        tokenizer=(--tokenizer-type GPT2BPETokenizer --vocab-file "$gpt2/vocab.json" --merge-file "$gpt2/merges.txt")
+        break
+    fi
+done
+if ((${#tokenizer[@]} == 0)); then
+    echo "no GPT-2 vocab.json/merges.txt found: a SentencePiece tokenizer trained on the sample instead"
+    "$PYTHON" tools/train_tokenizer.py --input "$sample" --model-prefix "$work/tokenizer" --vocab-size 2000
+    tokenizer=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$work/tokenizer.model")
+fi
+"$PYTHON" tools/preprocess_data.py --input "$sample" --output-prefix "$work/sample" "${tokenizer[@]}" \
+    --append-eod --workers 4
+
+torchrun --nproc-per-node 1 --master-port "${MASTER_PORT:-29531}" pretrain_gpt.py "$@" \
+    --init-method small --embedding-norm layernorm --zero-stage 0 \
+    --micro-batch-size "$micro" --global-batch-size "$micro" --train-iters "$steps" \
+    --lr 5e-4 --min-lr 5e-5 --lr-warmup-iters $((steps / 5)) --lr-decay-style cosine --clip-grad 1.0 \
+    --data-path "$work/sample_text_document" --split 98,1,1 --data-cache-path "$work/index-cache" \
+    "${tokenizer[@]}" --log-interval $((steps >= 10 ? 5 : 1)) --eval-interval "$steps" --eval-iters 1

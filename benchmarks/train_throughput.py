@@ -1,0 +1,304 @@
+"""Training throughput of our GPT: tokens/s and achieved model TFLOP/s against the machine's own
+matrix-multiply rate, measured in the same run.
+
+    python benchmarks/train_throughput.py                     # CPU: the issue's 6-layer GPT, all legs
+    python benchmarks/train_throughput.py --device cuda --model-size 350m --legs bf16 \\
+        --micro-batch-size 8 --steps 30 --peak-tflops 989       # one GPU (benchmarks/gpu_check.sh)
+
+What one training step is: exactly what pretrain_gpt.py runs per iteration, minus the data loader:
+the training engine (training/engine.py: our GPTModel in DeepSpeed's engine, ZeRO-0, torch's AdamW
+with Megatron's weight-decay groups, gradient clipping to 1.0, the spike policy's verdict) built
+from the real flags (config.py), one global batch of one micro-batch per data-parallel rank, with
+the stability monitor capturing as the loop does while spike detection is on (its default).
+torch.distributed is gloo on CPU, NCCL on GPU, as under the launchers.
+
+Model FLOPs per token: 6 N + 12 L h s (training/metrics.py, the figure the training log reports;
+N = the blocks' matrices + the embedding table, which the tied output layer multiplies with).
+Achieved TFLOP/s = tokens/s x that.
+
+The ceiling: F.linear (the call the model's layers make) over the model's own forward GEMM shapes
+(QKV, W_O, W_1, W_2, output layer at micro-batch x seq tokens), total FLOPs over total time, in the
+leg's dtype, measured just before and just after every timed step. Other processes may share the
+cores, and their load comes and goes within seconds: each step is held against the GEMM rate of its
+own moment, and `ratio` = the median over the fp32 steps of (step TFLOP/s / ceiling around it).
+tokens/s is the best step's. The legs:
+    fp32  1 process, all cores
+    bf16  1 process; skipped, with the reason, where the bf16 GEMM rate is below fp32's (CPUs
+          without bf16 matrix units, e.g. AVX2-only: a bf16 step would take minutes)
+    tp2   2 processes, gloo, tensor parallel (cores split between them)
+    dp2   2 processes, gloo, data parallel, each with its own micro-batch
+Last line: one JSON object with "benchmark", "ratio" and every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_snm.config import parse_args as parse_training_args  # noqa: E402
+from megatron_snm.model.config import GPTConfig  # noqa: E402
+from megatron_snm.model.presets import MODEL_PRESETS  # noqa: E402
+from megatron_snm.parallel import distributed, state  # noqa: E402
+from megatron_snm.training.engine import build_train_engine  # noqa: E402
+from megatron_snm.training.metrics import model_flops_per_token  # noqa: E402
+from megatron_snm.training.spikes import SpikePolicy  # noqa: E402
+
+ISSUE_SHAPE = dict(num_layers=6, hidden_size=512, num_attention_heads=8, seq_length=256)
+GPT2_VOCAB = 50257
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LEGS = ("fp32", "bf16", "tp2", "dp2")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--model-size", choices=sorted(MODEL_PRESETS), help="a preset instead of the issue's 6-layer GPT")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per step and process")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per leg")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    p.add_argument("--legs", default=None, help=f"comma-separated subset of {','.join(LEGS)} "
+                   "(default: all on cpu, bf16 on cuda)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's nominal dense peak in the bf16 leg's dtype, for MFU (H200 bf16: 989)")
+    args = p.parse_args(argv)
+    args.legs = (args.legs or ("bf16" if args.device == "cuda" else ",".join(LEGS))).split(",")
+    if unknown := set(args.legs) - set(LEGS):
+        p.error(f"--legs: unknown {sorted(unknown)}; choose from {LEGS}")
+    if args.device == "cuda" and ({"tp2", "dp2"} & set(args.legs)):
+        p.error("--legs tp2/dp2 run on CPU processes only")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    if min(args.micro_batch_size, args.steps) < 1 or args.warmup < 0:
+        p.error("--micro-batch-size and --steps must be >= 1, --warmup >= 0")
+    return args
+
+
+def gpt_config(args, dtype: torch.dtype) -> GPTConfig:
+    shape = MODEL_PRESETS[args.model_size] if args.model_size else ISSUE_SHAPE
+    return GPTConfig(**shape, vocab_size=GPT2_VOCAB, init_method="small", params_dtype=dtype)
+
+
+# --- the ceiling -----------------------------------------------------------------------------
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class GemmCeiling:
+    """The rate of F.linear over the model's forward GEMMs: QKV, W_O, W_1, W_2 and the output layer at
+    `tokens` rows; one pass runs each shape once, and the rate is the pass's FLOPs over its time."""
+
+    def __init__(self, config: GPTConfig, tokens: int, dtype, device):
+        h, f, v = config.hidden_size, config.ffn_hidden_size, config.padded_vocab_size
+        shapes = [(h, 3 * h), (h, h), (h, f), (f, h), (h, v)]  # (in, out)
+        self.device = device
+        self.operands = [(torch.randn(tokens, i, dtype=dtype, device=device),
+                          torch.randn(o, i, dtype=dtype, device=device)) for i, o in shapes]
+        self.flops = sum(2 * tokens * i * o for i, o in shapes)
+        self.measure()  # warm-up
+
+    def measure(self, repeats: int = 1) -> float:
+        """GFLOP/s of the best of `repeats` passes."""
+        best = math.inf
+        for _ in range(repeats):
+            _sync(self.device)
+            start = time.perf_counter()
+            for x, w in self.operands:
+                F.linear(x, w)
+            _sync(self.device)
+            best = min(best, time.perf_counter() - start)
+        return self.flops / best / 1e9
+
+
+# --- one training step -----------------------------------------------------------------------
+
+class TrainStep:
+    """One training iteration of pretrain_gpt.py's loop on the training engine, with given data."""
+
+    def __init__(self, args, precision: str, tensor_parallel: int = 1):
+        shape = ["--model-size", args.model_size] if args.model_size else \
+            [f"--{k.replace('_', '-')}={v}" for k, v in ISSUE_SHAPE.items()]
+        self.cfg = parse_training_args([*shape, "--init-method", "small", "--micro-batch-size", str(args.micro_batch_size),
+                               "--train-iters", "1000000", "--lr", "1e-4", "--zero-stage", "0",
+                               "--tensor-model-parallel-size", str(tensor_parallel),
+                               *(["--bf16"] if precision == "bf16" else [])])
+        env = distributed.discover()
+        self.cfg.validate(env.world_size)
+        distributed.initialize(env)
+        state.initialize_model_parallel(tensor_parallel)
+        self.gpt_config = self.cfg.gpt_config(GPT2_VOCAB)
+        self.engine = build_train_engine(self.cfg, self.gpt_config, self.cfg.build_deepspeed_config(env.world_size),
+                                         SpikePolicy(self.cfg.spike_factor, self.cfg.spike_window,
+                                                     self.cfg.skip_spiky_steps, self.cfg.max_skipped_steps))
+        self.engine.set_lr(self.cfg.lr)
+
+    def __call__(self, tokens, labels) -> float:
+        with self.engine.monitor.capture():
+            verdict, applied = self.engine.train_step(itertools.repeat((tokens, labels)))
+        if not applied:
+            raise RuntimeError(f"the engine skipped the step: {verdict}")
+        return verdict.loss
+
+    def close(self):
+        state.destroy_model_parallel()
+
+
+def time_steps(step: TrainStep, device: str, warmup: int, steps: int, seed: int = 0,
+               ceiling: GemmCeiling | None = None) -> tuple[list[float], list[float]]:
+    """Seconds of each timed step, on fixed random tokens (the data pipeline is not timed), and, with
+    `ceiling`, the GEMM rate around each step (the mean of a pass just before and just after it), so
+    each step is held against the machine as it was while the step ran."""
+    g = torch.Generator().manual_seed(seed)
+    micro_batch, seq = step.cfg.micro_batch_size, step.cfg.seq_length
+    data = torch.randint(0, GPT2_VOCAB, (micro_batch, seq + 1), generator=g).to(step.engine.engine.device)
+    tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    times, ceilings = [], []
+    before = None
+    for i in range(warmup + steps):
+        if ceiling and i >= warmup and before is None:
+            before = ceiling.measure()
+        _sync(device)
+        start = time.perf_counter()
+        loss = step(tokens, labels)
+        _sync(device)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {loss} at step {i}")
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            if ceiling:
+                after = ceiling.measure()
+                ceilings.append((before + after) / 2)
+                before = after
+    return times, ceilings
+
+
+# --- legs ----------------------------------------------------------------------------------
+
+def single_process_leg(args, precision, ceiling: GemmCeiling) -> tuple[list[float], list[float]]:
+    step = TrainStep(args, precision)
+    try:
+        return time_steps(step, args.device, args.warmup, args.steps, ceiling=ceiling)
+    finally:
+        step.close()
+
+
+def _two_process_worker(rank, world, port, leg, args, threads, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    step = TrainStep(args, "fp32", tensor_parallel=2 if leg == "tp2" else 1)
+    try:
+        # DP ranks get different data, TP ranks the same.
+        times, _ = time_steps(step, "cpu", args.warmup, args.steps, seed=state.get_data_parallel_rank())
+        if rank == 0:
+            queue.put(times)
+    finally:
+        step.close()
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_leg(args, leg) -> list[float]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    threads = max(1, torch.get_num_threads() // 2)
+    procs = [ctx.Process(target=_two_process_worker, args=(r, 2, port, leg, args, threads, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    if any(proc.exitcode for proc in procs):
+        raise RuntimeError(f"leg {leg}: a worker failed (exit codes {[proc.exitcode for proc in procs]})")
+    return queue.get(timeout=10)
+
+
+# --- report --------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    fp32_config = gpt_config(args, torch.float32)
+    tokens_per_step = args.micro_batch_size * fp32_config.seq_length
+    flops_per_token = model_flops_per_token(fp32_config)
+    print(f"model: {fp32_config.num_layers} layers, hidden {fp32_config.hidden_size}, seq {fp32_config.seq_length}, "
+          f"vocab {fp32_config.padded_vocab_size}; {flops_per_token / 1e6:.1f} MFLOP/token; "
+          f"{tokens_per_step} tokens/step/process; device {args.device}, {torch.get_num_threads()} threads", flush=True)
+
+    gemms = {d: GemmCeiling(fp32_config, tokens_per_step, DTYPES[d], args.device)
+             for d in sorted({leg for leg in args.legs if leg in DTYPES} | ({"fp32"} if args.device == "cpu" else set()))}
+    # This process is rank 0 of 1 for the single-process legs (NCCL on GPU, gloo on CPU).
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+    results, skipped = {}, {}
+    for leg in args.legs:
+        if leg == "bf16" and args.device == "cpu":
+            bf16_rate, fp32_rate = gemms["bf16"].measure(2), gemms["fp32"].measure(2)
+            if bf16_rate < fp32_rate:
+                skipped[leg] = (f"bf16 GEMMs run at {bf16_rate:.1f} GFLOP/s here, below fp32's {fp32_rate:.1f}: "
+                                "no bf16 matrix hardware on this CPU")
+                print(f"[{leg}] skipped: {skipped[leg]}", flush=True)
+                continue
+        start = time.perf_counter()
+        ceilings = []
+        if leg in DTYPES:
+            times, ceilings = single_process_leg(args, leg, gemms[leg])
+        else:
+            times = two_process_leg(args, leg)
+        processes_with_own_data = 2 if leg == "dp2" else 1
+        rates = [processes_with_own_data * tokens_per_step / t for t in times]  # tokens/s per step
+        r = results[leg] = dict(step_s=min(times), median_step_s=statistics.median(times), tokens_per_s=max(rates))
+        r["tflops"] = r["tokens_per_s"] * flops_per_token / 1e12
+        if ceilings:
+            # Each step against the GEMM rate measured around it; the median over the steps.
+            r["gemm_ceiling_tflops"] = statistics.median(ceilings) / 1e3
+            r["of_ceiling"] = statistics.median(rate * flops_per_token / 1e9 / c for rate, c in zip(rates, ceilings))
+        if args.peak_tflops:
+            r["mfu"] = r["tflops"] / args.peak_tflops
+        print(f"[{leg}] steps {[round(t, 3) for t in times]} s, GEMM ceiling around them "
+              f"{[round(c, 1) for c in ceilings]} GFLOP/s ({time.perf_counter() - start:.0f} s with set-up)",
+              flush=True)
+
+    summary = {"benchmark": "train_throughput", "device": args.device, "model_flops_per_token": flops_per_token,
+               "tokens_per_step_per_process": tokens_per_step}
+    print(f"\n{'leg':6} {'tokens/s':>10} {'TFLOP/s':>9} {'GEMM ceiling':>13} {'of ceiling':>11} "
+          f"{'best step s':>12} {'median s':>9}")
+    for leg, r in results.items():
+        ceiling = f"{r['gemm_ceiling_tflops']:13.4f} {r['of_ceiling']:11.2f}" if "of_ceiling" in r else f"{'-':>13} {'-':>11}"
+        print(f"{leg:6} {r['tokens_per_s']:10.1f} {r['tflops']:9.4f} {ceiling} {r['step_s']:12.3f} {r['median_step_s']:9.3f}"
+              + (f"   MFU {r['mfu']:.3f}" if "mfu" in r else ""))
+        summary[leg] = r
+    print("tokens/s: the best step; of ceiling: the median over steps of each step's TFLOP/s over the GEMM rate "
+          "measured around it (F.linear over the model's forward GEMM shapes)")
+    if "fp32" in results:
+        for leg in ("bf16", "tp2", "dp2"):
+            if leg in results:
+                summary[f"{leg}_vs_fp32"] = results[leg]["tokens_per_s"] / results["fp32"]["tokens_per_s"]
+                print(f"{leg} / fp32 tokens/s: {summary[f'{leg}_vs_fp32']:.2f}")
+    summary["skipped"] = skipped
+    main_leg = "fp32" if "fp32" in results else next((leg for leg in results if leg in DTYPES), None)
+    summary["ratio"] = results[main_leg]["of_ceiling"] if main_leg else None
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The launch examples: every script is valid bash, and the command each one would run is accepted by
+the real argument parser, its validation for the script's world size, and DeepSpeed's own config
+parser. Nothing is launched: DRY_RUN=1 makes examples/launch.sh print the command instead."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megatron_snm.config import ConfigError, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+SIZES = {"350m": (24, 1024), "1.7b": (24, 2304), "13b": (40, 5120)}  # layers, hidden
+# Variables the scripts read; cleared so the caller's environment cannot change what is tested.
+SCRIPT_VARS = ("NNODES", "GPUS_PER_NODE", "HOSTFILE", "TP", "PP", "ZERO", "MICRO_BATCH", "GLOBAL_BATCH", "LR",
+               "MIN_LR", "TRAIN_ITERS", "WARMUP_ITERS", "EMBEDDING_NORM", "DATA_PREFIX", "VOCAB", "MERGES",
+               "RUN_DIR", "DS_CONFIG", "LAUNCHER", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "MODEL_SIZE",
+               "EXTRA_ARGS", "ADAM_BETA2", "WEIGHT_DECAY", "REPO")
+
+
+def dry_run(script: str, **env) -> tuple[int, list[str], list[str]]:
+    """(world size, launcher words, pretrain_gpt.py arguments) of the command `script` would run."""
+    clean = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS and not k.startswith("SLURM_")}
+    out = subprocess.run(["bash", str(EXAMPLES / script)], env={**clean, "DRY_RUN": "1", **env},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    header, command = out.stdout.strip().splitlines()
+    world = int(re.fullmatch(r"# world size (\d+) \(.*\)", header).group(1))
+    words = shlex.split(command)
+    cut = words.index("pretrain_gpt.py") + 1
+    return world, words[:cut], words[cut:]
+
+
+def accepted(argv: list[str], world: int, monkeypatch):
+    """Parses and validates like pretrain_gpt.py, then hands the merged DeepSpeed config to DeepSpeed's
+    own parser as rank 0 of the run's data-parallel world."""
+    import deepspeed.runtime.config as ds_config_module
+
+    cfg = parse_args(argv)
+    cfg.validate(world)
+    dp = cfg.data_parallel_size(world)
+
+    class DataParallelOnly:
+        @staticmethod
+        def get_data_parallel_world_size():
+            return dp
+
+    monkeypatch.setattr(ds_config_module.dist, "get_rank", lambda *a, **k: 0)  # no process group here
+    ds = ds_config_module.DeepSpeedConfig(cfg.build_deepspeed_config(world), mpu=DataParallelOnly())
+    assert ds.world_size == dp
+    assert ds.train_batch_size == cfg.global_batch_size
+    return cfg, ds
+
+
+SCRIPTS = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".sh", ".sbatch"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_is_valid_bash(script):
+    out = subprocess.run(["bash", "-n", str(EXAMPLES / script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_paper_example_is_accepted_for_its_world_size(size, monkeypatch):
+    world, launcher, argv = dry_run(f"pretrain_gpt_{size}.sh", HOSTFILE=str(EXAMPLES / "hostfile.example"))
+    assert launcher[0] == "deepspeed"
+    assert launcher[launcher.index("--num_nodes") + 1] == str(world // 8)
+    cfg, ds = accepted(argv, world, monkeypatch)
+    # The paper's settings.
+    assert (cfg.num_layers, cfg.hidden_size) == SIZES[size]
+    assert (cfg.seq_length, cfg.global_batch_size, cfg.lr) == (2048, 528, 5e-4)
+    assert (cfg.init_method, cfg.no_scaled_init, cfg.embedding_norm) == ("small", False, "layernorm")
+    assert cfg.bf16 and ds.bfloat16_config.enabled
+    assert cfg.lr_decay_style == "cosine" and cfg.lr_warmup_iters > 0
+    assert cfg.tokenizer_type == "GPT2BPETokenizer"
+    assert cfg.micro_batch_size * cfg.data_parallel_size(world) * ds.gradient_accumulation_steps == 528
+    assert ds.zero_optimization_stage == cfg.zero_stage == json.loads(Path(cfg.deepspeed_config).read_text())[
+        "zero_optimization"]["stage"]
+
+
+def test_overrides_reach_the_flags(monkeypatch):
+    world, _, argv = dry_run("pretrain_gpt_1.7b.sh", LR="1e-3", EMBEDDING_NORM="scaled", ZERO="3", TP="1",
+                             NNODES="2", HOSTFILE="hosts", DATA_PREFIX="/data/c4_text_document")
+    assert world == 16
+    cfg, ds = accepted(argv, world, monkeypatch)
+    assert (cfg.lr, cfg.embedding_norm, cfg.tensor_model_parallel_size) == (1e-3, "scaled", 1)
+    assert cfg.data_path == ["/data/c4_text_document"]
+    assert ds.zero_optimization_stage == 3 and Path(cfg.deepspeed_config).name == "ds_zero3.json"
+    # DP=16: the micro-batch drops from 4 to the largest that still splits 528 (3 x 16 x 11).
+    assert (cfg.micro_batch_size, ds.gradient_accumulation_steps) == (3, 11)
+
+
+def test_a_global_batch_that_cannot_be_split_is_refused():
+    out = subprocess.run(["bash", str(EXAMPLES / "pretrain_gpt_350m.sh")], env={**os.environ, "DRY_RUN": "1",
+                         "NNODES": "4", "HOSTFILE": "hosts"}, capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "cannot be split over DP=32" in out.stderr
+
+
+def test_a_bad_override_is_refused_before_launch(monkeypatch):
+    # ZeRO-2 cannot go with the 13B example's pipeline parallelism; validation says so.
+    world, _, argv = dry_run("pretrain_gpt_13b.sh", ZERO="2", HOSTFILE="hosts")
+    with pytest.raises(ConfigError, match="ZeRO stage 2"):
+        accepted(argv, world, monkeypatch)
+
+
+def test_multi_node_without_hostfile_is_refused():
+    out = subprocess.run(["bash", str(EXAMPLES / "pretrain_gpt_13b.sh")], env={**os.environ, "DRY_RUN": "1",
+                         "NNODES": "4", "HOSTFILE": ""}, capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "HOSTFILE" in out.stderr
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_json_is_accepted(stage, monkeypatch):
+    path = EXAMPLES / f"ds_zero{stage}.json"
+    raw = json.loads(path.read_text())
+    assert raw["zero_optimization"]["stage"] == stage and raw["bf16"]["enabled"] is True
+    flags = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+             "--micro-batch-size", "2", "--global-batch-size", "32", "--train-iters", "10", "--bf16",
+             "--deepspeed", "--deepspeed_config", str(path)]
+    cfg, ds = accepted([*flags, "--zero-stage", str(stage)], 8, monkeypatch)
+    assert ds.zero_optimization_stage == stage and ds.bfloat16_config.enabled
+    assert ds.gradient_accumulation_steps == 2
+    # A stage that contradicts the JSON is a configuration error, not a silent choice.
+    with pytest.raises(ConfigError, match="conflicts"):
+        parse_args([*flags, "--zero-stage", str(stage % 3 + 1)]).validate(8)
+
+
+def test_mpirun_variant(monkeypatch):
+    world, launcher, argv = dry_run("pretrain_gpt_mpirun.sh", MODEL_SIZE="350m", NNODES="2", MICRO_BATCH="1",
+                                    HOSTFILE="hosts", MASTER_ADDR="node-01")
+    assert world == 16 and launcher[0] == "mpirun"
+    assert launcher[launcher.index("-np") + 1] == "16" and "--hostfile" in launcher
+    assert "MASTER_ADDR=node-01" in launcher
+    cfg, _ = accepted(argv, world, monkeypatch)
+    assert cfg.num_layers == 24 and cfg.hidden_size == 1024
+
+
+def test_slurm_batch_script(tmp_path, monkeypatch):
+    # A stand-in `srun` that runs the task once, here, as SLURM would on node 1 of 2.
+    srun = tmp_path / "srun"
+    srun.write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    srun.chmod(0o755)
+    world, launcher, argv = dry_run(
+        "pretrain_gpt_slurm.sbatch", PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_NNODES="2", SLURM_NODEID="1", SLURM_GPUS_ON_NODE="8", MASTER_ADDR="node-01", MODEL_SIZE="1.7b")
+    assert world == 16 and launcher[0] == "torchrun"
+    for flag, value in (("--nnodes", "2"), ("--nproc-per-node", "8"), ("--node-rank", "1"),
+                        ("--master-addr", "node-01")):
+        assert launcher[launcher.index(flag) + 1] == value
+    accepted(argv, world, monkeypatch)
