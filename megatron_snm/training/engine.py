@@ -79,12 +79,16 @@ class TrainEngine:
             param_groups(module, cfg.weight_decay, decay_embeddings=not cfg.no_weight_decay_embeddings),
             allow_update=self._allow_update, measure_grad_norm=plain, clip_grad=cfg.clip_grad,
             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-            fused=torch.cuda.is_available() or None,
+            fused=True,  # torch's fused AdamW exists for CPU and CUDA; on CPU ~3x faster than foreach
         )
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=ds_config,
                                                mpu=self._mpu())
         if plain and self.engine.optimizer is not self.optimizer:
             raise RuntimeError("DeepSpeed wrapped the optimizer under ZeRO-0 fp32; gradient clipping would be lost")
+        if plain and state.get_data_parallel_world_size() == 1:
+            # One data-parallel rank: nothing to all-reduce, so spare DeepSpeed's flatten, no-op
+            # all-reduce and copy-back of every gradient each step.
+            self.engine.enable_backward_allreduce = False
         self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine._config)
         self.monitor = StabilityMonitor(self.engine.module)
         self.gas = self.engine.gradient_accumulation_steps()

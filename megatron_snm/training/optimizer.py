@@ -39,13 +39,12 @@ def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """L2 norm of all gradients of the model, counting each weight once: TP-split weights on every
     TP rank, replicated ones on TP rank 0 only, and pipeline-tied copies (DeepSpeed's
     `ds_pipe_replicated`) only on their owning stage. Must be called on every model-parallel rank."""
-    squares = torch.zeros((), dtype=torch.float32, device=params[0].device)
     tp_rank0 = state.get_tensor_model_parallel_rank() == 0
-    for p in params:
-        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
-            continue
-        if is_tensor_parallel(p) or tp_rank0:
-            squares += p.grad.detach().float().pow(2).sum()
+    grads = [p.grad.detach() for p in params if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
+             and (is_tensor_parallel(p) or tp_rank0)]
+    squares = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    if grads:  # one fused pass over the gradients, no squared copies
+        squares += torch.nn.utils.get_total_norm(grads, foreach=True).float().pow(2)
     if state.is_initialized() and dist.get_world_size(state.get_model_parallel_group()) > 1:
         dist.all_reduce(squares, group=state.get_model_parallel_group())
     return squares.sqrt()
