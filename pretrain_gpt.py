@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain_gpt.py: error: {err}", file=sys.stderr)
         return 2
 
+    # Our own log lines (which LayerNorm backend, dataset index builds) on rank 0; warnings everywhere.
+    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
+                        format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
     distributed.initialize(env, cpu_shm_comm=cfg.cpu_shm_comm)
     state.initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     samples = cfg.global_batch_size
@@ -51,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     # Every rank calls this; rank 0 builds and caches the sample indices, the others read them.
     datasets = build_train_valid_test_datasets(cfg.data_path, cfg.split, num_samples, cfg.seq_length, cfg.seed,
                                                cfg.data_cache_path)
-    result = pretrain(cfg, gpt_config, ds_config, datasets)
+    try:
+        result = pretrain(cfg, gpt_config, ds_config, datasets)
+    except ConfigError as err:  # e.g. --load names a checkpoint of another layout or model shape
+        print(f"pretrain_gpt.py: error: {err}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
     dist.barrier()
     dist.destroy_process_group()
     return 3 if result.diverged else 0

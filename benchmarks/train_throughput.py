@@ -8,8 +8,9 @@ matrix-multiply rate, measured in the same run.
 What one training step is: exactly what pretrain_gpt.py runs per iteration, minus the data loader:
 the training engine (training/engine.py: our GPTModel in DeepSpeed's engine, ZeRO-0, torch's AdamW
 with Megatron's weight-decay groups, gradient clipping to 1.0, the spike policy's verdict) built
-from the real flags (config.py), one global batch of one micro-batch per data-parallel rank, with
-the stability monitor capturing as the loop does while spike detection is on (its default).
+from the real flags (config.py), one global batch of one micro-batch per data-parallel rank. The
+stability monitor is off, as on the loop's ordinary steps (it captures only every
+--log-stability-interval steps and after a spike).
 torch.distributed is gloo on CPU, NCCL on GPU, as under the launchers.
 
 Model FLOPs per token: 6 N + 12 L h s (training/metrics.py, the figure the training log reports;
@@ -147,8 +148,7 @@ class TrainStep:
         self.engine.set_lr(self.cfg.lr)
 
     def __call__(self, tokens, labels) -> float:
-        with self.engine.monitor.capture():
-            verdict, applied = self.engine.train_step(itertools.repeat((tokens, labels)))
+        verdict, applied = self.engine.train_step(itertools.repeat((tokens, labels)))
         if not applied:
             raise RuntimeError(f"the engine skipped the step: {verdict}")
         return verdict.loss

@@ -190,12 +190,13 @@ class Config:
         if self.pipeline_model_parallel_size > self.num_layers:
             raise ConfigError(f"--pipeline-model-parallel-size ({self.pipeline_model_parallel_size}) must not exceed "
                               f"--num-layers ({self.num_layers}): every stage needs a block")
-        if self.fp16 and self.bf16:
-            raise ConfigError("--fp16 and --bf16 are mutually exclusive")
         if self.micro_batch_size < 1:
             raise ConfigError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
 
         self._merge_deepspeed_json(world_size)
+        if self.fp16 and self.bf16:  # after the merge: either may come from the DeepSpeed JSON
+            raise ConfigError("--fp16 and --bf16 are mutually exclusive"
+                              + (f" (counting {self.deepspeed_config})" if self.deepspeed_config else ""))
         if self.global_batch_size is None:
             self.global_batch_size = self.micro_batch_size * dp
         if self.global_batch_size % (self.micro_batch_size * dp):

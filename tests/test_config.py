@@ -66,6 +66,7 @@ def write_json(tmp_path, config) -> str:
     ({"train_batch_size": 32}, ["--global-batch-size", "16"], "--global-batch-size 16 conflicts with"),
     ({"gradient_clipping": 0.5}, ["--clip-grad", "1.0"], "--clip-grad 1.0 conflicts with"),
     ({"bf16": {"enabled": False}}, ["--bf16"], "--bf16 True conflicts with"),
+    ({"fp16": {"enabled": True}}, ["--bf16"], "--fp16 and --bf16 are mutually exclusive"),
     ({"optimizer": {"type": "Adam"}}, [], "remove the 'optimizer' section"),
     ({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}, [],
      "gradient_accumulation_steps 3 disagrees with --global-batch-size 16"),

@@ -106,7 +106,9 @@ class StabilityMonitor:
         if blocks:
             split = torch.tensor([self._grad_sq[(b, True)] for b in blocks], dtype=torch.float64)
             if state.get_tensor_model_parallel_world_size() > 1:
-                dist.all_reduce(split, group=state.get_tensor_model_parallel_group())
+                group = state.get_tensor_model_parallel_group()
+                split = split.to(state.collective_device(group))
+                dist.all_reduce(split, group=group)
             for block, split_sq in zip(blocks, split.tolist()):
                 figures[f"grad_norm/{block}"] = (split_sq + self._grad_sq[(block, False)]) ** 0.5
         return dict(sorted(figures.items()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 
@@ -96,6 +97,13 @@ def is_initialized() -> bool:
 def destroy_model_parallel() -> None:
     global _GROUPS
     _GROUPS = None
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a tensor must be to take part in `group`'s collectives: NCCL takes only CUDA tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _groups() -> _Groups:

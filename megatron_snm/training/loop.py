@@ -8,6 +8,7 @@ nothing of tokenizers or files. Needs torch.distributed and parallel/state.py's 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -98,7 +99,9 @@ def pretrain(cfg: Config, gpt_config: GPTConfig, ds_config: dict, datasets: tupl
         metrics.evaluation(where, loss, result.iteration, tag)
         return loss
 
-    last_saved = result.iteration if cfg.load and result.iteration else None
+    # Nothing to save again right after loading, unless the run saves somewhere else.
+    resumed_in_save_dir = cfg.load and cfg.save and os.path.realpath(cfg.load) == os.path.realpath(cfg.save)
+    last_saved = result.iteration if resumed_in_save_dir and result.iteration else None
 
     def save() -> None:
         nonlocal last_saved
