@@ -84,7 +84,7 @@ setup(
     packages=find_packages(include=["megatron_snm", "megatron_snm.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.6,<3"  # torch.nn.utils.get_total_norm,
+        "torch>=2.6,<3",  # torch.nn.utils.get_total_norm
         "deepspeed>=0.15",
         "numpy",
         "sentencepiece",
