@@ -10,6 +10,17 @@ SAMPLE_DIR = REPO / "data" / "sample"
 GPT2_DIR = pathlib.Path(os.environ.get("MEGATRON_SNM_GPT2_DIR", REPO.parent / "shared" / "data" / "gpt2"))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: more threads only add contention on a shared 2-core CI machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def sample_dir():
     return SAMPLE_DIR

@@ -15,12 +15,7 @@ SMALL_SIGMA = math.sqrt(2 / (5 * D))
 OUTPUT_MATRICES = ("attention.dense.weight", "mlp.fc2.weight")  # W_O and W_2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _expected_std(name, sigma, scaled_init):

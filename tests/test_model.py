@@ -15,13 +15,7 @@ from megatron_snm.model.transformer import FinalLayerNorm, TransformerBlock
 TINY = dict(num_layers=3, hidden_size=32, num_attention_heads=4, seq_length=12, vocab_size=300, init_method="small")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: threads only add contention on a shared CI machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokens(b=2, s=12, vocab=300, seed=0):

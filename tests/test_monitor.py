@@ -10,12 +10,7 @@ from megatron_snm.model.monitor import StabilityMonitor
 SHAPE = dict(num_layers=12, hidden_size=128, num_attention_heads=4, seq_length=64, vocab_size=1000, init_method="small")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch():
