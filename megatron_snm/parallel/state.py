@@ -152,10 +152,6 @@ def is_pipeline_first_stage() -> bool:
     return get_pipeline_model_parallel_rank() == 0
 
 
-def is_pipeline_last_stage() -> bool:
-    return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
-
-
 # Data parallel.
 def get_data_parallel_world_size() -> int:
     return _GROUPS.dp_size if _GROUPS else 1

@@ -144,7 +144,8 @@ def pretrain(cfg: Config, gpt_config: GPTConfig, ds_config: dict, datasets: tupl
         after_spike = it if verdict.spike else None
         metrics.training_step(iteration=it, consumed_samples=consumed, lr=lr, loss=verdict.loss, applied=applied,
                               loss_scale=engine.loss_scale(), grad_norm=verdict.grad_norm,
-                              skipped_total=policy.skipped_total, nan_total=policy.nonfinite_total)
+                              skipped_total=policy.skipped_total, nan_total=policy.nonfinite_total,
+                              spike_total=policy.spikes_total)
         if policy.should_stop():
             save()
             metrics.print(f" stopping at iteration {it}: {policy.skipped_in_a_row} steps in a row were skipped "

@@ -50,7 +50,8 @@ class TrainingMetrics:
             self.writer.add_scalar(tag, value, iteration)
 
     def training_step(self, *, iteration: int, consumed_samples: int, lr: float, loss: float, applied: bool,
-                      loss_scale: float, grad_norm: float | None, skipped_total: int, nan_total: int) -> None:
+                      loss_scale: float, grad_norm: float | None, skipped_total: int, nan_total: int,
+                      spike_total: int) -> None:
         self._iters_in_interval += 1
         if applied:
             self._losses.append(loss)
@@ -72,6 +73,7 @@ class TrainingMetrics:
             f" global batch size: {self.global_batch_size:5d} | lm loss: {mean_loss:.6E} |"
             f" loss scale: {loss_scale:.1f} | grad norm: {norm} |"
             f" number of skipped iterations: {skipped_total:3d} | number of nan iterations: {nan_total:3d} |"
+            f" number of loss spikes: {spike_total:3d} |"
             f" tokens per second: {tokens_per_s:.1f} | TFLOP/s per rank: {tflops_per_rank:.3f} |"
             f" ETA: {_duration(per_iter * (self.train_iters - iteration))} |"
         )

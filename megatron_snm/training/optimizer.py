@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -91,7 +93,7 @@ class GatedAdamW(torch.optim.AdamW):
                 params = [p for g in self.param_groups for p in g["params"]]
                 norm = float(global_grad_norm(params))
                 self._global_grad_norm = norm
-                if self.clip_grad > 0 and norm > self.clip_grad and norm == norm and norm != float("inf"):
+                if self.clip_grad > 0 and math.isfinite(norm) and norm > self.clip_grad:
                     torch._foreach_mul_([p.grad for p in params if p.grad is not None],
                                         self.clip_grad / (norm + 1e-6))
             self._decision = self.allow_update(norm)
