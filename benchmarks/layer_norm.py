@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_snm.model.layer_norm import backend_name, fused_layer_norm  # noqa: E402
+from megatron_snm.model.layer_norm import backend_name, fused_layer_norm
 
 SHAPES = [(2048, 512), (8192, 2304), (16384, 2304)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -35,10 +35,9 @@ import time
 import psutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from megatron_snm.data.json_lines import expand_inputs, parse_line, read_chunks  # noqa: E402
-from megatron_snm.data.tokenizers import build_tokenizer  # noqa: E402
+from megatron_snm.data.json_lines import expand_inputs, parse_line, read_chunks
+from megatron_snm.data.tokenizers import build_tokenizer
 
 # ../shared/data beside the checkout (as in tests/conftest.py); MEGATRON_SNM_GPT2_DIR overrides.
 GPT2_DIR = os.environ.get("MEGATRON_SNM_GPT2_DIR", os.path.join(os.path.dirname(REPO), "shared", "data", "gpt2"))

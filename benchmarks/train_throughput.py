@@ -6,9 +6,10 @@ matrix-multiply rate, measured in the same run.
         --micro-batch-size 8 --steps 30 --peak-tflops 989       # one GPU (benchmarks/gpu_check.sh)
 
 What one training step is: exactly what pretrain_gpt.py runs per iteration, minus the data loader:
-the training engine (training/engine.py: our GPTModel in DeepSpeed's engine, ZeRO-0, torch's AdamW
-with Megatron's weight-decay groups, gradient clipping to 1.0, the spike policy's verdict) built
-from the real flags (config.py), one global batch of one micro-batch per data-parallel rank. The
+`Trainer.step` of the run that `build_run` wires from the real flags (training/trainer.py: the LR,
+the callbacks, the engine's step with our GPTModel in DeepSpeed's engine, ZeRO-0, torch's AdamW
+with Megatron's weight-decay groups, gradient clipping to 1.0, the spike policy's gate and
+verdict), one global batch of one micro-batch per data-parallel rank. The
 stability monitor is off, as on the loop's ordinary steps (it captures only every
 --log-stability-interval steps and after a spike).
 torch.distributed is gloo on CPU, NCCL on GPU, as under the launchers.
@@ -37,25 +38,19 @@ import itertools
 import json
 import math
 import os
-import socket
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megatron_snm.config import parse_args as parse_training_args  # noqa: E402
-from megatron_snm.model.config import GPTConfig  # noqa: E402
-from megatron_snm.model.presets import MODEL_PRESETS  # noqa: E402
-from megatron_snm.parallel import distributed, state  # noqa: E402
-from megatron_snm.training.engine import build_train_engine  # noqa: E402
-from megatron_snm.training.metrics import model_flops_per_token  # noqa: E402
-from megatron_snm.training.spikes import SpikePolicy  # noqa: E402
+from megatron_snm.config import parse_args as parse_training_args, resolve
+from megatron_snm.model.config import GPTConfig
+from megatron_snm.model.presets import MODEL_PRESETS
+from megatron_snm.parallel import distributed, state
+from megatron_snm.parallel.spawn import free_port, run_distributed
+from megatron_snm.training.metrics import model_flops_per_token
+from megatron_snm.training.trainer import build_run
 
 ISSUE_SHAPE = dict(num_layers=6, hidden_size=512, num_attention_heads=8, seq_length=256)
 GPT2_VOCAB = 50257
@@ -128,30 +123,31 @@ class GemmCeiling:
 # --- one training step -----------------------------------------------------------------------
 
 class TrainStep:
-    """One training iteration of pretrain_gpt.py's loop on the training engine, with given data."""
+    """One training iteration of pretrain_gpt.py's loop (Trainer.step: LR, callbacks, engine step
+    under the spike policy's gate, the verdict, the log line), with given data."""
 
     def __init__(self, args, precision: str, tensor_parallel: int = 1):
         shape = ["--model-size", args.model_size] if args.model_size else \
             [f"--{k.replace('_', '-')}={v}" for k, v in ISSUE_SHAPE.items()]
-        self.cfg = parse_training_args([*shape, "--init-method", "small", "--micro-batch-size", str(args.micro_batch_size),
-                               "--train-iters", "1000000", "--lr", "1e-4", "--zero-stage", "0",
-                               "--tensor-model-parallel-size", str(tensor_parallel),
-                               *(["--bf16"] if precision == "bf16" else [])])
+        flags = parse_training_args([*shape, "--init-method", "small", "--micro-batch-size", str(args.micro_batch_size),
+                                     "--train-iters", "1000000", "--lr", "1e-4", "--lr-warmup-iters", "0",
+                                     "--lr-decay-style", "constant", "--zero-stage", "0",
+                                     "--log-interval", "1000000",
+                                     "--tensor-model-parallel-size", str(tensor_parallel),
+                                     *(["--bf16"] if precision == "bf16" else [])])
         env = distributed.discover()
-        self.cfg.validate(env.world_size)
-        distributed.initialize(env)
-        state.initialize_model_parallel(tensor_parallel)
-        self.gpt_config = self.cfg.gpt_config(GPT2_VOCAB)
-        self.engine = build_train_engine(self.cfg, self.gpt_config, self.cfg.build_deepspeed_config(env.world_size),
-                                         SpikePolicy(self.cfg.spike_factor, self.cfg.spike_window,
-                                                     self.cfg.skip_spiky_steps, self.cfg.max_skipped_steps))
-        self.engine.set_lr(self.cfg.lr)
+        self.run = resolve(flags, env.world_size)
+        self.trainer = build_run(self.run, GPT2_VOCAB, env=env)
+
+    @property
+    def device(self):
+        return self.trainer.engine.ds.device
 
     def __call__(self, tokens, labels) -> float:
-        verdict, applied = self.engine.train_step(itertools.repeat((tokens, labels)))
-        if not applied:
-            raise RuntimeError(f"the engine skipped the step: {verdict}")
-        return verdict.loss
+        report = self.trainer.step(itertools.repeat((tokens, labels)))
+        if not report.result.applied:
+            raise RuntimeError(f"the engine skipped the step: {report}")
+        return report.result.loss
 
     def close(self):
         state.destroy_model_parallel()
@@ -163,8 +159,8 @@ def time_steps(step: TrainStep, device: str, warmup: int, steps: int, seed: int 
     `ceiling`, the GEMM rate around each step (the mean of a pass just before and just after it), so
     each step is held against the machine as it was while the step ran."""
     g = torch.Generator().manual_seed(seed)
-    micro_batch, seq = step.cfg.micro_batch_size, step.cfg.seq_length
-    data = torch.randint(0, GPT2_VOCAB, (micro_batch, seq + 1), generator=g).to(step.engine.engine.device)
+    micro_batch, seq = step.run.batch.micro_batch_size, step.run.model.seq_length
+    data = torch.randint(0, GPT2_VOCAB, (micro_batch, seq + 1), generator=g).to(step.device)
     tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     times, ceilings = [], []
     before = None
@@ -196,40 +192,20 @@ def single_process_leg(args, precision, ceiling: GemmCeiling) -> tuple[list[floa
         step.close()
 
 
-def _two_process_worker(rank, world, port, leg, args, threads, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _two_process_worker(rank, world, leg, args, threads):
     torch.set_num_threads(threads)
     step = TrainStep(args, "fp32", tensor_parallel=2 if leg == "tp2" else 1)
     try:
         # DP ranks get different data, TP ranks the same.
         times, _ = time_steps(step, "cpu", args.warmup, args.steps, seed=state.get_data_parallel_rank())
-        if rank == 0:
-            queue.put(times)
+        return times
     finally:
         step.close()
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_process_leg(args, leg) -> list[float]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
     threads = max(1, torch.get_num_threads() // 2)
-    procs = [ctx.Process(target=_two_process_worker, args=(r, 2, port, leg, args, threads, queue)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
-    if any(proc.exitcode for proc in procs):
-        raise RuntimeError(f"leg {leg}: a worker failed (exit codes {[proc.exitcode for proc in procs]})")
-    return queue.get(timeout=10)
+    return run_distributed(_two_process_worker, 2, leg, args, threads, timeout=3600)[0]
 
 
 # --- report --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch.distributed as dist
 
 import pretrain_gpt
-from megatron_snm.config import ConfigError, build_parser, parse_args
+from megatron_snm.config import ConfigError, build_parser, parse_args, resolve
 
 SHAPE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
          "--train-iters", "10"]
@@ -81,10 +81,10 @@ def test_deepspeed_json_conflicts_refused(json_config, flags, message, tmp_path,
 def test_deepspeed_json_fills_what_flags_leave_open(tmp_path):
     path = write_json(tmp_path, {"zero_optimization": {"stage": 2, "overlap_comm": True}, "bf16": {"enabled": True},
                                  "train_batch_size": 32, "gradient_clipping": 0.3, "wall_clock_breakdown": True})
-    cfg = parse_args(SHAPE + ["--micro-batch-size", "4", "--deepspeed_config", path])
-    cfg.validate(world_size=4)
-    assert (cfg.zero_stage, cfg.bf16, cfg.fp16, cfg.global_batch_size, cfg.clip_grad) == (2, True, False, 32, 0.3)
-    ds = cfg.build_deepspeed_config(world_size=4)
+    run = resolve(parse_args(SHAPE + ["--micro-batch-size", "4", "--deepspeed_config", path]), world_size=4)
+    p = run.parallel
+    assert (p.zero_stage, p.bf16, p.fp16, run.batch.global_batch_size, run.optim.clip_grad) == (2, True, False, 32, 0.3)
+    ds = run.deepspeed
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
@@ -93,23 +93,24 @@ def test_deepspeed_json_fills_what_flags_leave_open(tmp_path):
 
 
 def test_generated_deepspeed_config_from_flags():
-    cfg = parse_args(SHAPE + ["--micro-batch-size", "2", "--global-batch-size", "16", "--zero-stage", "3",
-                              "--fp16", "--loss-scale", "128", "--tensor-model-parallel-size", "2"])
-    cfg.validate(world_size=4)  # DP = 2 -> 4 micro-batches per step
-    ds = cfg.build_deepspeed_config(world_size=4)
+    flags = parse_args(SHAPE + ["--micro-batch-size", "2", "--global-batch-size", "16", "--zero-stage", "3",
+                                "--fp16", "--loss-scale", "128", "--tensor-model-parallel-size", "2"])
+    ds = resolve(flags, world_size=4).deepspeed  # DP = 2 -> 4 micro-batches per step
     assert ds["gradient_accumulation_steps"] == 4 and ds["zero_optimization"] == {"stage": 3}
     assert ds["fp16"] == {"enabled": True, "loss_scale": 128.0} and ds["bf16"] == {"enabled": False}
     assert ds["gradient_clipping"] == 1.0
 
 
 def test_defaults_presets_and_train_tokens():
-    cfg = parse_args(["--model-size", "1.7b", "--num-layers", "4", "--train-tokens", "1000000",
-                      "--global-batch-size", "8", "--local_rank=1"])
-    cfg.validate(world_size=1)
-    assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.seq_length) == (4, 2304, 24, 2048)
-    assert cfg.train_iters == 62  # ceil(1e6 / (8 x 2048))
-    assert cfg.lr_decay_iters == 62 and cfg.zero_stage == 0 and cfg.clip_grad == 1.0
-    gpt = cfg.gpt_config(vocab_size=50257)
+    flags = parse_args(["--model-size", "1.7b", "--num-layers", "4", "--train-tokens", "1000000",
+                        "--global-batch-size", "8", "--local_rank=1"])
+    run = resolve(flags, world_size=1)
+    m = run.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length) == (4, 2304, 24, 2048)
+    assert run.batch.train_iters == 62  # ceil(1e6 / (8 x 2048))
+    assert run.optim.lr_decay_iters == 62 and run.parallel.zero_stage == 0 and run.optim.clip_grad == 1.0
+    assert flags.model.hidden_size is None and flags.batch.train_iters is None  # resolve changed nothing given
+    gpt = run.model_config(vocab_size=50257)
     assert gpt.scaled_init and gpt.embedding_norm == "layernorm" and gpt.ffn_hidden_size == 4 * 2304
 
 
@@ -125,4 +126,4 @@ def test_help_documents_every_flag():
 
 def test_config_error_is_a_value_error():
     with pytest.raises(ConfigError):
-        parse_args(SHAPE + ["--lr", "1e-3", "--min-lr", "1e-2"]).validate(1)
+        resolve(parse_args(SHAPE + ["--lr", "1e-3", "--min-lr", "1e-2"]), 1)

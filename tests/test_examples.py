@@ -8,11 +8,12 @@ import os
 import re
 import shlex
 import subprocess
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
 
-from megatron_snm.config import ConfigError, parse_args
+from megatron_snm.config import ConfigError, parse_args, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -38,13 +39,13 @@ def dry_run(script: str, **env) -> tuple[int, list[str], list[str]]:
 
 
 def accepted(argv: list[str], world: int, monkeypatch):
-    """Parses and validates like pretrain_gpt.py, then hands the merged DeepSpeed config to DeepSpeed's
-    own parser as rank 0 of the run's data-parallel world."""
+    """Parses and resolves like pretrain_gpt.py, then hands the merged DeepSpeed config to DeepSpeed's
+    own parser as rank 0 of the run's data-parallel world. Returns the resolved flags (flat, as
+    Megatron's `args`) and DeepSpeed's view."""
     import deepspeed.runtime.config as ds_config_module
 
-    cfg = parse_args(argv)
-    cfg.validate(world)
-    dp = cfg.data_parallel_size(world)
+    run = resolve(parse_args(argv), world)
+    dp = run.dims.data
 
     class DataParallelOnly:
         @staticmethod
@@ -52,10 +53,10 @@ def accepted(argv: list[str], world: int, monkeypatch):
             return dp
 
     monkeypatch.setattr(ds_config_module.dist, "get_rank", lambda *a, **k: 0)  # no process group here
-    ds = ds_config_module.DeepSpeedConfig(cfg.build_deepspeed_config(world), mpu=DataParallelOnly())
+    ds = ds_config_module.DeepSpeedConfig(run.deepspeed, mpu=DataParallelOnly())
     assert ds.world_size == dp
-    assert ds.train_batch_size == cfg.global_batch_size
-    return cfg, ds
+    assert ds.train_batch_size == run.batch.global_batch_size
+    return SimpleNamespace(**run.as_dict(), data_parallel_size=dp), ds
 
 
 SCRIPTS = sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".sh", ".sbatch"))
@@ -76,11 +77,11 @@ def test_paper_example_is_accepted_for_its_world_size(size, monkeypatch):
     # The paper's settings.
     assert (cfg.num_layers, cfg.hidden_size) == SIZES[size]
     assert (cfg.seq_length, cfg.global_batch_size, cfg.lr) == (2048, 528, 5e-4)
-    assert (cfg.init_method, cfg.no_scaled_init, cfg.embedding_norm) == ("small", False, "layernorm")
+    assert (cfg.init_method, cfg.scaled_init, cfg.embedding_norm) == ("small", True, "layernorm")
     assert cfg.bf16 and ds.bfloat16_config.enabled
     assert cfg.lr_decay_style == "cosine" and cfg.lr_warmup_iters > 0
     assert cfg.tokenizer_type == "GPT2BPETokenizer"
-    assert cfg.micro_batch_size * cfg.data_parallel_size(world) * ds.gradient_accumulation_steps == 528
+    assert cfg.micro_batch_size * cfg.data_parallel_size * ds.gradient_accumulation_steps == 528
     assert ds.zero_optimization_stage == cfg.zero_stage == json.loads(Path(cfg.deepspeed_config).read_text())[
         "zero_optimization"]["stage"]
 
@@ -129,7 +130,7 @@ def test_deepspeed_json_is_accepted(stage, monkeypatch):
     assert ds.gradient_accumulation_steps == 2
     # A stage that contradicts the JSON is a configuration error, not a silent choice.
     with pytest.raises(ConfigError, match="conflicts"):
-        parse_args([*flags, "--zero-stage", str(stage % 3 + 1)]).validate(8)
+        resolve(parse_args([*flags, "--zero-stage", str(stage % 3 + 1)]), 8)
 
 
 def test_mpirun_variant(monkeypatch):

@@ -12,7 +12,7 @@ from megatron_snm.data import gpt_dataset
 from megatron_snm.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets, split_document_ranges
 from megatron_snm.data.helpers import build_document_sample_index, build_shuffle_index
 from megatron_snm.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError
-from tests.distributed import run_distributed
+from megatron_snm.parallel.spawn import run_distributed
 
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.distributed import free_port
+from megatron_snm.parallel.spawn import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

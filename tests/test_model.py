@@ -11,8 +11,9 @@ from megatron_snm.model.embedding import GPTEmbedding
 from megatron_snm.model.gpt import GPTModel, gpt_loss
 from megatron_snm.model.presets import MODEL_PRESETS
 from megatron_snm.model.transformer import FinalLayerNorm, TransformerBlock
+from tests.model_shapes import tiny
 
-TINY = dict(num_layers=3, hidden_size=32, num_attention_heads=4, seq_length=12, vocab_size=300, init_method="small")
+TINY = tiny(num_layers=3, hidden_size=32, seq_length=12, vocab_size=300)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,7 +140,7 @@ def test_presets_on_meta_device_match_the_analytic_count(size):
 ])
 def test_bad_config_names_the_flag(overrides, tp, flag):
     with pytest.raises(ValueError, match=flag):
-        GPTConfig(**{**TINY, **overrides}).validate(tp)
+        GPTConfig(**{**TINY, **overrides}, tensor_parallel_size=tp).validate()
 
 
 def test_bad_layer_number_and_long_sequence_are_refused():

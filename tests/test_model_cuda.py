@@ -5,10 +5,11 @@ import torch
 
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.gpt import GPTModel
-from megatron_snm.parallel import random as tp_random
+from megatron_snm.parallel import rng as tp_random
+from tests.model_shapes import tiny
 
 pytestmark = pytest.mark.cuda
-TINY = dict(num_layers=2, hidden_size=128, num_attention_heads=4, seq_length=64, vocab_size=500, init_method="small")
+TINY = tiny(hidden_size=128, seq_length=64)
 
 
 def _batch(device):

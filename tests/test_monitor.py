@@ -5,9 +5,10 @@ import torch
 
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.gpt import GPTModel
-from megatron_snm.model.monitor import StabilityMonitor
+from megatron_snm.training.monitor import StabilityMonitor
+from tests.model_shapes import tiny
 
-SHAPE = dict(num_layers=12, hidden_size=128, num_attention_heads=4, seq_length=64, vocab_size=1000, init_method="small")
+SHAPE = tiny(num_layers=12, hidden_size=128, seq_length=64, vocab_size=1000)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

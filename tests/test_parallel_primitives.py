@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distributed import run_distributed
-from megatron_snm.parallel import mappings, random as tp_random, state
+from megatron_snm.parallel.spawn import run_distributed
+from megatron_snm.parallel import mappings, rng as tp_random, state
+from megatron_snm.parallel.dims import ParallelDims
 from megatron_snm.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_snm.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron_snm.tensor_parallel.utils import gather_full, gather_full_like
@@ -69,7 +70,7 @@ def _check_layers(rank, world):
     upstream = torch.randn(2, 5, 12, generator=g)
 
     for gather_output in (True, False):
-        layer = ColumnParallelLinear(8, 12, init_method=_seeded_init(10), gather_output=gather_output)
+        layer = ColumnParallelLinear(8, 12, init_fn=_seeded_init(10), tp_size=world, gather_output=gather_output)
         with torch.no_grad():
             layer.bias.copy_(torch.arange(12.0).chunk(world)[rank])
         w = _full_weight((12, 8), 10).requires_grad_()
@@ -90,7 +91,7 @@ def _check_layers(rank, world):
 
     upstream = torch.randn(2, 5, 6, generator=g)
     for input_is_parallel in (True, False):
-        layer = RowParallelLinear(8, 6, init_method=_seeded_init(11), input_is_parallel=input_is_parallel)
+        layer = RowParallelLinear(8, 6, init_fn=_seeded_init(11), tp_size=world, input_is_parallel=input_is_parallel)
         with torch.no_grad():
             layer.bias.copy_(torch.arange(6.0))
         w = _full_weight((6, 8), 11).requires_grad_()
@@ -106,7 +107,7 @@ def _check_layers(rank, world):
         out[f"{tag}.dw"] = _diff(gather_full_like(layer.weight, layer.weight.grad), w.grad)
         out[f"{tag}.db"] = _diff(layer.bias.grad, b.grad)
 
-    emb = VocabParallelEmbedding(16, 4, init_method=_seeded_init(12))
+    emb = VocabParallelEmbedding(16, 4, init_fn=_seeded_init(12), tp_size=world)
     table = _full_weight((16, 4), 12).requires_grad_()
     ids = torch.tensor([[0, 7, 8, 15, 3], [9, 9, 1, 12, 8]])
     upstream = torch.randn(2, 5, 4, generator=g)
@@ -229,7 +230,7 @@ def test_group_layout_follows_megatron_rank_order(two_ranks):
 
 
 def test_layers_run_as_tp1_without_groups():
-    layer = ColumnParallelLinear(4, 6, init_method=_seeded_init(5))
+    layer = ColumnParallelLinear(4, 6, init_fn=_seeded_init(5))
     assert not hasattr(layer.weight, "tensor_model_parallel")
     x = torch.randn(2, 4)
     assert torch.allclose(layer(x), F.linear(x, _full_weight((6, 4), 5)))
@@ -241,7 +242,7 @@ def test_layers_run_as_tp1_without_groups():
 def test_meta_device_allocates_and_initialises_nothing():
     calls = []
     with torch.device("meta"):
-        layer = RowParallelLinear(1 << 16, 1 << 16, init_method=calls.append)
+        layer = RowParallelLinear(1 << 16, 1 << 16, init_fn=calls.append)
     assert layer.weight.is_meta and calls == []
 
 
@@ -254,4 +255,4 @@ def test_unseeded_tracker_fails_clearly():
 
 def test_world_not_divisible_names_the_flags():
     with pytest.raises(ValueError, match="--tensor-model-parallel-size"):
-        state.ParallelSizes(tensor=2, pipeline=2).validate(6)
+        ParallelDims.of_world(6, tensor=2, pipeline=2)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_snm.training.checkpointing import _safe_globals, read_latest, tag_of
-from megatron_snm.training.engine import INJECT_LOSS_ENV
+from megatron_snm.training.fault_injection import INJECT_LOSS_ENV
 from tests.training_harness import TINY, run_configs
 
 SPIKY = TINY + ["--train-iters", "9", "--spike-window", "3", "--spike-factor", "3", "--save-interval", "1"]

@@ -2,17 +2,20 @@
 tensor-parallel slices are gathered, the same gradient for every parameter. For each
 --embedding-norm mode, with and without activation checkpointing, and with dropout on the
 replicated residual stream. All in one spawned 2-rank job."""
+from dataclasses import replace
+
 import pytest
 import torch
 
-from distributed import run_distributed
+from megatron_snm.parallel.spawn import run_distributed
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.gpt import GPTModel, gpt_loss
-from megatron_snm.model.monitor import StabilityMonitor
-from megatron_snm.parallel import random as tp_random, state
+from megatron_snm.training.monitor import StabilityMonitor
+from megatron_snm.parallel import rng as tp_random, state
 from megatron_snm.tensor_parallel.utils import gather_full, gather_full_like
+from tests.model_shapes import tiny
 
-TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16, vocab_size=500, init_method="small")
+TINY = tiny()
 MODES = ("none", "layernorm", "scaled", "detach")
 # vocab 500 pads to 512 for TP=1 (multiple of 128) and TP=2 (multiple of 256): same full table.
 CASES = {f"{mode}{'+ckpt' if ckpt else ''}": dict(embedding_norm=mode, checkpoint_activations=ckpt)
@@ -60,9 +63,9 @@ def _compare(run, ref):
     }
 
 
-def _monitor_figures():
+def _monitor_figures(tp: int):
     """The stability monitor's figures; parameter-gradient norms must cover the full parameters."""
-    model = GPTModel(GPTConfig(**TINY, embedding_norm="none"))
+    model = GPTModel(GPTConfig(**TINY, embedding_norm="none", tensor_parallel_size=tp))
     tokens, labels, _ = _batch()
     monitor = StabilityMonitor(model)
     with monitor.capture():
@@ -74,21 +77,23 @@ def _tp_body(rank, world):
     torch.set_num_threads(1)
     configs = {name: GPTConfig(**TINY, **overrides) for name, overrides in CASES.items()}
     reference = {name: _run(config) for name, config in configs.items()}  # no groups yet: TP=1
-    reference_figures = _monitor_figures()
+    reference_figures = _monitor_figures(tp=1)
     bf16 = GPTConfig(**TINY, params_dtype=torch.bfloat16)
     reference_bf16 = _run(bf16)
     state.initialize_model_parallel(world)
-    results = {name: _compare(_run(config), reference[name]) for name, config in configs.items()}
-    figures = _monitor_figures()
+    results = {name: _compare(_run(replace(config, tensor_parallel_size=world)), reference[name])
+               for name, config in configs.items()}
+    figures = _monitor_figures(tp=world)
     assert figures.keys() == reference_figures.keys()
     results["monitor"] = max(abs(figures[k] / reference_figures[k] - 1) for k in figures)
-    bf16_loss, _, bf16_grads = _run(bf16)  # bf16 collectives on gloo; only rounding may differ
+    bf16_loss, _, bf16_grads = _run(replace(bf16, tensor_parallel_size=world))  # bf16 collectives on gloo; only rounding may differ
     results["bf16"] = (abs(bf16_loss / reference_bf16[0] - 1),
                        max(_rel(bf16_grads[n].float(), reference_bf16[2][n].float()) for n in bf16_grads))
 
     # Attention dropout on split heads: recompute must replay each rank's own masks.
     dropout = dict(TINY, hidden_dropout=0.2, attention_dropout=0.2)
-    plain, ckpt = _run(GPTConfig(**dropout)), _run(GPTConfig(**dropout, checkpoint_activations=True))
+    plain = _run(GPTConfig(**dropout, tensor_parallel_size=world))
+    ckpt = _run(GPTConfig(**dropout, checkpoint_activations=True, tensor_parallel_size=world))
     results["tp2 dropout: ckpt vs plain"] = _compare(ckpt, plain)
     return results
 

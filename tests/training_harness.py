@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.distributed import run_distributed
+from megatron_snm.parallel.spawn import run_distributed
 
 VOCAB = 96
 SEQ = 16
@@ -36,22 +36,19 @@ def token_samples(count: int, seed: int) -> list[dict]:
 def _body(rank, world_size, runs):
     import torch
 
-    from megatron_snm.config import ConfigError, parse_args
-    from megatron_snm.parallel import distributed, state
-    from megatron_snm.training.loop import pretrain
+    from megatron_snm.config import ConfigError, parse_args, resolve
+    from megatron_snm.parallel import state
+    from megatron_snm.training.trainer import build_run
 
     torch.set_num_threads(1)  # 2 shared cores: OpenMP spinning across ranks costs 20x
-    distributed.initialize(distributed.discover())
     results = []
     for argv in runs:
-        cfg = parse_args(argv)
-        cfg.validate(world_size)
-        state.initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
-        samples = cfg.train_iters * cfg.global_batch_size
-        datasets = (token_samples(samples, 1), token_samples(cfg.eval_iters * cfg.global_batch_size, 2),
-                    token_samples(cfg.eval_iters * cfg.global_batch_size, 3))
+        run = resolve(parse_args(argv), world_size)
+        samples = run.batch.train_iters * run.batch.global_batch_size
+        eval_samples = run.eval.eval_iters * run.batch.global_batch_size
+        datasets = (token_samples(samples, 1), token_samples(eval_samples, 2), token_samples(eval_samples, 3))
         try:
-            results.append(pretrain(cfg, cfg.gpt_config(VOCAB), cfg.build_deepspeed_config(world_size), datasets))
+            results.append(build_run(run, VOCAB).train(datasets))
         except ConfigError as err:  # e.g. a refused checkpoint: returned for the test to inspect
             results.append(err)
         finally:
@@ -68,11 +65,8 @@ if __name__ == "__main__":
     import os
     import sys
 
-    import torch.distributed as dist
-
-    from tests.distributed import free_port
+    from megatron_snm.parallel.spawn import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
     result = _body(0, 1, [sys.argv[1:]])[0]
     sys.exit(3 if isinstance(result, Exception) or result.diverged else 0)

@@ -17,9 +17,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_snm.data.indexed_dataset import (  # noqa: E402
+from megatron_snm.data.indexed_dataset import (
     IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError,
 )
 

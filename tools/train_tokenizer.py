@@ -15,9 +15,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_snm.data.json_lines import SUFFIXES, SkipLog, expand_inputs, parse_line, read_chunks  # noqa: E402
+from megatron_snm.data.json_lines import SUFFIXES, SkipLog, expand_inputs, parse_line, read_chunks
 
 # SentencePiece trains on "sentences" of bounded length; documents are cut at line ends into
 # pieces of at most this many characters (a longer single line is cut short, for training only).

@@ -12,26 +12,27 @@ import torch
 import torch.nn.functional as F
 
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.model.init import init_method, output_init_method
-from megatron_snm.parallel import state
-from megatron_snm.parallel.random import get_rng_tracker
+from megatron_snm.model.init import output_weight_init, weight_init
+from megatron_snm.parallel.rng import get_rng_tracker
 from megatron_snm.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
 class CausalSelfAttention(torch.nn.Module):
     def __init__(self, config: GPTConfig, layer_number: int):
         super().__init__()
-        self.local_heads = config.num_attention_heads // state.get_tensor_model_parallel_world_size()
+        self.local_heads = config.num_attention_heads // config.tensor_parallel_size
         self.head_dim = config.head_dim
         self.dropout_p = config.attention_dropout
         name = f"layers.{layer_number}.attention"
         self.qkv = ColumnParallelLinear(
             config.hidden_size, 3 * config.hidden_size,
-            init_method=init_method(config, f"{name}.qkv"), params_dtype=config.params_dtype,
+            init_fn=weight_init(config, f"{name}.qkv"), tp_size=config.tensor_parallel_size,
+            params_dtype=config.params_dtype,
         )
         self.dense = RowParallelLinear(  # W_O
             config.hidden_size, config.hidden_size, input_is_parallel=True,
-            init_method=output_init_method(config, f"{name}.dense"), params_dtype=config.params_dtype,
+            init_fn=output_weight_init(config, f"{name}.dense"), tp_size=config.tensor_parallel_size,
+            params_dtype=config.params_dtype,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

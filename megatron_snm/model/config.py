@@ -1,15 +1,15 @@
 """The model's configuration: shapes, initialisation, the paper's embedding mode, dropout, precision.
 
-Field names follow Megatron-LM's flags (`--num-layers` -> num_layers, ...); `validate` names the flag
-at fault. The training side builds this from argparse; the model reads nothing else.
+Field names follow Megatron-LM's flags (`--num-layers` -> num_layers, ...), so the training side
+derives it from its flags by name (config/resolve.py); `validate` names the flag at fault. The model
+reads nothing else: the tensor-parallel size is a field here, not a process-group global, so a
+layer's shape is fixed at construction and checked once (GPTModel / the pipeline stages call validate).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
-from megatron_snm.parallel import state
 
 EMBEDDING_NORMS = ("none", "layernorm", "scaled", "detach")
 INIT_METHODS = ("normal", "small")
@@ -40,6 +40,7 @@ class GPTConfig:
     layernorm_epsilon: float = 1e-5
     checkpoint_activations: bool = False
     make_vocab_size_divisible_by: int = 128
+    tensor_parallel_size: int = 1  # how many ranks split each layer (--tensor-model-parallel-size)
     params_dtype: torch.dtype = torch.float32
     seed: int = 1234  # initialisation seed
 
@@ -53,14 +54,11 @@ class GPTConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        """Padded for the current tensor-parallel size (1 when no groups are initialised)."""
-        return padded_vocab_size(
-            self.vocab_size, state.get_tensor_model_parallel_world_size(), self.make_vocab_size_divisible_by
-        )
+        return padded_vocab_size(self.vocab_size, self.tensor_parallel_size, self.make_vocab_size_divisible_by)
 
-    def validate(self, tensor_parallel_size: int = 1) -> None:
-        """Raises ValueError naming the Megatron flag at fault."""
-        tp = tensor_parallel_size
+    def validate(self) -> "GPTConfig":
+        """Raises ValueError naming the Megatron flag at fault; returns self."""
+        tp = self.tensor_parallel_size
         positive = {
             "--num-layers": self.num_layers, "--hidden-size": self.hidden_size,
             "--num-attention-heads": self.num_attention_heads, "--seq-length": self.seq_length,
@@ -93,3 +91,4 @@ class GPTConfig:
                 raise ValueError(f"{flag} must be in [0, 1), got {p}")
         if self.params_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"params_dtype must be float32, bfloat16 or float16 (--bf16/--fp16), got {self.params_dtype}")
+        return self

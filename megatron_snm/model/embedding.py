@@ -22,7 +22,8 @@ to give the embedding output a std near 1 without touching anything else:
                a = --embed-detach-alpha (0.1). Does not change std(e).
 
 Each TP rank computes the same embedding output (the lookup is all-reduced over the vocabulary
-split), so everything after it is replicated.
+split), so everything after it is replicated. The output layer multiplies by the same table E
+(tied); on a pipeline's last stage it is a `TiedOutputLayer` holding only E.
 """
 from __future__ import annotations
 
@@ -32,25 +33,34 @@ import torch
 import torch.nn.functional as F
 
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.model.init import init_method, initialized_parameter
+from megatron_snm.model.init import initialized_parameter, weight_init
 from megatron_snm.model.layer_norm import FusedLayerNorm
-from megatron_snm.parallel import state
 from megatron_snm.parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron_snm.tensor_parallel.layers import VocabParallelEmbedding
+
+
+def word_embeddings(config: GPTConfig) -> VocabParallelEmbedding:
+    """The token table E [V_padded, h], split by vocabulary over TP ranks; the embedding's and the
+    output layer's, which are tied."""
+    return VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size,
+                                  init_fn=weight_init(config, "embedding.word"),
+                                  tp_size=config.tensor_parallel_size, params_dtype=config.params_dtype)
+
+
+def output_logits(hidden: torch.Tensor, word_embedding_weight: torch.Tensor) -> torch.Tensor:
+    """The tied output layer: hidden [b, s, h] -> this rank's vocabulary slice of the logits
+    [b, s, V_padded / TP]. Uses the embedding table unscaled in every mode."""
+    return F.linear(copy_to_tensor_model_parallel_region(hidden), word_embedding_weight)
 
 
 class GPTEmbedding(torch.nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        config.validate(state.get_tensor_model_parallel_world_size())
         self.embedding_norm = config.embedding_norm
         self.seq_length = config.seq_length
-        self.word_embeddings = VocabParallelEmbedding(
-            config.padded_vocab_size, config.hidden_size,
-            init_method=init_method(config, "embedding.word"), params_dtype=config.params_dtype,
-        )
+        self.word_embeddings = word_embeddings(config)
         self.position_embeddings = initialized_parameter(
-            (config.seq_length, config.hidden_size), init_method(config, "embedding.position"), config.params_dtype
+            (config.seq_length, config.hidden_size), weight_init(config, "embedding.position"), config.params_dtype
         )
         if self.embedding_norm == "layernorm":
             self.norm = FusedLayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
@@ -74,6 +84,17 @@ class GPTEmbedding(torch.nn.Module):
         return self.dropout(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The tied output layer: hidden [b, s, h] -> this rank's vocabulary slice of the logits
-        [b, s, V_padded / TP]. Uses the embedding table unscaled in every mode."""
-        return F.linear(copy_to_tensor_model_parallel_region(hidden), self.word_embeddings.weight)
+        """The output layer, tied to this embedding's table."""
+        return output_logits(hidden, self.word_embeddings.weight)
+
+
+class TiedOutputLayer(torch.nn.Module):
+    """The output layer of a pipeline's last stage: only the tied token table, no position table or
+    Embed LN. The pipeline keeps its weight equal to the first stage's embedding table."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.word_embeddings = word_embeddings(config)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return output_logits(hidden, self.word_embeddings.weight)

@@ -1,26 +1,55 @@
 """The GPT model: embedding -> N pre-LN blocks -> final LayerNorm -> tied, vocabulary-parallel output.
 
-GPTModel is only those pieces in sequence; the pieces are separate modules so the training side
-can cut the model into pipeline stages (the embedding is built again on the last stage for the
-tied output layer; seeded initialisation makes both copies equal).
+`gpt_layers(config)` describes the model once, as the sequence of its layers. `GPTModel` builds
+all of them in one process (where the output layer is the embedding's own table); the pipeline
+(pipeline/module.py) builds each stage's share of the same list, the last stage holding only the
+tied table (`TiedOutputLayer`). `gpt_loss` is the training loss, whoever computes it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.model.embedding import GPTEmbedding
+from megatron_snm.model.embedding import GPTEmbedding, TiedOutputLayer
 from megatron_snm.model.transformer import FinalLayerNorm, TransformerBlock
 from megatron_snm.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+TIED_EMBEDDING = "embedding"  # the layers that share `word_embeddings.weight`
+
+
+@dataclass(frozen=True)
+class LayerDef:
+    name: str
+    cls: type
+    args: tuple
+    tied: str | None = None  # layers with the same key share their `word_embeddings.weight`
+
+    def build(self) -> torch.nn.Module:
+        return self.cls(*self.args)
+
+
+def gpt_layers(config: GPTConfig) -> list[LayerDef]:
+    config.validate()
+    return [
+        LayerDef("embedding", GPTEmbedding, (config,), tied=TIED_EMBEDDING),
+        *[LayerDef(f"layers.{n}", TransformerBlock, (config, n)) for n in range(1, config.num_layers + 1)],
+        LayerDef("final_norm", FinalLayerNorm, (config,)),
+        LayerDef("output", TiedOutputLayer, (config,), tied=TIED_EMBEDDING),
+    ]
 
 
 class GPTModel(torch.nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.embedding = GPTEmbedding(config)
-        self.layers = torch.nn.ModuleList(TransformerBlock(config, n) for n in range(1, config.num_layers + 1))
-        self.final_norm = FinalLayerNorm(config)
+        embedding, *blocks, final_norm, _output = gpt_layers(config)
+        self.embedding = embedding.build()
+        self.layers = torch.nn.ModuleList(block.build() for block in blocks)
+        self.final_norm = final_norm.build()
+        # The output layer is tied to the embedding, which this process holds: it is
+        # self.embedding.logits, no second table.
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [b, s] int64. Without labels: this rank's vocabulary slice of the logits

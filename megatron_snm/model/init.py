@@ -42,18 +42,19 @@ def weight_seed(seed: int, name: str) -> int:
 
 
 def normal_init(std: float, seed: int, name: str):
-    """An init_method for the tensor-parallel layers: fills the full weight from N(0, std^2)."""
+    """An `init_fn` for the tensor-parallel layers: fills the full weight from N(0, std^2)."""
     def init(weight: torch.Tensor) -> torch.Tensor:
         generator = torch.Generator(device=weight.device).manual_seed(weight_seed(seed, name))
         return weight.normal_(0.0, std, generator=generator)
     return init
 
 
-def init_method(config: GPTConfig, name: str):
+def weight_init(config: GPTConfig, name: str):
+    """The init_fn of weight `name`: N(0, sigma^2) from its own seeded generator."""
     return normal_init(sigma(config), config.seed, name)
 
 
-def output_init_method(config: GPTConfig, name: str):
+def output_weight_init(config: GPTConfig, name: str):
     """For W_O and W_2, scaled by 1/sqrt(2N) unless --no-scaled-init."""
     return normal_init(output_sigma(config), config.seed, name)
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.model.init import init_method, output_init_method
+from megatron_snm.model.init import output_weight_init, weight_init
 from megatron_snm.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
@@ -15,11 +15,13 @@ class MLP(torch.nn.Module):
         name = f"layers.{layer_number}.mlp"
         self.fc1 = ColumnParallelLinear(  # W_1
             config.hidden_size, config.ffn_hidden_size,
-            init_method=init_method(config, f"{name}.fc1"), params_dtype=config.params_dtype,
+            init_fn=weight_init(config, f"{name}.fc1"), tp_size=config.tensor_parallel_size,
+            params_dtype=config.params_dtype,
         )
         self.fc2 = RowParallelLinear(  # W_2
             config.ffn_hidden_size, config.hidden_size, input_is_parallel=True,
-            init_method=output_init_method(config, f"{name}.fc2"), params_dtype=config.params_dtype,
+            init_fn=output_weight_init(config, f"{name}.fc2"), tp_size=config.tensor_parallel_size,
+            params_dtype=config.params_dtype,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

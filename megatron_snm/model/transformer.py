@@ -3,7 +3,7 @@
     x = x + dropout(attention(LN_1(x)))
     x = x + dropout(mlp(LN_2(x)))
 
-`checkpoint_activations` recomputes the whole block in backward (parallel/random.checkpoint), which
+`checkpoint_activations` recomputes the whole block in backward (parallel/rng.checkpoint), which
 replays its dropout masks exactly.
 """
 from __future__ import annotations
@@ -14,16 +14,15 @@ from megatron_snm.model.attention import CausalSelfAttention
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.layer_norm import FusedLayerNorm
 from megatron_snm.model.mlp import MLP
-from megatron_snm.parallel import state
-from megatron_snm.parallel.random import checkpoint
+from megatron_snm.parallel.rng import checkpoint
 
 
 class TransformerBlock(torch.nn.Module):
     def __init__(self, config: GPTConfig, layer_number: int):
         """layer_number counts from 1 (Megatron's convention); it names the block's weights' seeds,
-        so a block is the same whichever pipeline stage builds it."""
+        so a block is the same whichever pipeline stage builds it. `config` is validated by whoever
+        assembles the model (model/gpt.py)."""
         super().__init__()
-        config.validate(state.get_tensor_model_parallel_world_size())
         if not 1 <= layer_number <= config.num_layers:
             raise ValueError(f"layer_number {layer_number} outside 1..{config.num_layers} (--num-layers)")
         self.layer_number = layer_number

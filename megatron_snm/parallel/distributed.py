@@ -6,8 +6,8 @@
   local host for a single node) and MASTER_PORT defaults to 29500.
 
 `discover()` reads this without starting anything, so configuration checks can use the world size
-before any process group exists; `initialize(env)` then starts torch.distributed through DeepSpeed
-with NCCL on GPU and gloo on CPU.
+before any process group exists; training/deepspeed_adapter.init_distributed(env) then starts
+torch.distributed through DeepSpeed with NCCL on GPU and gloo on CPU.
 """
 from __future__ import annotations
 
@@ -56,26 +56,6 @@ def discover() -> DistEnv:
     if mpi is not None:
         return DistEnv(*mpi, addr, port, "mpi")
     return DistEnv(0, 1, 0, addr, port, "single")
-
-
-def initialize(env: DistEnv, cpu_shm_comm: bool = False) -> None:
-    """Starts torch.distributed (via deepspeed.comm) for `env`. Idempotent.
-
-    On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce the first time it starts (a minute
-    or more); it only speeds up collectives within a node, so unless `cpu_shm_comm` asks for it we
-    mark it unavailable and DeepSpeed uses plain gloo.
-    """
-    import deepspeed
-    import deepspeed.ops
-
-    # DeepSpeed and torch.distributed read the rendezvous from the environment.
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
-    if env.backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
-    elif not cpu_shm_comm:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False)
 
 
 def device() -> torch.device:

@@ -34,12 +34,16 @@ def _split_last_dim(x: torch.Tensor) -> torch.Tensor:
     return x[..., rank * chunk:(rank + 1) * chunk].contiguous()
 
 
-def _gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    world = state.get_tensor_model_parallel_world_size()
+def all_gather_along(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The TP ranks' `x` concatenated along `dim` in TP-rank order (no autograd)."""
     x = x.contiguous()
-    chunks = [torch.empty_like(x) for _ in range(world)]
+    chunks = [torch.empty_like(x) for _ in range(state.get_tensor_model_parallel_world_size())]
     dist.all_gather(chunks, x, group=state.get_tensor_model_parallel_group())
-    return torch.cat(chunks, dim=-1)
+    return torch.cat(chunks, dim=dim)
+
+
+def _gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    return all_gather_along(x, -1)
 
 
 class _CopyToTP(torch.autograd.Function):

@@ -5,8 +5,8 @@ rank = pp_rank * (DP * TP) + dp_rank * TP + tp_rank. This is also DeepSpeed's
 `PipeModelDataParallelTopology` order (axes pipe, data, model), so DeepSpeed's pipeline engine
 and our groups agree on who is who.
 
-Nothing here knows about GPT. `ParallelSizes.validate` checks sizes before any group is made;
-the model config checks what must divide by TP (heads, hidden, vocabulary padding).
+Nothing here knows about GPT. The sizes are a `ParallelDims` (parallel/dims.py), checked before
+any group is made; the model config checks what must divide by TP (heads, FFN, vocabulary padding).
 """
 from __future__ import annotations
 
@@ -15,25 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class ParallelSizes:
-    tensor: int = 1
-    pipeline: int = 1
-
-    def validate(self, world_size: int) -> int:
-        """Returns the data-parallel size, or raises ValueError naming the flags."""
-        if self.tensor < 1 or self.pipeline < 1:
-            raise ValueError(
-                f"--tensor-model-parallel-size ({self.tensor}) and --pipeline-model-parallel-size "
-                f"({self.pipeline}) must be >= 1"
-            )
-        if world_size % (self.tensor * self.pipeline):
-            raise ValueError(
-                f"world size {world_size} is not divisible by --tensor-model-parallel-size "
-                f"({self.tensor}) x --pipeline-model-parallel-size ({self.pipeline})"
-            )
-        return world_size // (self.tensor * self.pipeline)
+from megatron_snm.parallel.dims import ParallelDims
 
 
 @dataclass
@@ -57,15 +39,15 @@ def rank_of(tp: int, dp: int, pp: int, tp_size: int, dp_size: int) -> int:
     return pp * dp_size * tp_size + dp * tp_size + tp
 
 
-def initialize_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
-    """Creates the TP, PP, DP and model-parallel groups. Requires torch.distributed initialised.
-
-    Every rank must call this (new_group is collective), in the same order.
+def initialize_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> ParallelDims:
+    """Creates the TP, PP, DP and model-parallel groups and returns their sizes. Requires
+    torch.distributed initialised. Every rank must call this (new_group is collective), in the same
+    order.
     """
     global _GROUPS
     world, me = dist.get_world_size(), dist.get_rank()
-    tp, pp = tensor_parallel_size, pipeline_parallel_size
-    dp = ParallelSizes(tp, pp).validate(world)
+    dims = ParallelDims.of_world(world, tensor_parallel_size, pipeline_parallel_size)
+    tp, pp, dp = dims.tensor, dims.pipeline, dims.data
 
     def groups_of(rank_lists):
         mine, mine_ranks = None, None
@@ -88,6 +70,7 @@ def initialize_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_s
         [[rank_of(t, d, p, tp, dp) for p in range(pp) for t in range(tp)] for d in range(dp)]
     )
     _GROUPS = _Groups(tp, pp, dp, tp_group, pp_group, dp_group, mp_group, pp_ranks, tp_ranks, dp_ranks)
+    return dims
 
 
 def is_initialized() -> bool:

@@ -1,10 +1,14 @@
 """Megatron's tensor-parallel layers. They know nothing of GPT.
 
 Each layer's weight is one slice of a full ("master") weight. Initialisation builds the full weight
-with the given `init_method` (a function that fills a tensor in place; give it its own seeded
+with the given `init_fn` (a function that fills a tensor in place; give it its own seeded
 generator to make the weights independent of the TP size and of what else a process builds) and
 keeps this rank's slice, so TP=1 and TP=k start from identical full weights. On the meta device
 nothing is allocated or initialised.
+
+The TP size is given at construction (`tp_size`), so a layer's shape never depends on whether
+process groups exist yet; this rank's place in the TP group is read from parallel/state.py, and
+the two must agree.
 
     ColumnParallelLinear   Y = X A^T + b, A split by output rows:  Y_i = X A_i^T + b_i  (no comm forward)
     RowParallelLinear      Y = X A^T + b, A split by input columns: Y = sum_i X_i A_i^T + b  (all-reduce)
@@ -29,12 +33,20 @@ from megatron_snm.parallel.mappings import (
 )
 from megatron_snm.tensor_parallel.utils import divide, mark_tensor_parallel, vocab_range
 
-InitMethod = Callable[[torch.Tensor], object]  # fills a full fp32 weight in place
+InitFn = Callable[[torch.Tensor], object]  # fills a full fp32 weight in place
 
 
-def _partitioned_parameter(full_shape, partition_dim, init_method: InitMethod, dtype) -> torch.nn.Parameter:
-    """This rank's slice of a full weight initialised by `init_method`."""
-    world, rank = state.get_tensor_model_parallel_world_size(), state.get_tensor_model_parallel_rank()
+def _tp_rank(tp_size: int) -> int:
+    """This rank's place in its TP group, checked against the layer's `tp_size`."""
+    if state.get_tensor_model_parallel_world_size() != tp_size:
+        raise ValueError(f"layer built for tensor-parallel size {tp_size}, but the process groups have "
+                         f"{state.get_tensor_model_parallel_world_size()} (--tensor-model-parallel-size)")
+    return state.get_tensor_model_parallel_rank()
+
+
+def _partitioned_parameter(full_shape, partition_dim, init_fn: InitFn, dtype, tp_size: int) -> torch.nn.Parameter:
+    """This rank's slice of a full weight initialised by `init_fn`."""
+    world, rank = tp_size, _tp_rank(tp_size)
     local_shape = list(full_shape)
     local_shape[partition_dim] = divide(full_shape[partition_dim], world, f"dimension {partition_dim} of {tuple(full_shape)}")
     param = torch.nn.Parameter(torch.empty(local_shape, dtype=dtype))  # honours a `with torch.device(...)`
@@ -42,16 +54,16 @@ def _partitioned_parameter(full_shape, partition_dim, init_method: InitMethod, d
         mark_tensor_parallel(param, partition_dim)
     if param.device.type != "meta":
         master = torch.empty(full_shape, dtype=torch.float32)  # on the CPU: generators there are device-independent
-        init_method(master)
+        init_fn(master)
         size = local_shape[partition_dim]
         with torch.no_grad():
             param.copy_(master.narrow(partition_dim, rank * size, size))
     return param
 
 
-def _zero_bias(size: int, dtype, partition_dim: int | None) -> torch.nn.Parameter:
+def _zero_bias(size: int, dtype, partition_dim: int | None, tp_size: int) -> torch.nn.Parameter:
     bias = torch.nn.Parameter(torch.zeros(size, dtype=dtype))
-    if partition_dim is not None and state.get_tensor_model_parallel_world_size() > 1:
+    if partition_dim is not None and tp_size > 1:
         mark_tensor_parallel(bias, partition_dim)
     return bias
 
@@ -63,13 +75,13 @@ class ColumnParallelLinear(torch.nn.Module):
     with `gather_output=True`.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, init_method: InitMethod, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, *, init_fn: InitFn, tp_size: int = 1, bias: bool = True,
                  gather_output: bool = False, params_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.gather_output = gather_output
-        world = state.get_tensor_model_parallel_world_size()
-        self.weight = _partitioned_parameter((out_features, in_features), 0, init_method, params_dtype)
-        self.bias = _zero_bias(divide(out_features, world, "output features"), params_dtype, 0) if bias else None
+        self.weight = _partitioned_parameter((out_features, in_features), 0, init_fn, params_dtype, tp_size)
+        self.bias = _zero_bias(divide(out_features, tp_size, "output features"), params_dtype, 0, tp_size) \
+            if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
@@ -84,12 +96,12 @@ class RowParallelLinear(torch.nn.Module):
     is added once, after the all-reduce.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, init_method: InitMethod, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, *, init_fn: InitFn, tp_size: int = 1, bias: bool = True,
                  input_is_parallel: bool = False, params_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.input_is_parallel = input_is_parallel
-        self.weight = _partitioned_parameter((out_features, in_features), 1, init_method, params_dtype)
-        self.bias = _zero_bias(out_features, params_dtype, None) if bias else None
+        self.weight = _partitioned_parameter((out_features, in_features), 1, init_fn, params_dtype, tp_size)
+        self.bias = _zero_bias(out_features, params_dtype, None, tp_size) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -105,16 +117,15 @@ class VocabParallelEmbedding(torch.nn.Module):
     128 x TP). Output: the full embedding (replicated).
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_method: InitMethod,
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, init_fn: InitFn, tp_size: int = 1,
                  params_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.num_embeddings = num_embeddings
-        world, rank = state.get_tensor_model_parallel_world_size(), state.get_tensor_model_parallel_rank()
-        self.vocab_start, self.vocab_end = vocab_range(num_embeddings, rank, world)
-        self.weight = _partitioned_parameter((num_embeddings, embedding_dim), 0, init_method, params_dtype)
+        self.num_embeddings, self.tp_size = num_embeddings, tp_size
+        self.vocab_start, self.vocab_end = vocab_range(num_embeddings, _tp_rank(tp_size), tp_size)
+        self.weight = _partitioned_parameter((num_embeddings, embedding_dim), 0, init_fn, params_dtype, tp_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if state.get_tensor_model_parallel_world_size() == 1:
+        if self.tp_size == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)

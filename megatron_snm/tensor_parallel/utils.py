@@ -3,9 +3,9 @@ attributes that mark a parameter as split across TP ranks."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megatron_snm.parallel import state
+from megatron_snm.parallel.mappings import all_gather_along
 
 
 def divide(numerator: int, denominator: int, what: str = "size") -> int:
@@ -42,7 +42,4 @@ def gather_full_like(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     world = state.get_tensor_model_parallel_world_size()
     if world == 1 or not is_tensor_parallel(param):
         return tensor
-    tensor = tensor.contiguous()
-    chunks = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(chunks, tensor, group=state.get_tensor_model_parallel_group())
-    return torch.cat(chunks, dim=param.partition_dim)
+    return all_gather_along(tensor, param.partition_dim)

@@ -22,21 +22,19 @@ import json
 import os
 import random
 import shutil
-import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from megatron_snm.config import ConfigError
-from megatron_snm.parallel import random as tp_random
+from megatron_snm.config import ConfigError, RunConfig
+from megatron_snm.model.config import GPTConfig
+from megatron_snm.parallel import rng
+from megatron_snm.training.fault_injection import FaultInjection
 
 LATEST = "latest"
 METADATA = "megatron_snm.json"
-# Test hook "ITERATION:SECONDS": sleep inside the save of that iteration, after the data is written
-# and before it is published, so a test can kill the run mid-save.
-SLEEP_IN_SAVE_ENV = "MEGATRON_SNM_TEST_SLEEP_IN_SAVE"
 
 
 def tag_of(iteration: int) -> str:
@@ -64,7 +62,7 @@ def _rng_state() -> dict:
     np_state = np.random.get_state()
     state = dict(python=random.getstate(), torch=torch.get_rng_state(),
                  numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-                 tracker=tp_random.get_rng_tracker().get_states())
+                 tracker=rng.get_rng_tracker().get_states())
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -75,7 +73,7 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    tp_random.get_rng_tracker().set_states(state["tracker"])
+    rng.get_rng_tracker().set_states(state["tracker"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -98,7 +96,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(engine, save_dir: str, iteration: int, metadata: dict) -> str:
+def save_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, faults: FaultInjection | None = None) -> str:
     """Saves on every rank (collective). `metadata` (JSON-able) is written by rank 0."""
     rank = dist.get_rank()
     tag, tmp_tag = tag_of(iteration), tag_of(iteration) + ".tmp"
@@ -112,8 +110,8 @@ def save_checkpoint(engine, save_dir: str, iteration: int, metadata: dict) -> st
     if rank == 0:
         with open(os.path.join(tmp_dir, METADATA), "w") as f:
             json.dump(dict(metadata, iteration=iteration), f, indent=1)
-    if os.environ.get(SLEEP_IN_SAVE_ENV, "").startswith(f"{iteration}:"):
-        time.sleep(float(os.environ[SLEEP_IN_SAVE_ENV].split(":")[1]))
+    if faults is not None:
+        faults.pause_in_save(iteration)
     dist.barrier()
     if rank == 0:
         if os.path.exists(final_dir):  # re-saving an iteration `latest` does not name (a resumed run)
@@ -131,6 +129,20 @@ def read_latest(load_dir: str) -> str | None:
         return None
     with open(path) as f:
         return f.read().strip()
+
+
+def run_metadata(run: RunConfig, model_config: GPTConfig) -> dict:
+    """What a checkpoint records about the run, and what resuming must match (check_compatible)."""
+    return dict(
+        args=run.as_dict(),
+        parallel=dict(tensor_model_parallel_size=run.dims.tensor, pipeline_model_parallel_size=run.dims.pipeline,
+                      data_parallel_size=run.dims.data, zero_stage=run.parallel.zero_stage),
+        model_shape=dict(num_layers=model_config.num_layers, hidden_size=model_config.hidden_size,
+                         num_attention_heads=model_config.num_attention_heads,
+                         ffn_hidden_size=model_config.ffn_hidden_size, seq_length=model_config.seq_length,
+                         padded_vocab_size=model_config.padded_vocab_size,
+                         embedding_norm=model_config.embedding_norm),
+    )
 
 
 def check_compatible(saved: dict, current: dict, checkpoint_dir: str) -> None:

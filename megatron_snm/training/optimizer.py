@@ -5,20 +5,21 @@ CUDA kernel on GPU) and calls its `step()` after reducing, unscaling and clippin
 directly under ZeRO-0 in fp32, through its ZeRO / fp16 / bf16 wrappers otherwise. Withholding the
 update here keeps the parameters and the Adam moments exactly as they were under every wrapper,
 because the wrappers copy the (unchanged) fp32 master weights back to the model afterwards. That
-is how a non-finite or spiky step is skipped (training/spikes.py decides).
+is how a non-finite or spiky step is skipped: before each step the engine arms the optimizer
+with the step's `UpdateGate` (a plain rule from training/spikes.py) and the step's global loss.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import math
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from megatron_snm.model.embedding import GPTEmbedding
+from megatron_snm.model.embedding import GPTEmbedding, TiedOutputLayer
 from megatron_snm.parallel import state
 from megatron_snm.tensor_parallel.utils import is_tensor_parallel
+from megatron_snm.training.spikes import UpdateGate
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
@@ -27,6 +28,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: 
     for module in model.modules():
         if isinstance(module, GPTEmbedding):
             embeddings.update({id(module.word_embeddings.weight), id(module.position_embeddings)})
+        elif isinstance(module, TiedOutputLayer):
+            embeddings.add(id(module.word_embeddings.weight))
     decay, no_decay = [], []
     for param in model.parameters():
         if not param.requires_grad:
@@ -53,36 +56,41 @@ def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 
 class GatedAdamW(torch.optim.AdamW):
-    """torch.optim.AdamW whose update happens only when `allow_update()` says so.
+    """torch.optim.AdamW whose update happens only when the armed `UpdateGate` allows it.
 
-    `allow_update` is asked once per training step (DeepSpeed's ZeRO wrappers call step() once per
-    parameter group) and must return the same answer on every rank. When this optimizer is the
-    engine's own (ZeRO-0, fp32) it also measures and clips the gradient norm, which DeepSpeed's
-    wrappers do themselves otherwise: `clip_grad` > 0 clips, the norm is exposed as
-    `_global_grad_norm` and a skipped step as `overflow`, the attributes DeepSpeed's engine reads.
+    The gate is consulted once per training step (DeepSpeed's ZeRO wrappers call step() once per
+    parameter group) with the step's global batch loss, identical on every rank. When this
+    optimizer is the engine's own (ZeRO-0, fp32) it also measures and clips the gradient norm,
+    which DeepSpeed's wrappers do themselves otherwise: `clip_grad` > 0 clips, and the norm is
+    exposed as `_global_grad_norm` and a skipped step as `overflow`, the attributes DeepSpeed's
+    engine reads.
     """
 
-    def __init__(self, params, *, allow_update: Callable[[float | None], bool], measure_grad_norm: bool = False,
-                 clip_grad: float = 0.0, **adamw_kwargs):
+    def __init__(self, params, *, measure_grad_norm: bool = False, clip_grad: float = 0.0, **adamw_kwargs):
         super().__init__(params, **adamw_kwargs)
-        self.allow_update = allow_update
         self.measure_grad_norm = measure_grad_norm
         self.clip_grad = clip_grad
         self._global_grad_norm = None
         self.overflow = False
-        # None: the training step in progress has not been judged yet. Before the first training
-        # step the gate is open (DeepSpeed's fp16/bf16 wrappers step once at start-up to create
-        # the Adam state).
+        self._gate, self._batch_loss = UpdateGate(), None
+        # None: the armed step has not been decided yet. Before the first training step the gate
+        # is open (DeepSpeed's fp16/bf16 wrappers step once at start-up to create the Adam state).
         self._decision: bool | None = True
 
-    def new_step(self) -> None:
-        """Called by the training loop before each training step's forward passes."""
-        self._decision = None
+    def arm(self, gate: UpdateGate, batch_loss: Callable[[], float]) -> None:
+        """Before a training step's forward passes: the rule for its update, and how to get its
+        global batch loss once the gradients are in (a value, or a collective on the pipeline)."""
+        self._gate, self._batch_loss, self._decision = gate, batch_loss, None
+
+    @property
+    def decided(self) -> bool:
+        """Whether the armed step reached this optimizer (DeepSpeed skips non-finite fp16 steps
+        before calling it)."""
+        return self._decision is not None
 
     @property
     def updated(self) -> bool:
-        """Whether this training step's update was applied here (False also if DeepSpeed skipped
-        the step before calling us)."""
+        """Whether the armed step's update was applied here."""
         return bool(self._decision)
 
     @torch.no_grad()
@@ -96,7 +104,7 @@ class GatedAdamW(torch.optim.AdamW):
                 if self.clip_grad > 0 and math.isfinite(norm) and norm > self.clip_grad:
                     torch._foreach_mul_([p.grad for p in params if p.grad is not None],
                                         self.clip_grad / (norm + 1e-6))
-            self._decision = self.allow_update(norm)
+            self._decision = self._gate.allows(self._batch_loss(), norm)
             self.overflow = not self._decision
         if self._decision:
             return super().step(closure)

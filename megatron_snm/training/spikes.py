@@ -2,8 +2,12 @@
 
 A spike is a loss above `factor` x the mean of the last `window` applied steps' losses (a full
 window is needed before anything counts as a spike, and skipped or spiky steps do not enter the
-mean, so one spike does not hide the next). The verdict is made from the global batch loss and
-the global gradient norm, identical on every rank, so every rank skips the same steps.
+mean, so one spike does not hide the next).
+
+The policy belongs to the trainer, which asks it before each step for an `UpdateGate` (a frozen
+rule the optimizer applies to the step's global loss and gradient norm, identical on every rank,
+so every rank skips the same steps) and after the step for its `Verdict` on the `StepResult`;
+then it books the step. Nothing here calls back into the engine.
 """
 from __future__ import annotations
 
@@ -13,9 +17,17 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class UpdateGate:
+    """Whether a step's update may be applied, decided from its loss and gradient norm alone."""
+    spike_threshold: float | None = None  # skip a loss above this (None: spikes are not skipped)
+
+    def allows(self, loss: float, grad_norm: float | None) -> bool:
+        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        return finite and (self.spike_threshold is None or loss <= self.spike_threshold)
+
+
+@dataclass(frozen=True)
 class Verdict:
-    loss: float
-    grad_norm: float | None
     nonfinite: bool
     spike: bool
     skip: bool
@@ -35,13 +47,23 @@ class SpikePolicy:
             return None
         return sum(self.recent) / len(self.recent)
 
-    def judge(self, loss: float, grad_norm: float | None) -> Verdict:
-        nonfinite = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+    def _threshold(self) -> float | None:
         mean = self.running_mean()
-        spike = not nonfinite and mean is not None and loss > self.factor * mean
-        return Verdict(loss, grad_norm, nonfinite, spike, nonfinite or (spike and self.skip_spiky))
+        return None if mean is None else self.factor * mean
 
-    def record(self, verdict: Verdict, applied: bool) -> None:
+    def gate(self) -> UpdateGate:
+        """The rule for the next step's update."""
+        return UpdateGate(self._threshold() if self.skip_spiky else None)
+
+    def judge(self, loss: float, finite: bool) -> Verdict:
+        """The verdict on a finished step of global batch loss `loss`; `finite`: its loss and
+        gradient norm were finite (the engine's StepResult says)."""
+        nonfinite = not finite
+        threshold = self._threshold()
+        spike = not nonfinite and threshold is not None and loss > threshold
+        return Verdict(nonfinite, spike, nonfinite or (spike and self.skip_spiky))
+
+    def record(self, loss: float, verdict: Verdict, applied: bool) -> None:
         """Books a finished step; `applied` is False also when DeepSpeed itself skipped it (fp16
         overflow, non-finite gradients under ZeRO)."""
         self.nonfinite_total += verdict.nonfinite
@@ -49,7 +71,7 @@ class SpikePolicy:
         if applied:
             self.skipped_in_a_row = 0
             if not verdict.spike:
-                self.recent.append(verdict.loss)
+                self.recent.append(loss)
         else:
             self.skipped_in_a_row += 1
             self.skipped_total += 1

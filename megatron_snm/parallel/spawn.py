@@ -1,9 +1,10 @@
-"""Runs a test function on N gloo processes on this machine (spawned, not forked).
+"""Runs a function on N gloo processes on this machine (spawned, not forked): for the tests and the
+benchmarks, which need a small distributed world without a launcher.
 
     def _body(rank, world_size, arg): ...          # module-level, so it can be pickled
     results = run_distributed(_body, 2, arg)       # list of each rank's return value
 
-A failure on any rank raises in the test with that rank's traceback.
+A failure on any rank raises AssertionError with that rank's traceback.
 """
 from __future__ import annotations
 

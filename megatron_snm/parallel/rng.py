@@ -79,7 +79,7 @@ class RNGStatesTracker:
         """Draws from stream `name` inside the block; the default stream is left untouched."""
         if name not in self._states:
             raise RuntimeError(
-                f"RNG stream {name!r} is not seeded: call megatron_snm.parallel.random.model_parallel_seed(seed)"
+                f"RNG stream {name!r} is not seeded: call megatron_snm.parallel.rng.model_parallel_seed(seed)"
             )
         saved = _get_default_states()
         _set_default_states(self._states[name])

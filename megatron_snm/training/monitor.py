@@ -1,4 +1,4 @@
-"""Stability monitor: measures the paper's two mechanisms behind loss spikes.
+"""Stability monitor: measures the paper's two mechanisms behind loss spikes in a model being trained.
 
 1. Residual-stream growth: std of the hidden states after the embedding and after each block.
 2. LayerNorm gradient amplification: for each LayerNorm, the norm of the gradient arriving at its
@@ -45,6 +45,7 @@ class StabilityMonitor:
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
         self._grad_sq: dict[tuple[str, bool], float] = defaultdict(float)  # (block, tp-split) -> sum of squares
+        self._handles: list = []
 
     def _record(self, key: str, value: torch.Tensor) -> None:
         self._sums[key] += float(value)
@@ -86,16 +87,24 @@ class StabilityMonitor:
             yield module.register_forward_hook(input_std)
             yield module.register_full_backward_hook(grad_norms)
 
+    def start(self) -> None:
+        """Starts measuring (afresh) the forward and backward passes that follow."""
+        self._sums.clear(), self._counts.clear(), self._grad_sq.clear()
+        self._handles = [h for name, module in self._named_modules() for h in self._hooks(name, module)]
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     @contextlib.contextmanager
     def capture(self):
         """Measures the forward and backward passes run inside the block (starting afresh)."""
-        self._sums.clear(), self._counts.clear(), self._grad_sq.clear()
-        handles = [h for name, module in self._named_modules() for h in self._hooks(name, module)]
+        self.start()
         try:
             yield self
         finally:
-            for handle in handles:
-                handle.remove()
+            self.stop()
 
     def figures(self) -> dict[str, float]:
         figures = {key: total / self._counts[key] for key, total in self._sums.items()}

@@ -1,0 +1,75 @@
+"""Every place we reach into DeepSpeed beyond its public calls, in one file.
+
+- `init_distributed`: starts torch.distributed through deepspeed.comm; on CPU it marks DeepSpeed's
+  shared-memory all-reduce unavailable unless asked for (its JIT build takes a minute or more).
+- `ParallelStateMPU`: our process groups (parallel/state.py) under the names DeepSpeed's `mpu`
+  argument expects, so ZeRO shards over DP only and gradient norms count TP-split weights once.
+- `initialize`: deepspeed.initialize with our optimizer, our safe checkpoint engine installed, and
+  the no-op gradient all-reduce of a single data-parallel rank switched off.
+- `global_grad_norm`: the norm DeepSpeed measured in the step (or our optimizer, under ZeRO-0 fp32).
+"""
+from __future__ import annotations
+
+import os
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from megatron_snm.parallel import state
+from megatron_snm.parallel.distributed import DistEnv
+
+
+def init_distributed(env: DistEnv, cpu_shm_comm: bool = False) -> None:
+    """Starts torch.distributed for `env` (NCCL on GPU, gloo on CPU). Idempotent."""
+    import deepspeed.ops
+
+    # DeepSpeed and torch.distributed read the rendezvous from the environment.
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    if env.backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    elif not cpu_shm_comm:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False)
+
+
+class ParallelStateMPU:
+    get_data_parallel_group = staticmethod(state.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(state.get_data_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_src_rank = staticmethod(state.get_tensor_model_parallel_src_rank)
+    get_model_parallel_group = staticmethod(state.get_model_parallel_group)
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return dist.get_rank(state.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return dist.get_world_size(state.get_model_parallel_group())
+
+
+def initialize(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, *, pipelined: bool,
+               optimizer_measures_norm: bool):
+    """The DeepSpeed engine (a PipelineEngine when `module` is a PipelineModule)."""
+    from megatron_snm.training.checkpointing import SafeCheckpointEngine
+
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
+                                      mpu=None if pipelined else ParallelStateMPU)
+    if optimizer_measures_norm and engine.optimizer is not optimizer:
+        raise RuntimeError("DeepSpeed wrapped the optimizer under ZeRO-0 fp32; gradient clipping would be lost")
+    if optimizer_measures_norm and state.get_data_parallel_world_size() == 1:
+        # One data-parallel rank: nothing to all-reduce, so spare DeepSpeed's flatten, no-op
+        # all-reduce and copy-back of every gradient each step.
+        engine.enable_backward_allreduce = False
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+    return engine
+
+
+def global_grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)

@@ -1,0 +1,178 @@
+"""The trainer: the training loop, and the one place that decides what happens to a run.
+
+    trainer = build_run(run, vocab_size)       # process groups, engine, policy, callbacks
+    result = trainer.train((train, valid, test))
+
+One iteration reads top to bottom: the learning rate of the step; the callbacks' `pre_step`; the
+engine runs the global batch under the spike policy's `UpdateGate` and reports a `StepResult`;
+the policy judges and books it; the callbacks' `post_step` report it; then the loop decides:
+stop (too many skipped steps), evaluate, save. The iteration and the consumed samples live here
+and nowhere else.
+
+Datasets are indexable collections of {"text": int64 array [seq_length + 1]}; the trainer knows
+nothing of tokenizers or files.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch.distributed as dist
+
+from megatron_snm.config import RunConfig
+from megatron_snm.model.config import GPTConfig
+from megatron_snm.parallel import state
+from megatron_snm.parallel.distributed import DistEnv, device, discover
+from megatron_snm.training import deepspeed_adapter
+from megatron_snm.training.callbacks import StabilityCallback, StepReport
+from megatron_snm.training.checkpointing import load_checkpoint, run_metadata, save_checkpoint
+from megatron_snm.training.data import micro_batches
+from megatron_snm.training.engine import TrainEngine
+from megatron_snm.training.fault_injection import FaultInjection
+from megatron_snm.training.lr_schedule import LRSchedule
+from megatron_snm.training.metrics import TrainingMetrics, model_flops_per_token
+from megatron_snm.training.spikes import SpikePolicy
+
+
+@dataclass
+class TrainResult:
+    iteration: int = 0
+    losses: dict[int, float] = field(default_factory=dict)  # iteration -> global batch loss
+    skipped: list[int] = field(default_factory=list)
+    spikes: list[int] = field(default_factory=list)
+    valid_losses: dict[int, float] = field(default_factory=dict)
+    test_loss: float | None = None
+    diverged: bool = False
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, model_config: GPTConfig, faults: FaultInjection | None = None):
+        self.run, self.model_config = run, model_config
+        self.faults = faults or FaultInjection.from_env()
+        self.engine = TrainEngine(run, model_config, self.faults)
+        spike = run.spike
+        self.policy = SpikePolicy(spike.spike_factor, spike.spike_window, spike.skip_spiky_steps,
+                                  spike.max_skipped_steps)
+        self.schedule = LRSchedule(run.optim.lr, run.optim.min_lr, run.optim.lr_warmup_iters,
+                                   run.optim.lr_decay_iters, run.optim.lr_decay_style)
+        self.metrics = TrainingMetrics(
+            rank=dist.get_rank(), world_size=dist.get_world_size(), train_iters=run.batch.train_iters,
+            global_batch_size=run.batch.global_batch_size, seq_length=run.model.seq_length,
+            flops_per_token=model_flops_per_token(model_config), log_interval=run.logging.log_interval,
+            tensorboard_dir=run.logging.tensorboard_dir)
+        self.callbacks = [StabilityCallback(self.engine.model, self.metrics, run.logging.log_stability_interval,
+                                            spike.spike_factor),
+                          self.metrics]
+        self.iteration = 0
+        self.consumed_samples = 0
+
+    # --- one iteration ----------------------------------------------------------------------
+    def step(self, batches: Iterator) -> StepReport:
+        """Trains on the next global batch of `batches` and books it."""
+        it = self.iteration + 1
+        lr = self.schedule(it)
+        self.engine.set_lr(lr)
+        for callback in self.callbacks:
+            callback.pre_step(it)
+        spike_mean = self.policy.running_mean()
+        self.faults.arm(it)
+        result = self.engine.train_step(batches, self.policy.gate())
+        self.faults.arm(None)
+        verdict = self.policy.judge(result.loss, result.finite)
+        self.policy.record(result.loss, verdict, result.applied)
+        self.iteration, self.consumed_samples = it, self.consumed_samples + self.run.batch.global_batch_size
+        report = StepReport(it, self.consumed_samples, lr, result, verdict, self.engine.loss_scale(),
+                            self.policy.skipped_total, self.policy.nonfinite_total, self.policy.spikes_total,
+                            spike_mean)
+        for callback in self.callbacks:
+            callback.post_step(report)
+        return report
+
+    # --- the loop -----------------------------------------------------------------------------
+    def _batches(self, dataset, start: int, samples: int) -> Iterator:
+        return micro_batches(dataset, start, samples, self.run.batch.micro_batch_size,
+                             state.get_data_parallel_rank(), state.get_data_parallel_world_size(), device())
+
+    def _evaluate(self, dataset, where: str, tag: str) -> float:
+        batches = self._batches(dataset, 0, self.run.eval.eval_iters * self.run.batch.global_batch_size)
+        loss = self.engine.evaluate(batches, self.run.eval.eval_iters)
+        self.metrics.evaluation(where, loss, self.iteration, tag)
+        return loss
+
+    def _metadata(self) -> dict:
+        return dict(run_metadata(self.run, self.model_config), consumed_train_samples=self.consumed_samples,
+                    spike_policy=self.policy.state_dict())
+
+    def _load(self) -> None:
+        saved = load_checkpoint(self.engine.ds, self.run.checkpoint.load, run_metadata(self.run, self.model_config))
+        if saved is None:
+            self.metrics.print(f" no checkpoint in {self.run.checkpoint.load} (no 'latest' file): starting from scratch")
+            return
+        self.iteration, self.consumed_samples = saved["iteration"], saved["consumed_train_samples"]
+        self.policy.load_state_dict(saved["spike_policy"])
+        self.metrics.print(f" loaded checkpoint {self.run.checkpoint.load} at iteration {self.iteration}")
+
+    def train(self, datasets: tuple) -> TrainResult:
+        train_ds, valid_ds, test_ds = datasets
+        run, ckpt = self.run, self.run.checkpoint
+        if ckpt.load:
+            self._load()
+        result = TrainResult(iteration=self.iteration)
+        # Nothing to save again right after loading, unless the run saves somewhere else.
+        resumed_in_save_dir = ckpt.load and ckpt.save and os.path.realpath(ckpt.load) == os.path.realpath(ckpt.save)
+        last_saved = self.iteration if resumed_in_save_dir and self.iteration else None
+
+        def save() -> None:
+            nonlocal last_saved
+            if ckpt.save and last_saved != self.iteration:
+                path = save_checkpoint(self.engine.ds, ckpt.save, self.iteration, self._metadata(), self.faults)
+                self.metrics.print(f" saved checkpoint at iteration {self.iteration} to {path}")
+                last_saved = self.iteration
+
+        evaluating = run.eval.eval_iters > 0
+        train_batches = self._batches(train_ds, self.consumed_samples,
+                                      run.batch.train_iters * run.batch.global_batch_size)
+        while self.iteration < run.batch.train_iters:
+            report = self.step(train_batches)
+            it = result.iteration = report.iteration
+            result.losses[it] = report.result.loss
+            if not report.result.applied:
+                result.skipped.append(it)
+            if report.verdict.spike:
+                result.spikes.append(it)
+            if self.policy.should_stop():
+                save()
+                self.metrics.print(
+                    f" stopping at iteration {it}: {self.policy.skipped_in_a_row} steps in a row were skipped "
+                    f"(--max-skipped-steps {run.spike.max_skipped_steps}); the run is diverging. "
+                    + (f"Checkpoint saved in {ckpt.save}; " if ckpt.save else "")
+                    + "lower --lr or check the data before resuming")
+                result.diverged = True
+                break
+            if valid_ds is not None and evaluating and it % run.eval.eval_interval == 0:
+                result.valid_losses[it] = self._evaluate(valid_ds, f"iteration {it}", "validation")
+            if ckpt.save_interval and it % ckpt.save_interval == 0:
+                save()
+
+        if not result.diverged:
+            save()
+            if test_ds is not None and evaluating:
+                result.test_loss = self._evaluate(test_ds, "the end of training for test data", "test")
+        self.metrics.close()
+        return result
+
+
+def start_distributed(run: RunConfig, env: DistEnv | None = None) -> None:
+    """torch.distributed through DeepSpeed (idempotent: a test may have started torch.distributed
+    itself) and the run's TP/PP/DP groups, on every rank."""
+    deepspeed_adapter.init_distributed(env or discover(), cpu_shm_comm=run.parallel.cpu_shm_comm)
+    state.initialize_model_parallel(run.dims.tensor, run.dims.pipeline)
+
+
+def build_run(run: RunConfig, vocab_size: int, faults: FaultInjection | None = None,
+              env: DistEnv | None = None) -> Trainer:
+    """Everything a run needs before its data: the entry point, the tests and the benchmarks all
+    start here."""
+    start_distributed(run, env)
+    return Trainer(run, run.model_config(vocab_size), faults)
