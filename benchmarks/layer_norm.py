@@ -14,9 +14,7 @@ and writes y; backward reads x and dy and writes dx) over the time, against the 
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

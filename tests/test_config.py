@@ -37,6 +37,13 @@ def refused(argv, world_size, monkeypatch, capsys) -> str:
     (SHAPE + ["--save-interval", "5"], 1, "--save-interval needs --save"),
     (SHAPE[:-2], 1, "give exactly one of --train-iters and --train-tokens"),
     (SHAPE[2:], 1, "--num-layers is required (or give --model-size)"),
+    (SHAPE + ["--lr", "inf"], 1, "--lr must be a finite number, got inf"),
+    (SHAPE + ["--lr", "nan"], 1, "--lr must be a finite number, got nan"),
+    (SHAPE + ["--clip-grad", "-1"], 1, "--clip-grad must be >= 0"),
+    (SHAPE + ["--eval-iters", "-1"], 1, "--eval-iters must be >= 0"),
+    (SHAPE + ["--adam-beta2", "1.5"], 1, "--adam-beta2 must be in [0, 1)"),
+    (SHAPE + ["--split", "100,0,0"], 1, "--split 100,0,0 gives the validation set no documents"),
+    (SHAPE + ["--split", "90,x,10"], 1, "--split '90,x,10': expected up to three numbers"),
 ])
 def test_bad_combinations_refused_before_any_process_group(argv, world, message, monkeypatch, capsys):
     assert message in refused(argv, world, monkeypatch, capsys)

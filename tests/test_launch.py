@@ -4,8 +4,10 @@ the launchers users run: the same seed and data give the same losses under `deep
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -73,3 +75,62 @@ def test_mpirun_gives_the_same_losses(deepspeed_run, sample_data, tmp_path):
                          "PATH", "-x", "OMP_NUM_THREADS", "-x", f"MASTER_PORT={free_port()}", sys.executable,
                          *train_args(sample_data, tmp_path)], tmp_path)
     assert losses == pytest.approx(deepspeed_run[0], rel=1e-6) and valid == pytest.approx(deepspeed_run[1], rel=1e-6)
+
+
+def test_workers_end_when_their_launcher_is_killed(sample_data, tmp_path):
+    """SIGKILL of torchrun alone (its workers are not told): each worker notices within seconds."""
+    import psutil
+
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + os.environ["PATH"])
+    argv = train_args(sample_data, tmp_path)
+    argv[argv.index("--train-iters") + 1] = "100000"
+    launcher = subprocess.Popen([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port",
+                                 str(free_port()), *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "tb").exists():  # the workers are training
+            assert launcher.poll() is None and time.time() < deadline
+            time.sleep(0.5)
+        workers = psutil.Process(launcher.pid).children()
+        assert len(workers) == 2
+        launcher.kill()
+        launcher.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"workers {[p.pid for p in alive]} still running 15 s after their launcher was killed"
+    finally:
+        for proc in psutil.Process().children(recursive=True):
+            proc.kill()
+
+
+def test_plain_python_run_with_the_default_port_busy(sample_data, tmp_path):
+    """A single `python pretrain_gpt.py` picks a free rendezvous port when the default one is taken."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    argv = train_args(sample_data, tmp_path)
+    argv[argv.index("--train-iters") + 1] = "2"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 29500))
+        busy.listen()
+        proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000002"
+
+
+def test_errors_after_the_process_group_starts_are_one_line(sample_data, tmp_path):
+    """A checkpoint problem found after the process group exists: one line per rank, exit status 2,
+    the traceback only with --debug."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + os.environ["PATH"])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "latest").write_text("iter_0000042")
+    argv = train_args(sample_data, tmp_path) + ["--load", str(tmp_path / "bad")]
+    for debug in (False, True):
+        proc = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port",
+                               str(free_port()), *argv, *(["--debug"] if debug else [])], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain_gpt.py: error:")]
+        assert len(errors) == 2 and "names 'iter_0000042', which is not a checkpoint directory" in errors[0]
+        # torchrun prints its own traceback for a failed worker; ours (frames in megatron_snm/) only with --debug.
+        assert (os.path.join(REPO, "megatron_snm") in proc.stderr) == debug
+        assert re.search(r"exitcode\s*:\s*2", proc.stderr), proc.stderr[-2000:]

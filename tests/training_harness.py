@@ -38,6 +38,7 @@ def _body(rank, world_size, runs):
 
     from megatron_snm.config import ConfigError, parse_args, resolve
     from megatron_snm.parallel import state
+    from megatron_snm.training.checkpoint_errors import CheckpointError
     from megatron_snm.training.trainer import build_run
 
     torch.set_num_threads(1)  # 2 shared cores: OpenMP spinning across ranks costs 20x
@@ -49,7 +50,7 @@ def _body(rank, world_size, runs):
         datasets = (token_samples(samples, 1), token_samples(eval_samples, 2), token_samples(eval_samples, 3))
         try:
             results.append(build_run(run, VOCAB).train(datasets))
-        except ConfigError as err:  # e.g. a refused checkpoint: returned for the test to inspect
+        except (ConfigError, CheckpointError) as err:  # e.g. a refused checkpoint: returned for the test to inspect
             results.append(err)
         finally:
             state.destroy_model_parallel()
@@ -57,7 +58,7 @@ def _body(rank, world_size, runs):
 
 
 def run_configs(world_size: int, runs: list[list[str]]):
-    """Each config's TrainResult (or ConfigError) as seen by rank 0."""
+    """Each config's TrainResult (or ConfigError / CheckpointError) as seen by rank 0."""
     return run_distributed(_body, world_size, runs)[0]
 
 
@@ -69,4 +70,7 @@ if __name__ == "__main__":
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     result = _body(0, 1, [sys.argv[1:]])[0]
-    sys.exit(3 if isinstance(result, Exception) or result.diverged else 0)
+    if isinstance(result, Exception):
+        print(f"training_harness: error: {result}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    sys.exit(3 if result.diverged else 0)

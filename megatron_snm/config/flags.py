@@ -114,6 +114,8 @@ class LoggingArgs:
     tensorboard_dir: str | None = _opt(None, "write TensorBoard scalars here")
     log_stability_interval: int = _opt(0, "every this many steps record the stability monitor's per-layer "
                                        "figures (0: only on the step after a loss spike)", type=int)
+    debug: bool = _opt(False, "print the traceback of an error, not only its one-line message (or set "
+                       "MEGATRON_SNM_DEBUG=1)", action="store_true")
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class CheckpointArgs:
     save: str | None = _opt(None, "checkpoint directory to save to")
     load: str | None = _opt(None, "checkpoint directory to resume from (its `latest`)")
     save_interval: int | None = _opt(None, "save every this many steps (and at the end)", type=int)
+    load_iteration: int | None = _opt(None, "load the checkpoint of this iteration instead of the one `latest` "
+                                      "names (e.g. the one before a damaged checkpoint)", type=int)
 
 
 @dataclass(frozen=True)

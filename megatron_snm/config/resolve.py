@@ -20,6 +20,7 @@ from megatron_snm.config.flags import (
     BatchArgs, CheckpointArgs, DataArgs, EvalArgs, Flags, LoggingArgs, ModelArgs, OptimizerArgs, ParallelArgs,
     SpikeArgs,
 )
+from megatron_snm.data.gpt_dataset import parse_split
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.presets import MODEL_PRESETS
 from megatron_snm.parallel.dims import ParallelDims
@@ -82,9 +83,36 @@ def _positive(**flags: int | None) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
+def _numbers(optim: OptimizerArgs, spike: SpikeArgs, evaluation: EvalArgs, data: DataArgs) -> None:
+    """Values no run can use: not finite, negative, or out of their range."""
+    for name, value in dataclasses.asdict(optim).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if optim.lr < 0 or optim.weight_decay < 0 or optim.adam_eps <= 0:
+        raise ConfigError(f"--lr ({optim.lr}) and --weight-decay ({optim.weight_decay}) must be >= 0, --adam-eps "
+                          f"({optim.adam_eps}) > 0")
+    for flag, beta in (("--adam-beta1", optim.adam_beta1), ("--adam-beta2", optim.adam_beta2)):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"{flag} must be in [0, 1), got {beta}")
+    if optim.clip_grad is not None and optim.clip_grad < 0:
+        raise ConfigError(f"--clip-grad must be >= 0 (0: no clipping), got {optim.clip_grad}")
+    if not math.isfinite(spike.spike_factor):
+        raise ConfigError(f"--spike-factor must be a finite number, got {spike.spike_factor}")
+    if evaluation.eval_iters < 0:
+        raise ConfigError(f"--eval-iters must be >= 0 (0: no evaluation), got {evaluation.eval_iters}")
+    try:
+        shares = parse_split(data.split)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if evaluation.eval_iters > 0 and shares[1] == 0:
+        raise ConfigError(f"--split {data.split} gives the validation set no documents, so validation would never "
+                          f"run: give it a share (e.g. 969,30,1) or set --eval-iters 0")
+
+
 def resolve(flags: Flags, world_size: int) -> RunConfig:
     """Checks every rule that needs no process group and fills the derived values. Raises ConfigError."""
     model, parallel, batch, optim = _model(flags.model), flags.parallel, flags.batch, flags.optim
+    _numbers(optim, flags.spike, flags.eval, flags.data)
     try:
         dims = ParallelDims.of_world(world_size, parallel.tensor_model_parallel_size,
                                      parallel.pipeline_model_parallel_size)

@@ -12,6 +12,7 @@ torch.distributed through DeepSpeed with NCCL on GPU and gloo on CPU.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,12 @@ def _mpi4py_world():
     return world.Get_rank(), world.Get_size(), local.Get_rank()
 
 
+def _free_port(addr: str) -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
 def discover() -> DistEnv:
     env = os.environ
     addr, port = env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500"))
@@ -55,7 +62,8 @@ def discover() -> DistEnv:
     mpi = _mpi4py_world()
     if mpi is not None:
         return DistEnv(*mpi, addr, port, "mpi")
-    return DistEnv(0, 1, 0, addr, port, "single")
+    # One process and no launcher: the rendezvous is our own, so a busy default port must not stop it.
+    return DistEnv(0, 1, 0, addr, port if "MASTER_PORT" in env else _free_port(addr), "single")
 
 
 def device() -> torch.device:

@@ -8,9 +8,14 @@ Layout of `--save DIR`:
                                     arguments, parallel sizes and model shape
         rng_state_00003.pt          ours: every rank's RNG states
 
+        manifest.json               ours: every file's size and checksum (checkpoint_manifest.py)
+
 Crash safety: a checkpoint is written as `iter_N.tmp/`, renamed to `iter_N/` when every rank has
 finished, and only then is `latest` replaced (write + fsync + os.replace, atomic). A kill at any
 moment leaves `latest` naming a complete checkpoint; a stale `.tmp` is removed by the next save.
+A failed write (full disk, read-only file system) on any rank removes the partial checkpoint and
+raises CheckpointError everywhere. Loading reads the tag on rank 0 and broadcasts it (all ranks
+load the same checkpoint) and verifies every file against the manifest first.
 
 Loading never unpickles arbitrary objects: every file goes through torch.load(weights_only=True),
 with only the handful of DeepSpeed types its files contain allow-listed (DeepSpeed's own loader
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 
 import numpy as np
@@ -31,6 +38,8 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from megatron_snm.config import ConfigError, RunConfig
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.parallel import rng
+from megatron_snm.training.checkpoint_errors import CheckpointError
+from megatron_snm.training.checkpoint_manifest import verify_manifest, write_manifest
 from megatron_snm.training.fault_injection import FaultInjection
 
 LATEST = "latest"
@@ -51,7 +60,19 @@ def _safe_globals() -> list:
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine with weights_only loading."""
+    """DeepSpeed's torch checkpoint engine with weights_only loading, and saving that reports a
+    failed write (full disk, read-only file system) instead of raising it in the middle of
+    DeepSpeed's save, where the other ranks would wait in a barrier forever."""
+
+    def __init__(self, config_params=None):
+        super().__init__(config_params)
+        self.save_errors: list[str] = []
+
+    def save(self, state_dict, path: str):
+        try:
+            return super().save(state_dict, path)
+        except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+            self.save_errors.append(_write_error(path, err))
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(_safe_globals()):
@@ -96,8 +117,21 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _write_error(path: str, err: Exception) -> str:
+    free = shutil.disk_usage(os.path.dirname(path)).free
+    return f"writing {path} failed ({type(err).__name__}: {str(err).splitlines()[0]}; {free} bytes free on its file system)"
+
+
+def _all_errors(errors: list[str]) -> list[str]:
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, errors)
+    return [e for part in everyone for e in part]
+
+
 def save_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, faults: FaultInjection | None = None) -> str:
-    """Saves on every rank (collective). `metadata` (JSON-able) is written by rank 0."""
+    """Saves on every rank (collective). `metadata` (JSON-able) is written by rank 0. A failed
+    write on any rank removes the partial checkpoint, leaves `latest` as it was and raises
+    CheckpointError on every rank."""
     rank = dist.get_rank()
     tag, tmp_tag = tag_of(iteration), tag_of(iteration) + ".tmp"
     final_dir, tmp_dir = os.path.join(save_dir, tag), os.path.join(save_dir, tmp_tag)
@@ -105,14 +139,37 @@ def save_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, fault
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a save that was killed
     dist.barrier()
-    engine.save_checkpoint(save_dir, tag=tmp_tag, save_latest=False)
-    torch.save(_rng_state(), os.path.join(tmp_dir, f"rng_state_{rank:05d}.pt"))
-    if rank == 0:
-        with open(os.path.join(tmp_dir, METADATA), "w") as f:
-            json.dump(dict(metadata, iteration=iteration), f, indent=1)
+    writer = engine.checkpoint_engine
+    writer.save_errors = []
+    errors = writer.save_errors
+    target = tmp_dir
+    try:
+        engine.save_checkpoint(save_dir, tag=tmp_tag, save_latest=False)
+        target = os.path.join(tmp_dir, rng_file(rank))
+        torch.save(_rng_state(), target)
+        if rank == 0:
+            target = os.path.join(tmp_dir, METADATA)
+            with open(target, "w") as f:
+                json.dump(dict(metadata, iteration=iteration), f, indent=1)
+    except (OSError, RuntimeError) as err:
+        errors.append(_write_error(target, err))
     if faults is not None:
         faults.pause_in_save(iteration)
-    dist.barrier()
+    errors = _all_errors(errors)
+    if not errors:
+        try:
+            write_manifest(tmp_dir)
+        except OSError as err:
+            errors = [_write_error(os.path.join(tmp_dir, "manifest.json"), err)]
+        errors = _all_errors(errors)
+    if errors:
+        if rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        dist.barrier()
+        previous = read_latest(save_dir)
+        raise CheckpointError(f"saving the checkpoint of iteration {iteration} to --save {save_dir} failed: "
+                              f"{errors[0]}; " + (f"`latest` still names {previous}" if previous else
+                                                  "no checkpoint was written"))
     if rank == 0:
         if os.path.exists(final_dir):  # re-saving an iteration `latest` does not name (a resumed run)
             shutil.rmtree(final_dir)
@@ -123,12 +180,25 @@ def save_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, fault
     return final_dir
 
 
+def rng_file(rank: int) -> str:
+    return f"rng_state_{rank:05d}.pt"
+
+
 def read_latest(load_dir: str) -> str | None:
+    """The tag `latest` names, checked to be a checkpoint directory inside `load_dir` (None: no
+    `latest`). Raises CheckpointError for a broken `latest`."""
     path = os.path.join(load_dir, LATEST)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return f.read().strip()
+    try:
+        with open(path) as f:
+            tag = f.read().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable: {err}") from None
+    if not re.fullmatch(r"iter_\d{7}", tag) or not os.path.isdir(os.path.join(load_dir, tag)):
+        raise CheckpointError(f"{path} names {tag[:80]!r}, which is not a checkpoint directory in {load_dir}; "
+                              "write the tag of a complete iter_NNNNNNN directory there, or use --load-iteration")
+    return tag
 
 
 def run_metadata(run: RunConfig, model_config: GPTConfig) -> dict:
@@ -136,7 +206,8 @@ def run_metadata(run: RunConfig, model_config: GPTConfig) -> dict:
     return dict(
         args=run.as_dict(),
         parallel=dict(tensor_model_parallel_size=run.dims.tensor, pipeline_model_parallel_size=run.dims.pipeline,
-                      data_parallel_size=run.dims.data, zero_stage=run.parallel.zero_stage),
+                      data_parallel_size=run.dims.data, zero_stage=run.parallel.zero_stage,
+                      precision=str(run.params_dtype).removeprefix("torch.")),
         model_shape=dict(num_layers=model_config.num_layers, hidden_size=model_config.hidden_size,
                          num_attention_heads=model_config.num_attention_heads,
                          ffn_hidden_size=model_config.ffn_hidden_size, seq_length=model_config.seq_length,
@@ -158,6 +229,9 @@ def check_compatible(saved: dict, current: dict, checkpoint_dir: str) -> None:
         raise ConfigError(f"checkpoint {checkpoint_dir} holds ZeRO stage {was['zero_stage']} optimizer shards for "
                           f"{was['data_parallel_size']} data-parallel ranks; this run has ZeRO stage "
                           f"{now['zero_stage']} over {now['data_parallel_size']}: resume with the same layout")
+    if "precision" in was and was["precision"] != now["precision"]:
+        raise ConfigError(f"checkpoint {checkpoint_dir} holds {was['precision']} weights; this run trains in "
+                          f"{now['precision']} (--bf16 / --fp16): resume with the checkpoint's precision")
     if saved["model_shape"] != current["model_shape"]:
         diff = {k: (saved["model_shape"].get(k), v) for k, v in current["model_shape"].items()
                 if saved["model_shape"].get(k) != v}
@@ -165,19 +239,51 @@ def check_compatible(saved: dict, current: dict, checkpoint_dir: str) -> None:
                           + ", ".join(f"{k} saved {a} vs this run's {b}" for k, (a, b) in diff.items()))
 
 
-def load_checkpoint(engine, load_dir: str, current: dict) -> dict | None:
-    """Restores model, optimizer, RNG states; returns the saved metadata (None: nothing to load)."""
-    tag = read_latest(load_dir)
+def _read_metadata(checkpoint_dir: str) -> dict:
+    path = os.path.join(checkpoint_dir, METADATA)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        for key in ("iteration", "consumed_train_samples", "parallel", "model_shape", "args", "spike_policy"):
+            saved[key]
+        return saved
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is not this system's checkpoint metadata ({type(err).__name__}: {err})") from None
+
+
+def _broadcast(value):
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_checkpoint(engine, load_dir: str, current: dict, iteration: int | None = None) -> dict | None:
+    """Restores model, optimizer, RNG states from `load_dir`'s `latest` (or the checkpoint of
+    `iteration`); returns the saved metadata (None: nothing to load). Every rank loads the tag rank
+    0 read, after the checkpoint's files are verified; raises CheckpointError / ConfigError."""
+    tag, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            tag = read_latest(load_dir) if iteration is None else tag_of(iteration)
+            if tag is not None and not os.path.isdir(os.path.join(load_dir, tag)):
+                raise CheckpointError(f"--load-iteration {iteration}: no checkpoint {os.path.join(load_dir, tag)}")
+        except CheckpointError as err:
+            error = str(err)
+    tag, error = _broadcast((tag, error))
+    if error:
+        raise CheckpointError(error)
     if tag is None:
         return None
     checkpoint_dir = os.path.join(load_dir, tag)
-    with open(os.path.join(checkpoint_dir, METADATA)) as f:
-        saved = json.load(f)
+    verify_manifest(checkpoint_dir, required=[METADATA, rng_file(dist.get_rank())])
+    saved = _read_metadata(checkpoint_dir)
     check_compatible(saved, current, checkpoint_dir)
-    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    try:
+        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"loading checkpoint {checkpoint_dir} failed: {type(err).__name__}: {err}") from None
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir}")
-    rng_file = os.path.join(checkpoint_dir, f"rng_state_{dist.get_rank():05d}.pt")
-    if os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {checkpoint_dir}")
+    _set_rng_state(torch.load(os.path.join(checkpoint_dir, rng_file(dist.get_rank())), weights_only=True))
     return saved

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import torch
 import torch.distributed as dist
 
 from megatron_snm.config import RunConfig
@@ -26,13 +27,19 @@ from megatron_snm.parallel import state
 from megatron_snm.parallel.distributed import DistEnv, device, discover
 from megatron_snm.training import deepspeed_adapter
 from megatron_snm.training.callbacks import StabilityCallback, StepReport
+from megatron_snm.training.checkpoint_errors import CheckpointError
 from megatron_snm.training.checkpointing import load_checkpoint, run_metadata, save_checkpoint
 from megatron_snm.training.data import micro_batches
 from megatron_snm.training.engine import TrainEngine
 from megatron_snm.training.fault_injection import FaultInjection
 from megatron_snm.training.lr_schedule import LRSchedule
 from megatron_snm.training.metrics import TrainingMetrics, model_flops_per_token
+from megatron_snm.training.save_dir import claim_save_dir
 from megatron_snm.training.spikes import SpikePolicy
+
+
+# fp32 (or 16-bit + fp32 master) weights and Adam's two moments, with a margin.
+_CHECKPOINT_BYTES_PER_PARAMETER = 16
 
 
 @dataclass
@@ -105,15 +112,47 @@ class Trainer:
                     spike_policy=self.policy.state_dict())
 
     def _load(self) -> None:
-        saved = load_checkpoint(self.engine.ds, self.run.checkpoint.load, run_metadata(self.run, self.model_config))
+        ckpt = self.run.checkpoint
+        current = run_metadata(self.run, self.model_config)
+        saved = load_checkpoint(self.engine.ds, ckpt.load, current, ckpt.load_iteration)
         if saved is None:
-            self.metrics.print(f" no checkpoint in {self.run.checkpoint.load} (no 'latest' file): starting from scratch")
+            self.metrics.print(f" no checkpoint in {ckpt.load} (no 'latest' file): starting from scratch")
             return
         self.iteration, self.consumed_samples = saved["iteration"], saved["consumed_train_samples"]
         self.policy.load_state_dict(saved["spike_policy"])
-        self.metrics.print(f" loaded checkpoint {self.run.checkpoint.load} at iteration {self.iteration}")
+        self.metrics.print(f" loaded checkpoint {ckpt.load} at iteration {self.iteration}")
+        # Megatron allows resuming with other data, seed or batch flags; say which differ.
+        differ = [f"{k}: {saved['args'][k]!r} -> {v!r}" for k, v in current["args"].items()
+                  if k in saved["args"] and saved["args"][k] != v and k not in ("load", "save", "local_rank")]
+        if differ:
+            self.metrics.print(" arguments that differ from the checkpoint's: " + "; ".join(differ))
+
+    def _claim_save_dir(self):
+        """Rank 0 locks and checks --save; every rank raises the same CheckpointError if it cannot."""
+        ckpt, lock, error = self.run.checkpoint, None, None
+        local = sum(p.numel() for p in self.engine.model.parameters()) * _CHECKPOINT_BYTES_PER_PARAMETER
+        total = torch.tensor(float(local) / self.run.dims.data, device=state.collective_device())
+        dist.all_reduce(total)
+        if dist.get_rank() == 0:
+            try:
+                lock = claim_save_dir(ckpt.save, ckpt.load, int(total))
+            except CheckpointError as err:
+                error = str(err)
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise CheckpointError(box[0])
+        return lock
 
     def train(self, datasets: tuple) -> TrainResult:
+        lock = self._claim_save_dir() if self.run.checkpoint.save else None
+        try:
+            return self._train(datasets)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self, datasets: tuple) -> TrainResult:
         train_ds, valid_ds, test_ds = datasets
         run, ckpt = self.run, self.run.checkpoint
         if ckpt.load:
