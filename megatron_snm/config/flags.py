@@ -123,6 +123,9 @@ class CheckpointArgs:
     save: str | None = _opt(None, "checkpoint directory to save to")
     load: str | None = _opt(None, "checkpoint directory to resume from (its `latest`)")
     save_interval: int | None = _opt(None, "save every this many steps (and at the end)", type=int)
+    keep_last_n_checkpoints: int | None = _opt(None, "delete older checkpoints, keeping this many newest (never "
+                                               "the one `latest` names, nor the last good one a rollback may need)",
+                                               type=int)
     load_iteration: int | None = _opt(None, "load the checkpoint of this iteration instead of the one `latest` "
                                       "names (e.g. the one before a damaged checkpoint)", type=int)
 
@@ -134,7 +137,27 @@ class SpikeArgs:
     spike_window: int = _opt(20, "how many recent steps the running mean covers", type=int)
     skip_spiky_steps: bool = _opt(False, "skip the update of a spiky step (non-finite steps are always skipped)",
                                   action="store_true")
-    max_skipped_steps: int = _opt(10, "after this many skipped steps in a row, save and stop (0: never)", type=int)
+    spike_zscore: float = _opt(0.0, "also a spike: a loss above the running mean + this x its standard deviation "
+                               "over --spike-window steps (0: off; OLMo-core's rule, e.g. 6)", type=float)
+    grad_norm_spike_factor: float = _opt(0.0, "count a gradient-norm spike when the norm exceeds this x the running "
+                                         "mean of recent norms (0: off); counted and logged, never skipped", type=float)
+    max_skipped_steps: int = _opt(10, "after this many skipped steps in a row the run has diverged (0: never)",
+                                  type=int)
+    max_spiky_steps: int = _opt(0, "after this many loss spikes in a row the run has diverged (0: never)", type=int)
+    on_divergence: str = _opt("stop", "when the run diverges: 'stop' (save, exit status 3) or 'rollback' (reload "
+                              "the last checkpoint, skip the data that led into the divergence, go on)",
+                              choices=("stop", "rollback"))
+    max_rollbacks: int = _opt(3, "with --on-divergence rollback: at most this many rollbacks, then stop", type=int)
+    rollback_margin: int = _opt(10, "a rollback skips the iterations from the checkpoint to the divergence and "
+                                "this many more", type=int)
+    rollback_lr_factor: float = _opt(1.0, "after a rollback, multiply the learning rate by this ...", type=float)
+    rollback_lr_iters: int = _opt(0, "... for this many iterations", type=int)
+    iterations_to_skip: list[int] | None = _opt(None, "iterations whose global batches are read and dropped "
+                                                "without training (Megatron-LM's flag)", type=int, nargs="+")
+    skip_samples: list[str] | None = _opt(None, "START:END training-sample ranges to skip; every iteration whose "
+                                          "global batch overlaps one is skipped", nargs="+")
+    inject_divergence_at: str | None = _opt(None, "drills and tests: ITER[,ITER...] make the loss of those "
+                                            "iterations non-finite, once each")
 
 
 @dataclass(frozen=True)

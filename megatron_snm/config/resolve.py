@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,20 @@ def _model(model: ModelArgs) -> ModelArgs:
         if getattr(model, name) is None:
             raise ConfigError(f"--{name.replace('_', '-')} is required (or give --model-size)")
     return model
+
+
+def parse_iteration_list(spec: str | None) -> list[int]:
+    """--inject-divergence-at ITER[,ITER...]"""
+    try:
+        return [int(item) for item in (spec or "").split(",") if item.strip()]
+    except ValueError:
+        raise ConfigError(f"--inject-divergence-at {spec!r}: expected ITER[,ITER...], e.g. 120,340") from None
+
+
+def _non_negative(**flags: float) -> None:
+    for name, value in flags.items():
+        if not value >= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
 
 
 def _positive(**flags: int | None) -> None:
@@ -164,11 +179,27 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
     if flags.checkpoint.save_interval is not None and (flags.checkpoint.save is None
                                                        or flags.checkpoint.save_interval < 1):
         raise ConfigError("--save-interval needs --save and must be >= 1")
+    if flags.checkpoint.keep_last_n_checkpoints is not None and flags.checkpoint.keep_last_n_checkpoints < 1:
+        raise ConfigError(f"--keep-last-n-checkpoints must be >= 1, got {flags.checkpoint.keep_last_n_checkpoints}")
     spike = flags.spike
     if spike.spike_factor != 0 and (spike.spike_factor <= 1 or spike.spike_window < 1):
         raise ConfigError(f"--spike-factor ({spike.spike_factor}) must be 0 (off) or > 1, with --spike-window >= 1")
-    if spike.max_skipped_steps < 0:
-        raise ConfigError(f"--max-skipped-steps must be >= 0, got {spike.max_skipped_steps}")
+    _non_negative(max_skipped_steps=spike.max_skipped_steps, max_spiky_steps=spike.max_spiky_steps,
+                  max_rollbacks=spike.max_rollbacks, rollback_margin=spike.rollback_margin,
+                  rollback_lr_iters=spike.rollback_lr_iters, spike_zscore=spike.spike_zscore,
+                  grad_norm_spike_factor=spike.grad_norm_spike_factor)
+    if not 0 < spike.rollback_lr_factor <= 1:
+        raise ConfigError(f"--rollback-lr-factor must be in (0, 1], got {spike.rollback_lr_factor}")
+    if spike.on_divergence == "rollback" and not (flags.checkpoint.save and flags.checkpoint.save_interval):
+        raise ConfigError("--on-divergence rollback needs checkpoints to roll back to: give --save and --save-interval")
+    if spike.on_divergence == "rollback" and not (spike.max_skipped_steps or spike.max_spiky_steps):
+        raise ConfigError("--on-divergence rollback needs a divergence rule: --max-skipped-steps or --max-spiky-steps")
+    for value in [*(spike.iterations_to_skip or []), *parse_iteration_list(spike.inject_divergence_at)]:
+        if value < 1:
+            raise ConfigError(f"--iterations-to-skip / --inject-divergence-at: iterations count from 1, got {value}")
+    for item in spike.skip_samples or []:
+        if not re.fullmatch(r"\d+:\d+", item) or int(item.split(":")[0]) >= int(item.split(":")[1]):
+            raise ConfigError(f"--skip-samples {item!r}: expected START:END with START < END, e.g. 1024:2048")
 
     gas = batch.global_batch_size // per_step
     return RunConfig(model=model, parallel=parallel, batch=batch, optim=optim, data=flags.data, eval=flags.eval,

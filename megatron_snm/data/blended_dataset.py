@@ -51,6 +51,10 @@ class BlendedDataset(torch.utils.data.Dataset):
             raise IndexError(f"BlendedDataset: sample {idx} out of range for {self.size} samples")
         return self.datasets[self.dataset_index[idx]][int(self.dataset_sample_index[idx])]
 
+    def describe(self, idx: int) -> dict:
+        """Where sample `idx` comes from (see GPTDataset.describe)."""
+        return self.datasets[self.dataset_index[idx]].describe(int(self.dataset_sample_index[idx]))
+
     # The indices are cheap to rebuild and deterministic: DataLoader workers rebuild rather than
     # receive them pickled.
     def __getstate__(self):

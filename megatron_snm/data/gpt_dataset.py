@@ -164,6 +164,12 @@ class GPTDataset(torch.utils.data.Dataset):
             parts.append(get(int(docs[last]), 0, stop + 1))
         return {"text": np.concatenate(parts, dtype=np.int64)}
 
+    def describe(self, idx: int) -> dict:
+        """Where sample `idx` comes from: the dataset prefix and the ids of the documents it spans."""
+        i = int(self.shuffle_index[idx])
+        first, last = int(self.sample_index[i][0]), int(self.sample_index[i + 1][0])
+        return {"dataset": self.indexed.prefix, "documents": [int(d) for d in self.document_index[first:last + 1]]}
+
     def __repr__(self) -> str:
         return f"GPTDataset({self.indexed.prefix!r}, {self.name}, documents={list(self.documents)})"
 

@@ -29,6 +29,7 @@ class StepReport:
     nonfinite_total: int
     spikes_total: int
     spike_mean: float | None  # the running mean a spike was measured against
+    grad_norm_spikes_total: int = 0
 
 
 class Callback:

@@ -180,6 +180,24 @@ def save_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, fault
     return final_dir
 
 
+def prune_checkpoints(save_dir: str, keep: int, protected: int | None) -> list[str]:
+    """Deletes all but the `keep` newest checkpoints, never the one `latest` names nor the
+    checkpoint of iteration `protected`; returns the deleted tags. Call on one rank."""
+    tags = sorted(n for n in os.listdir(save_dir) if re.fullmatch(r"iter_\d{7}", n))
+    spare = {read_latest(save_dir), tag_of(protected) if protected is not None else None, *tags[-keep:]}
+    doomed = [t for t in tags if t not in spare]
+    for tag in doomed:
+        # Renamed first, so a kill mid-delete never leaves a half-deleted checkpoint under its tag.
+        shutil.rmtree(_rename_for_deletion(os.path.join(save_dir, tag)))
+    return doomed
+
+
+def _rename_for_deletion(path: str) -> str:
+    doomed = path + ".deleting"
+    os.replace(path, doomed)
+    return doomed
+
+
 def rng_file(rank: int) -> str:
     return f"rng_state_{rank:05d}.pt"
 

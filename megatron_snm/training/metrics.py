@@ -64,6 +64,8 @@ class TrainingMetrics(Callback):
         self.scalar("learning-rate/learning-rate", report.lr, it)
         if result.grad_norm is not None:
             self.scalar("grad-norm/grad-norm", result.grad_norm, it)
+        self.scalar("spikes/loss-spikes", report.spikes_total, it)
+        self.scalar("spikes/grad-norm-spikes", report.grad_norm_spikes_total, it)
         if it % self.log_interval and it != self.train_iters:
             return
         now = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
 import socket
 
@@ -28,7 +29,7 @@ def holds_checkpoints(directory: str) -> list[str]:
     """The checkpoint entries (`latest`, `iter_*`) in `directory`."""
     if not os.path.isdir(directory):
         return []
-    return sorted(n for n in os.listdir(directory) if n == "latest" or (n.startswith("iter_") and not n.endswith(".tmp")))
+    return sorted(n for n in os.listdir(directory) if n == "latest" or re.fullmatch(r"iter_\d{7}", n))
 
 
 class SaveDirLock:

@@ -22,19 +22,23 @@ import torch
 import torch.distributed as dist
 
 from megatron_snm.config import RunConfig
+from megatron_snm.config.resolve import parse_iteration_list
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.parallel import state
 from megatron_snm.parallel.distributed import DistEnv, device, discover
 from megatron_snm.training import deepspeed_adapter
 from megatron_snm.training.callbacks import StabilityCallback, StepReport
 from megatron_snm.training.checkpoint_errors import CheckpointError
-from megatron_snm.training.checkpointing import load_checkpoint, run_metadata, save_checkpoint
+from megatron_snm.training.checkpointing import (
+    load_checkpoint, prune_checkpoints, run_metadata, save_checkpoint, tag_of,
+)
 from megatron_snm.training.data import micro_batches
 from megatron_snm.training.engine import TrainEngine
 from megatron_snm.training.fault_injection import FaultInjection
 from megatron_snm.training.lr_schedule import LRSchedule
 from megatron_snm.training.metrics import TrainingMetrics, model_flops_per_token
 from megatron_snm.training.save_dir import claim_save_dir
+from megatron_snm.training.skip_ledger import LEDGER, append_ledger, ledger_iterations, read_ledger
 from megatron_snm.training.spikes import SpikePolicy
 
 
@@ -51,16 +55,18 @@ class TrainResult:
     valid_losses: dict[int, float] = field(default_factory=dict)
     test_loss: float | None = None
     diverged: bool = False
+    rollbacks: list[tuple[int, int]] = field(default_factory=list)  # (diverged at, rolled back to)
 
 
 class Trainer:
     def __init__(self, run: RunConfig, model_config: GPTConfig, faults: FaultInjection | None = None):
         self.run, self.model_config = run, model_config
-        self.faults = faults or FaultInjection.from_env()
-        self.engine = TrainEngine(run, model_config, self.faults)
         spike = run.spike
+        self.faults = faults or FaultInjection.from_env(parse_iteration_list(spike.inject_divergence_at))
+        self.engine = TrainEngine(run, model_config, self.faults)
         self.policy = SpikePolicy(spike.spike_factor, spike.spike_window, spike.skip_spiky_steps,
-                                  spike.max_skipped_steps)
+                                  spike.max_skipped_steps, spike.spike_zscore, spike.grad_norm_spike_factor,
+                                  spike.max_spiky_steps)
         self.schedule = LRSchedule(run.optim.lr, run.optim.min_lr, run.optim.lr_warmup_iters,
                                    run.optim.lr_decay_iters, run.optim.lr_decay_style)
         self.metrics = TrainingMetrics(
@@ -73,12 +79,22 @@ class Trainer:
                           self.metrics]
         self.iteration = 0
         self.consumed_samples = 0
+        gbs = run.batch.global_batch_size
+        # Iterations whose global batches are read and dropped: the flags', and the ledger's (rollbacks).
+        self.skip_iterations = set(spike.iterations_to_skip or []) | {
+            it for item in spike.skip_samples or [] for start, end in [map(int, item.split(":"))]
+            for it in range(start // gbs + 1, (end - 1) // gbs + 2)}
+        for directory in {run.checkpoint.save, run.checkpoint.load} - {None}:
+            self.skip_iterations |= ledger_iterations(read_ledger(directory))
+        self.rollbacks = 0
+        self.last_good_checkpoint: int | None = None  # the newest checkpoint saved outside a spike streak
+        self.lr_scaled_until = 0  # after a rollback: --rollback-lr-factor up to this iteration
 
     # --- one iteration ----------------------------------------------------------------------
     def step(self, batches: Iterator) -> StepReport:
         """Trains on the next global batch of `batches` and books it."""
         it = self.iteration + 1
-        lr = self.schedule(it)
+        lr = self.schedule(it) * (self.run.spike.rollback_lr_factor if it <= self.lr_scaled_until else 1.0)
         self.engine.set_lr(lr)
         for callback in self.callbacks:
             callback.pre_step(it)
@@ -86,12 +102,12 @@ class Trainer:
         self.faults.arm(it)
         result = self.engine.train_step(batches, self.policy.gate())
         self.faults.arm(None)
-        verdict = self.policy.judge(result.loss, result.finite)
-        self.policy.record(result.loss, verdict, result.applied)
+        verdict = self.policy.judge(result.loss, result.finite, result.grad_norm)
+        self.policy.record(result.loss, verdict, result.applied, result.grad_norm)
         self.iteration, self.consumed_samples = it, self.consumed_samples + self.run.batch.global_batch_size
         report = StepReport(it, self.consumed_samples, lr, result, verdict, self.engine.loss_scale(),
                             self.policy.skipped_total, self.policy.nonfinite_total, self.policy.spikes_total,
-                            spike_mean)
+                            spike_mean, self.policy.grad_norm_spikes_total)
         for callback in self.callbacks:
             callback.post_step(report)
         return report
@@ -109,17 +125,29 @@ class Trainer:
 
     def _metadata(self) -> dict:
         return dict(run_metadata(self.run, self.model_config), consumed_train_samples=self.consumed_samples,
-                    spike_policy=self.policy.state_dict())
+                    spike_policy=self.policy.state_dict(), rollbacks=self.rollbacks,
+                    last_good_checkpoint=self.last_good_checkpoint, lr_scaled_until=self.lr_scaled_until,
+                    faults_fired=self.faults.fired)
+
+    def _restore(self, directory: str, iteration: int | None) -> dict | None:
+        """Model, optimizer, RNG, data position and spike state from a checkpoint."""
+        saved = load_checkpoint(self.engine.ds, directory, run_metadata(self.run, self.model_config), iteration)
+        if saved is not None:
+            self.iteration, self.consumed_samples = saved["iteration"], saved["consumed_train_samples"]
+            self.policy.load_state_dict(saved["spike_policy"])
+        return saved
 
     def _load(self) -> None:
         ckpt = self.run.checkpoint
         current = run_metadata(self.run, self.model_config)
-        saved = load_checkpoint(self.engine.ds, ckpt.load, current, ckpt.load_iteration)
+        saved = self._restore(ckpt.load, ckpt.load_iteration)
         if saved is None:
             self.metrics.print(f" no checkpoint in {ckpt.load} (no 'latest' file): starting from scratch")
             return
-        self.iteration, self.consumed_samples = saved["iteration"], saved["consumed_train_samples"]
-        self.policy.load_state_dict(saved["spike_policy"])
+        self.rollbacks = saved.get("rollbacks", 0)
+        self.last_good_checkpoint = saved.get("last_good_checkpoint", saved["iteration"])
+        self.lr_scaled_until = saved.get("lr_scaled_until", 0)
+        self.faults.forget(saved.get("faults_fired", []))
         self.metrics.print(f" loaded checkpoint {ckpt.load} at iteration {self.iteration}")
         # Megatron allows resuming with other data, seed or batch flags; say which differ.
         differ = [f"{k}: {saved['args'][k]!r} -> {v!r}" for k, v in current["args"].items()
@@ -152,6 +180,43 @@ class Trainer:
             if lock is not None:
                 lock.release()
 
+    def _skip(self, batches: Iterator) -> None:
+        """Reads the next global batch and drops it: the iteration passes without training."""
+        for _ in range(self.run.gradient_accumulation_steps):
+            next(batches)
+        self.iteration += 1
+        self.consumed_samples += self.run.batch.global_batch_size
+        self.metrics.print(f" skipped the data of iteration {self.iteration} (--iterations-to-skip, --skip-samples "
+                           f"or {LEDGER})")
+
+    def _rollback(self, train_ds, why: str) -> bool:
+        """After a divergence: back to the last good checkpoint, past the data that led here.
+        False when no rollback is possible (then the run stops)."""
+        spike, ckpt = self.run.spike, self.run.checkpoint
+        if spike.on_divergence != "rollback" or self.rollbacks >= spike.max_rollbacks \
+                or self.last_good_checkpoint is None:
+            return False
+        diverged_at, gbs = self.iteration, self.run.batch.global_batch_size
+        self._restore(ckpt.save, self.last_good_checkpoint)
+        first, last = self.iteration + 1, min(diverged_at + spike.rollback_margin, self.run.batch.train_iters)
+        samples = [self.consumed_samples, self.consumed_samples + (last - first + 1) * gbs]
+        self.rollbacks += 1
+        self.skip_iterations |= set(range(first, last + 1))
+        self.lr_scaled_until = last + spike.rollback_lr_iters if spike.rollback_lr_iters else 0
+        if dist.get_rank() == 0:
+            describe = getattr(train_ds, "describe", None)
+            append_ledger(ckpt.save, dict(
+                reason="rollback", diverged_at=diverged_at, checkpoint=tag_of(self.iteration), iterations=[first, last],
+                samples=samples, documents=[describe(i) for i in range(*samples)] if describe else None))
+        self.metrics.print(
+            f" rollback {self.rollbacks}/{spike.max_rollbacks}: diverged at iteration {diverged_at} "
+            f"({why}); reloaded {tag_of(self.iteration)}, skipping "
+            f"iterations {first}-{last} (training samples {samples[0]}-{samples[1] - 1}, recorded in "
+            f"{os.path.join(ckpt.save, LEDGER)})"
+            + (f"; learning rate x {spike.rollback_lr_factor} up to iteration {self.lr_scaled_until}"
+               if self.lr_scaled_until else ""))
+        return True
+
     def _train(self, datasets: tuple) -> TrainResult:
         train_ds, valid_ds, test_ds = datasets
         run, ckpt = self.run, self.run.checkpoint
@@ -165,14 +230,26 @@ class Trainer:
         def save() -> None:
             nonlocal last_saved
             if ckpt.save and last_saved != self.iteration:
+                if self.policy.skipped_in_a_row == 0 and self.policy.spiky_in_a_row == 0:
+                    self.last_good_checkpoint = self.iteration
                 path = save_checkpoint(self.engine.ds, ckpt.save, self.iteration, self._metadata(), self.faults)
                 self.metrics.print(f" saved checkpoint at iteration {self.iteration} to {path}")
                 last_saved = self.iteration
+                if ckpt.keep_last_n_checkpoints and dist.get_rank() == 0:
+                    for tag in prune_checkpoints(ckpt.save, ckpt.keep_last_n_checkpoints, self.last_good_checkpoint):
+                        self.metrics.print(f" deleted checkpoint {tag} (--keep-last-n-checkpoints "
+                                           f"{ckpt.keep_last_n_checkpoints})")
+
+        def batches_from_here() -> Iterator:
+            return self._batches(train_ds, self.consumed_samples, run.batch.train_iters * run.batch.global_batch_size)
 
         evaluating = run.eval.eval_iters > 0
-        train_batches = self._batches(train_ds, self.consumed_samples,
-                                      run.batch.train_iters * run.batch.global_batch_size)
+        train_batches = batches_from_here()
         while self.iteration < run.batch.train_iters:
+            if self.iteration + 1 in self.skip_iterations:
+                self._skip(train_batches)
+                result.iteration = self.iteration
+                continue
             report = self.step(train_batches)
             it = result.iteration = report.iteration
             result.losses[it] = report.result.loss
@@ -180,11 +257,16 @@ class Trainer:
                 result.skipped.append(it)
             if report.verdict.spike:
                 result.spikes.append(it)
-            if self.policy.should_stop():
+            if self.policy.diverged():
+                why = self.policy.divergence()
+                if self._rollback(train_ds, why):
+                    result.rollbacks.append((it, self.iteration))
+                    result.iteration, last_saved = self.iteration, self.iteration
+                    train_batches = batches_from_here()
+                    continue
                 save()
                 self.metrics.print(
-                    f" stopping at iteration {it}: {self.policy.skipped_in_a_row} steps in a row were skipped "
-                    f"(--max-skipped-steps {run.spike.max_skipped_steps}); the run is diverging. "
+                    f" stopping at iteration {it}: {why}; the run is diverging. "
                     + (f"Checkpoint saved in {ckpt.save}; " if ckpt.save else "")
                     + "lower --lr or check the data before resuming")
                 result.diverged = True
