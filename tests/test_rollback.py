@@ -92,3 +92,21 @@ def test_spike_rules():
         assert not spiky.diverged()
         spiky.record(9.0, spiky.judge(9.0, True), True)
     assert spiky.diverged() and "2 loss spikes in a row (--max-spiky-steps 2)" in spiky.divergence()
+
+
+def test_async_save_equals_sync_save(tmp_path):
+    """--async-save writes the same checkpoints (same files, same resume) from a background thread."""
+    flags = BASE + ["--train-iters", "6", "--save-interval", "2", "--hidden-dropout", "0"]
+    sync, asynchronous, resumed = run_configs(1, [
+        flags + ["--save", str(tmp_path / "sync")], flags + ["--save", str(tmp_path / "async"), "--async-save"],
+        flags + ["--train-iters", "8", "--load", str(tmp_path / "async"), "--load-iteration", "4",
+                 "--save", str(tmp_path / "resumed")]])
+    assert sync.losses == asynchronous.losses
+    for tag in (tag_of(2), tag_of(4), tag_of(6)):
+        a, b = tmp_path / "sync" / tag, tmp_path / "async" / tag
+        assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+        manifest = json.loads((a / "manifest.json").read_text())["files"]
+        assert manifest.keys() == json.loads((b / "manifest.json").read_text())["files"].keys()
+    assert read_latest(tmp_path / "async") == tag_of(6)
+    assert resumed.losses[5] == pytest.approx(sync.losses[5], rel=1e-6)
+    assert resumed.losses[6] == pytest.approx(sync.losses[6], rel=1e-6)

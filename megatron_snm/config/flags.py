@@ -123,6 +123,9 @@ class CheckpointArgs:
     save: str | None = _opt(None, "checkpoint directory to save to")
     load: str | None = _opt(None, "checkpoint directory to resume from (its `latest`)")
     save_interval: int | None = _opt(None, "save every this many steps (and at the end)", type=int)
+    async_save: bool = _opt(False, "write checkpoints from a background thread after a copy in CPU memory (the "
+                            "loop is blocked only for the copy; `latest` moves once every rank's files are written)",
+                            action="store_true")
     keep_last_n_checkpoints: int | None = _opt(None, "delete older checkpoints, keeping this many newest (never "
                                                "the one `latest` names, nor the last good one a rollback may need)",
                                                type=int)

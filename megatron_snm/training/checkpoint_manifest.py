@@ -1,10 +1,12 @@
 """Every file of a checkpoint with its size and checksum, recorded at save and verified at load.
 
-    manifest = write_manifest(checkpoint_dir)     # collective; each rank hashes its share of the files
+    entry = file_entry(path)                      # each rank, for each file it wrote
+    manifest = write_manifest(checkpoint_dir, mine)   # collective: every rank's entries, written by rank 0
     verify_manifest(checkpoint_dir)               # collective; raises CheckpointError naming the file
 
-`DIR/iter_N/manifest.json` = {"files": {relative path: {"bytes": n, "blake2b": hex}}}. The files are
-split over the ranks (every world_size-th file each), so a large checkpoint is hashed in parallel.
+`DIR/iter_N/manifest.json` = {"files": {relative path: {"bytes": n, "blake2b": hex}}}. Each rank
+hashes the files it wrote, and at load the files are split over the ranks (every world_size-th
+file each), so a large checkpoint is hashed in parallel both ways.
 Loading verifies every file before any state is touched: a file changed in place, truncated or
 missing (an optimizer shard, a rank's RNG state) is refused, instead of loading and training on
 garbage.
@@ -30,11 +32,8 @@ def _checksum(path: str) -> str:
     return digest.hexdigest()
 
 
-def _files(directory: str) -> list[str]:
-    found = []
-    for root, _, names in os.walk(directory):
-        found += [os.path.relpath(os.path.join(root, n), directory) for n in names if n != MANIFEST]
-    return sorted(found)
+def file_entry(path: str) -> dict:
+    return {"bytes": os.path.getsize(path), "blake2b": _checksum(path)}
 
 
 def _my_share(items: list) -> list:
@@ -47,11 +46,9 @@ def _broadcast(value):
     return box[0]
 
 
-def write_manifest(directory: str) -> dict:
-    """Hashes every file in `directory` (all ranks) and writes the manifest (rank 0). Returns it."""
-    files = _broadcast(_files(directory) if dist.get_rank() == 0 else None)
-    mine = {f: {"bytes": os.path.getsize(os.path.join(directory, f)), "blake2b": _checksum(os.path.join(directory, f))}
-            for f in _my_share(files)}
+def write_manifest(directory: str, mine: dict[str, dict]) -> dict:
+    """Gathers every rank's {path relative to `directory`: file_entry} and writes the manifest on
+    rank 0. Returns it."""
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     manifest = {"files": {k: v for part in everyone for k, v in part.items()}}

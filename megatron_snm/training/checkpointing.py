@@ -37,9 +37,10 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 
 from megatron_snm.config import ConfigError, RunConfig
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.parallel import rng
+from megatron_snm.parallel import rng, state
 from megatron_snm.training.checkpoint_errors import CheckpointError
-from megatron_snm.training.checkpoint_manifest import verify_manifest, write_manifest
+from megatron_snm.training.checkpoint_manifest import file_entry, verify_manifest, write_manifest
+from megatron_snm.training.checkpoint_writer import BackgroundWriter, cpu_copy
 from megatron_snm.training.fault_injection import FaultInjection
 
 LATEST = "latest"
@@ -60,17 +61,53 @@ def _safe_globals() -> list:
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine with weights_only loading, and saving that reports a
-    failed write (full disk, read-only file system) instead of raising it in the middle of
-    DeepSpeed's save, where the other ranks would wait in a barrier forever."""
+    """DeepSpeed's torch checkpoint engine, ours in three ways:
+    - loading is weights_only (no arbitrary unpickling);
+    - a failed write (full disk, read-only file system) is recorded, not raised in the middle of
+      DeepSpeed's save, where the other ranks would wait in a barrier forever;
+    - each file written is hashed for the manifest, and with `asynchronous` the state is copied to
+      CPU memory and written by a background thread, so training goes on during the write.
+    """
 
     def __init__(self, config_params=None):
         super().__init__(config_params)
+        self.writer: BackgroundWriter | None = None
         self.save_errors: list[str] = []
+        self.written: dict[str, dict] = {}  # path -> manifest entry
+
+    def begin(self, asynchronous: bool) -> None:
+        self.save_errors, self.written = [], {}
+        if asynchronous and self.writer is None:
+            self.writer = BackgroundWriter()
+        elif not asynchronous:
+            self.writer = None
 
     def save(self, state_dict, path: str):
+        self.write(path, lambda: torch.save(state_dict, path, _use_new_zipfile_serialization=self.zipfile_serialization),
+                   copy=lambda: state_dict)
+
+    def save_object(self, obj, path: str) -> None:
+        self.save(obj, path)
+
+    def save_text(self, text: str, path: str) -> None:
+        def write():
+            with open(path, "w") as f:
+                f.write(text)
+        self.write(path, write)
+
+    def write(self, path: str, write, copy=None) -> None:
+        if self.writer is None:
+            self._write(path, write)
+            return
+        if copy is not None:  # the training step after this one changes the tensors: write a copy
+            snapshot = cpu_copy(copy())
+            write = lambda: torch.save(snapshot, path, _use_new_zipfile_serialization=self.zipfile_serialization)  # noqa: E731
+        self.writer.submit(lambda: self._write(path, write))
+
+    def _write(self, path: str, write) -> None:
         try:
-            return super().save(state_dict, path)
+            write()
+            self.written[path] = file_entry(path)
         except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
             self.save_errors.append(_write_error(path, err))
 
@@ -129,55 +166,86 @@ def _all_errors(errors: list[str]) -> list[str]:
 
 
 def save_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, faults: FaultInjection | None = None) -> str:
-    """Saves on every rank (collective). `metadata` (JSON-able) is written by rank 0. A failed
-    write on any rank removes the partial checkpoint, leaves `latest` as it was and raises
-    CheckpointError on every rank."""
+    """Saves on every rank (collective) and returns the checkpoint's directory; see PendingSave."""
+    return start_checkpoint(engine, save_dir, iteration, metadata, faults, asynchronous=False).finish()
+
+
+def start_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, faults: FaultInjection | None = None,
+                     asynchronous: bool = False) -> "PendingSave":
+    """Writes (or, `asynchronous`, copies and starts writing) this rank's files of the checkpoint of
+    `iteration` under `iter_N.tmp/` (collective). `metadata` (JSON-able) is written by rank 0.
+    The checkpoint is published by the returned PendingSave's finish()."""
     rank = dist.get_rank()
-    tag, tmp_tag = tag_of(iteration), tag_of(iteration) + ".tmp"
-    final_dir, tmp_dir = os.path.join(save_dir, tag), os.path.join(save_dir, tmp_tag)
+    tmp_dir = os.path.join(save_dir, tag_of(iteration) + ".tmp")
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)  # left by a save that was killed
     dist.barrier()
     writer = engine.checkpoint_engine
-    writer.save_errors = []
-    errors = writer.save_errors
+    writer.begin(asynchronous)
     target = tmp_dir
     try:
-        engine.save_checkpoint(save_dir, tag=tmp_tag, save_latest=False)
+        engine.save_checkpoint(save_dir, tag=os.path.basename(tmp_dir), save_latest=False)
         target = os.path.join(tmp_dir, rng_file(rank))
-        torch.save(_rng_state(), target)
+        writer.save_object(_rng_state(), target)
         if rank == 0:
             target = os.path.join(tmp_dir, METADATA)
-            with open(target, "w") as f:
-                json.dump(dict(metadata, iteration=iteration), f, indent=1)
+            writer.save_text(json.dumps(dict(metadata, iteration=iteration), indent=1), target)
     except (OSError, RuntimeError) as err:
-        errors.append(_write_error(target, err))
-    if faults is not None:
-        faults.pause_in_save(iteration)
-    errors = _all_errors(errors)
-    if not errors:
-        try:
-            write_manifest(tmp_dir)
-        except OSError as err:
-            errors = [_write_error(os.path.join(tmp_dir, "manifest.json"), err)]
-        errors = _all_errors(errors)
-    if errors:
+        writer.save_errors.append(_write_error(target, err))
+    return PendingSave(writer, save_dir, iteration, faults)
+
+
+class PendingSave:
+    """A checkpoint whose files are written (or being written) under `iter_N.tmp/`, not yet
+    published. finish() waits for this rank's writes, gathers every rank's errors and file
+    checksums, writes the manifest, renames `iter_N.tmp/` to `iter_N/` and only then replaces
+    `latest`. A failed write on any rank removes the partial checkpoint, leaves `latest` as it was
+    and raises CheckpointError on every rank. A kill at any moment before the rename leaves the
+    previous checkpoint as `latest`."""
+
+    def __init__(self, writer: SafeCheckpointEngine, save_dir: str, iteration: int, faults: FaultInjection | None):
+        self.writer, self.save_dir, self.iteration, self.faults = writer, save_dir, iteration, faults
+        self.tmp_dir = os.path.join(save_dir, tag_of(iteration) + ".tmp")
+
+    def written_everywhere(self) -> bool:
+        """Whether every rank's background writes are done (collective; cheap)."""
+        done = torch.tensor([self.writer.writer is None or self.writer.writer.idle()], dtype=torch.int32,
+                            device=state.collective_device())
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return bool(done.item())
+
+    def finish(self) -> str:
+        rank = dist.get_rank()
+        if self.writer.writer is not None:
+            self.writer.writer.wait()
+        if self.faults is not None:
+            self.faults.pause_in_save(self.iteration)
+        errors = _all_errors(self.writer.save_errors)
+        if not errors:
+            mine = {os.path.relpath(path, self.tmp_dir): entry for path, entry in self.writer.written.items()}
+            try:
+                write_manifest(self.tmp_dir, mine)
+            except OSError as err:
+                errors = [_write_error(os.path.join(self.tmp_dir, "manifest.json"), err)]
+            errors = _all_errors(errors)
+        if errors:
+            if rank == 0:
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            dist.barrier()
+            previous = read_latest(self.save_dir)
+            raise CheckpointError(f"saving the checkpoint of iteration {self.iteration} to --save {self.save_dir} "
+                                  f"failed: {errors[0]}; " + (f"`latest` still names {previous}" if previous else
+                                                              "no checkpoint was written"))
+        final_dir = os.path.join(self.save_dir, tag_of(self.iteration))
         if rank == 0:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            if os.path.exists(final_dir):  # re-saving an iteration `latest` does not name (a resumed run)
+                shutil.rmtree(final_dir)
+            os.replace(self.tmp_dir, final_dir)
+            _fsync_dir(self.save_dir)
+            _write_atomically(os.path.join(self.save_dir, LATEST), tag_of(self.iteration))
         dist.barrier()
-        previous = read_latest(save_dir)
-        raise CheckpointError(f"saving the checkpoint of iteration {iteration} to --save {save_dir} failed: "
-                              f"{errors[0]}; " + (f"`latest` still names {previous}" if previous else
-                                                  "no checkpoint was written"))
-    if rank == 0:
-        if os.path.exists(final_dir):  # re-saving an iteration `latest` does not name (a resumed run)
-            shutil.rmtree(final_dir)
-        os.replace(tmp_dir, final_dir)
-        _fsync_dir(save_dir)
-        _write_atomically(os.path.join(save_dir, LATEST), tag)
-    dist.barrier()
-    return final_dir
+        return final_dir
 
 
 def prune_checkpoints(save_dir: str, keep: int, protected: int | None) -> list[str]:

@@ -15,6 +15,7 @@ nothing of tokenizers or files.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -30,7 +31,7 @@ from megatron_snm.training import deepspeed_adapter
 from megatron_snm.training.callbacks import StabilityCallback, StepReport
 from megatron_snm.training.checkpoint_errors import CheckpointError
 from megatron_snm.training.checkpointing import (
-    load_checkpoint, prune_checkpoints, run_metadata, save_checkpoint, tag_of,
+    PendingSave, load_checkpoint, prune_checkpoints, run_metadata, start_checkpoint, tag_of,
 )
 from megatron_snm.training.data import micro_batches
 from megatron_snm.training.engine import TrainEngine
@@ -89,6 +90,7 @@ class Trainer:
         self.rollbacks = 0
         self.last_good_checkpoint: int | None = None  # the newest checkpoint saved outside a spike streak
         self.lr_scaled_until = 0  # after a rollback: --rollback-lr-factor up to this iteration
+        self.pending: PendingSave | None = None  # a checkpoint written but not yet published
 
     # --- one iteration ----------------------------------------------------------------------
     def step(self, batches: Iterator) -> StepReport:
@@ -230,15 +232,33 @@ class Trainer:
         def save() -> None:
             nonlocal last_saved
             if ckpt.save and last_saved != self.iteration:
+                publish()  # the previous asynchronous save, if it is still being written
                 if self.policy.skipped_in_a_row == 0 and self.policy.spiky_in_a_row == 0:
                     self.last_good_checkpoint = self.iteration
-                path = save_checkpoint(self.engine.ds, ckpt.save, self.iteration, self._metadata(), self.faults)
-                self.metrics.print(f" saved checkpoint at iteration {self.iteration} to {path}")
+                start = time.perf_counter()
+                self.pending = start_checkpoint(self.engine.ds, ckpt.save, self.iteration, self._metadata(),
+                                                self.faults, asynchronous=ckpt.async_save)
+                self.pending.blocked_s, self.pending.started = time.perf_counter() - start, start
                 last_saved = self.iteration
-                if ckpt.keep_last_n_checkpoints and dist.get_rank() == 0:
-                    for tag in prune_checkpoints(ckpt.save, ckpt.keep_last_n_checkpoints, self.last_good_checkpoint):
-                        self.metrics.print(f" deleted checkpoint {tag} (--keep-last-n-checkpoints "
-                                           f"{ckpt.keep_last_n_checkpoints})")
+                if not ckpt.async_save:
+                    publish()
+
+        def publish(wait: bool = True) -> None:
+            """Publishes the pending checkpoint (an asynchronous one only once it is written
+            everywhere, unless `wait`)."""
+            pending = self.pending
+            if pending is None or (not wait and not pending.written_everywhere()):
+                return
+            self.pending = None
+            path = pending.finish()
+            size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+            self.metrics.print(f" saved checkpoint at iteration {pending.iteration} to {path} ({size / 2**20:.1f} "
+                               f"MiB; the loop was blocked {pending.blocked_s:.2f} s, "
+                               f"{time.perf_counter() - pending.started:.2f} s until published)")
+            if ckpt.keep_last_n_checkpoints and dist.get_rank() == 0:
+                for tag in prune_checkpoints(ckpt.save, ckpt.keep_last_n_checkpoints, self.last_good_checkpoint):
+                    self.metrics.print(f" deleted checkpoint {tag} (--keep-last-n-checkpoints "
+                                       f"{ckpt.keep_last_n_checkpoints})")
 
         def batches_from_here() -> Iterator:
             return self._batches(train_ds, self.consumed_samples, run.batch.train_iters * run.batch.global_batch_size)
@@ -251,6 +271,7 @@ class Trainer:
                 result.iteration = self.iteration
                 continue
             report = self.step(train_batches)
+            publish(wait=False)
             it = result.iteration = report.iteration
             result.losses[it] = report.result.loss
             if not report.result.applied:
@@ -259,6 +280,7 @@ class Trainer:
                 result.spikes.append(it)
             if self.policy.diverged():
                 why = self.policy.divergence()
+                publish()
                 if self._rollback(train_ds, why):
                     result.rollbacks.append((it, self.iteration))
                     result.iteration, last_saved = self.iteration, self.iteration
@@ -278,8 +300,9 @@ class Trainer:
 
         if not result.diverged:
             save()
-            if test_ds is not None and evaluating:
-                result.test_loss = self._evaluate(test_ds, "the end of training for test data", "test")
+        publish()
+        if not result.diverged and test_ds is not None and evaluating:
+            result.test_loss = self._evaluate(test_ds, "the end of training for test data", "test")
         self.metrics.close()
         return result
 
