@@ -233,5 +233,5 @@ def test_merge_rejects_mixed_token_dtypes(gpt2_files, tmp_path):
             b.add_document([1, 2, 3])
             b.finalize()
     run = cli("merge_datasets.py", "--input", tmp_path / "small", tmp_path / "large", "--output-prefix", tmp_path / "m")
-    assert run.returncode == 1 and "different token dtypes" in run.stderr
+    assert run.returncode == 2 and "different token dtypes" in run.stderr
     assert not list(tmp_path.glob("m.*"))

@@ -92,7 +92,8 @@ def pretrain(cfg: Config, gpt_config: GPTConfig, ds_config: dict, datasets: tupl
     dp_rank, dp_size = state.get_data_parallel_rank(), state.get_data_parallel_world_size()
 
     def batches(dataset, start: int, samples: int):
-        return micro_batches(dataset, start, samples, cfg.micro_batch_size, dp_rank, dp_size, device())
+        return micro_batches(dataset, start, samples, cfg.micro_batch_size, dp_rank, dp_size, device(),
+                             vocab_size=gpt_config.vocab_size)
 
     def evaluate(dataset, where: str, tag: str) -> float:
         loss = engine.evaluate(batches(dataset, 0, cfg.eval_iters * cfg.global_batch_size), cfg.eval_iters)
