@@ -314,12 +314,14 @@ and `--data-cache-path` (cache_dir).
     for s, name in enumerate(SPLITS):
         wanted = int(num_samples[s])
         empty = [ds.prefix for ds, r in zip(indexed, ranges) if r[s][0] >= r[s][1]]
-        if wanted and name == "valid" and len(empty) == len(indexed):
-            # Validation would silently never run: refuse (the test split may be empty, as in Megatron).
+        if wanted and name != "test" and len(empty) == len(indexed):
+            # Training, or validation, would silently never run: refuse. (The test split may be
+            # empty, as in Megatron: it is only evaluated at the end, if at all.)
+            remedy = "give the second weight a larger share, or set --eval-iters 0" if name == "valid" else \
+                "give the first weight a larger share, or more data"
             raise DataError(
-                f"--split {split!r} gives the validation set no documents of {empty[0]} "
-                f"({indexed[0].num_documents} documents), yet validation asks for {wanted} samples: give the "
-                "second weight a larger share, or set --eval-iters 0"
+                f"--split {split!r} gives the {name} set no documents of {empty[0]} "
+                f"({indexed[0].num_documents} documents), yet the run asks it for {wanted} samples: {remedy}"
             )
         if wanted == 0 or len(empty) == len(indexed):
             result.append(None)
