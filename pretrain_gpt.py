@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every rank calls this; rank 0 builds and caches the sample indices, the others read them.
     datasets = build_train_valid_test_datasets(cfg.data_path, cfg.split, num_samples, cfg.seq_length, cfg.seed,
-                                               cfg.data_cache_path)
+                                               cfg.data_cache_path, vocab_size=tokenizer.vocab_size)
     try:
         result = pretrain(cfg, gpt_config, ds_config, datasets)
     except ConfigError as err:  # e.g. --load names a checkpoint of another layout or model shape

@@ -56,3 +56,24 @@ def test_negative_ids_and_blends_name_the_dataset_the_sample_came_from(tmp_path)
     culprit = next(i for i in range(len(blend)) if (blend[i]["text"] < 0).any())
     with pytest.raises(DataError, match=rf"{tmp_path}/bad \(train sample \d+\), blend sample {culprit}: token id -3"):
         check_token_ids(torch.from_numpy(np.stack([blend[i]["text"] for i in range(30)])), 50, blend, list(range(30)))
+
+
+def test_a_dataset_with_ids_past_the_vocabulary_is_refused_when_opened(tmp_path, monkeypatch):
+    from megatron_snm.data import indexed_dataset
+    from megatron_snm.data.gpt_dataset import build_train_valid_test_datasets
+
+    ids = np.arange(300) % 90
+    ids[250] = 1234
+    dataset(tmp_path, "d", ids)
+    prefix = str(tmp_path / "d")
+    with pytest.raises(DataError, match=rf"^{prefix}\.bin: holds token id 1234, but the tokenizer has only 1000 ids"):
+        build_train_valid_test_datasets(prefix, "1,0,0", (10, 0, 0), 8, seed=1, vocab_size=1000)
+    # The scan is cached under the data's identity: the second open reads the answer.
+    monkeypatch.setattr(indexed_dataset.IndexedDataset, "max_token_id", lambda self: pytest.fail("scanned again"))
+    train, _, _ = build_train_valid_test_datasets(prefix, "1,0,0", (10, 0, 0), 8, seed=1, vocab_size=1235)
+    assert len(train) >= 10
+    monkeypatch.undo()
+    # Re-preprocessed in place with other ids: scanned afresh.
+    dataset(tmp_path, "d", np.arange(300) % 90)
+    assert build_train_valid_test_datasets(prefix, "1,0,0", (10, 0, 0), 8, seed=1, vocab_size=90)[0] is not None
+    assert len(list((tmp_path / "index-cache").glob("d-*-max_token_id.json"))) == 2

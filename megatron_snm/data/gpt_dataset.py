@@ -127,7 +127,7 @@ class GPTDataset(torch.utils.data.Dataset):
             "seed": self.seed,
         }
         digest = hashlib.sha256(json.dumps(self.description, sort_keys=True).encode()).hexdigest()[:20]
-        cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(indexed.prefix)), "index-cache")
+        cache_dir = cache_dir or _default_cache_dir(indexed)
         base = os.path.join(cache_dir, f"{os.path.basename(indexed.prefix)}-{name}-{digest}")
         self.paths = {k: f"{base}-{k}.npy" for k in ("document_index", "sample_index", "shuffle_index")}
         self.description_path = f"{base}-description.json"
@@ -267,6 +267,40 @@ def _build_on_rank0(cached, build, what: str):
         raise error
 
 
+def check_vocabulary(indexed: IndexedDataset, vocab_size: int, cache_dir: str | None = None) -> None:
+    """Raises DataError if the `.bin` holds a token id >= vocab_size (data preprocessed with a
+    larger vocabulary). Megatron's format does not store the largest id, so global rank 0 scans
+    the `.bin` once (in chunks, with progress lines) and caches the answer under the `.idx` hash
+    and the `.bin`'s size and modification time; the other ranks read the cached answer."""
+    bpath = bin_path(indexed.prefix)
+    stat = os.stat(bpath)
+    key = hashlib.sha256(f"{indexed.content_hash}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+    cache_dir = cache_dir or _default_cache_dir(indexed)
+    path = os.path.join(cache_dir, f"{os.path.basename(indexed.prefix)}-{key}-max_token_id.json")
+
+    def scan():
+        start = time.time()
+        highest = indexed.max_token_id()
+        logger.info("%s: largest token id %d (scanned in %.1f s)", bpath, highest, time.time() - start)
+        _save(path, json.dumps({"max_token_id": highest, "bin_bytes": stat.st_size}))
+
+    _build_on_rank0(lambda: os.path.isfile(path), scan, indexed.prefix)
+    try:
+        with open(path) as f:
+            highest = int(json.load(f)["max_token_id"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: damaged cache of the largest token id ({e}); delete it and it is rebuilt") from None
+    if highest >= vocab_size:
+        raise DataError(
+            f"{bpath}: holds token id {highest}, but the tokenizer has only {vocab_size} ids (preprocessed with "
+            "another tokenizer? check --tokenizer-type and its files)"
+        )
+
+
+def _default_cache_dir(indexed: IndexedDataset) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(indexed.prefix)), "index-cache")
+
+
 def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], list[float]]:
     """Megatron's `--data-path`: `PREFIX` or `W1 PREFIX1 W2 PREFIX2 ...` -> (prefixes, weights)."""
     items = data_path.split() if isinstance(data_path, str) else [str(x) for x in data_path]
@@ -292,12 +326,14 @@ def build_train_valid_test_datasets(
     seq_length: int,
     seed: int,
     cache_dir: str | None = None,
+    vocab_size: int | None = None,
 ):
     """(train, valid, test) for Megatron's `--data-path`, `--split`, `--seq-length`, `--seed`
 and `--data-cache-path` (cache_dir).
 
     Each is a GPTDataset (one prefix) or a BlendedDataset (several), or None where the split is
-    empty or asks for no samples. Call it on every rank, in the same order.
+    empty or asks for no samples. With `vocab_size` (the tokenizer's), a dataset holding a larger
+    id is refused up front (`check_vocabulary`). Call it on every rank, in the same order.
     """
     prefixes, weights = parse_data_path(data_path)
     parse_split(split)
@@ -306,6 +342,9 @@ and `--data-cache-path` (cache_dir).
     if seq_length < 1:
         raise DataError(f"--seq-length must be >= 1, got {seq_length}")
     indexed = [IndexedDataset(p) for p in prefixes]  # every file checked before any work
+    if vocab_size is not None:
+        for ds in indexed:
+            check_vocabulary(ds, vocab_size, cache_dir)
     ranges = [split_document_ranges(split, ds.num_documents) for ds in indexed]
     total = sum(weights)
     weights = [w / total for w in weights]
