@@ -11,6 +11,7 @@ being written (refused, never removed).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import glob
 import os
 import re
@@ -65,23 +66,50 @@ def write_atomically(path: str, content: bytes | str | Callable) -> None:
             os.remove(tmp)
 
 
-def publish_together(renames: Sequence[tuple[str, str]]) -> None:
+def publish_together(renames: Sequence[tuple[str, str]], replace: bool = True) -> None:
     """Renames each complete temporary onto its final name, as one set.
 
     The last final name is the decisive one (for a dataset the `.idx`: a `.bin` alone is not a
     dataset). It is removed first and renamed last, so no moment shows an old decisive file
     beside a new partner; everything is fsynced before the first old file is touched, so the
-    set is replaced only once the new one is complete.
+    set is replaced only once the new one is complete. With replace=False, a final name that
+    exists (say, another run published there meanwhile) raises FileExistsError and nothing of
+    it is touched: hard links make "create unless present" atomic.
     """
     for tmp, _ in renames:
         fsync_file(tmp)
-    decisive = renames[-1][1]
-    if os.path.lexists(decisive):
-        os.remove(decisive)
-    for tmp, final in renames:
-        os.replace(tmp, final)
+    if replace:
+        decisive = renames[-1][1]
+        if os.path.lexists(decisive):
+            os.remove(decisive)
+        for tmp, final in renames:
+            os.replace(tmp, final)
+    else:
+        _link_all_or_none(renames)
     for directory in {os.path.dirname(os.path.abspath(final)) for _, final in renames}:
         fsync_dir(directory)
+
+
+def _link_all_or_none(renames: Sequence[tuple[str, str]]) -> None:
+    linked = []
+    try:
+        for tmp, final in renames:
+            try:
+                os.link(tmp, final)  # fails if final exists, atomically
+            except FileExistsError:
+                raise FileExistsError(errno.EEXIST, "File exists", final) from None
+            except OSError:  # a filesystem without hard links: check, then rename
+                if os.path.lexists(final):
+                    raise FileExistsError(errno.EEXIST, "File exists", final) from None
+                os.replace(tmp, final)
+            linked.append(final)
+    except FileExistsError:
+        for final in linked:
+            os.remove(final)
+        raise
+    for tmp, _ in renames:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
 
 
 @dataclasses.dataclass

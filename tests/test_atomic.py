@@ -91,3 +91,20 @@ def test_temporary_names_are_unique_and_recognised(tmp_path):
         open(name, "w").close()
     found = atomic.temporaries_of(path)
     assert {t.path for t in found} == names and {t.pid for t in found} == {os.getpid()}
+
+
+def test_publish_without_replace_never_clobbers_and_leaves_nothing_half_done(tmp_path):
+    (tmp_path / "d.idx").write_bytes(b"someone else's")
+    renames = []
+    for name in ("d.bin", "d.idx"):
+        tmp = atomic.temporary_path(str(tmp_path / name))
+        open(tmp, "wb").write(b"ours")
+        renames.append((tmp, str(tmp_path / name)))
+    with pytest.raises(FileExistsError) as err:
+        atomic.publish_together(renames, replace=False)
+    assert err.value.filename == str(tmp_path / "d.idx")
+    # The .bin linked before the clash is taken back; the other run's file is untouched.
+    assert not (tmp_path / "d.bin").exists() and (tmp_path / "d.idx").read_bytes() == b"someone else's"
+    (tmp_path / "d.idx").unlink()
+    atomic.publish_together(renames, replace=False)
+    assert sorted(os.listdir(tmp_path)) == ["d.bin", "d.idx"] and (tmp_path / "d.idx").read_bytes() == b"ours"

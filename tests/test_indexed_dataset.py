@@ -278,3 +278,21 @@ def test_an_aborted_builder_leaves_the_existing_pair_untouched(tmp_path):
             builder.add_document(np.arange(100))
             raise RuntimeError("killed before finalize")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_without_replace_a_pair_that_appeared_meanwhile_is_left_alone(tmp_path):
+    """Two runs into one new prefix: the later finalize must not replace the earlier's dataset."""
+    builder = IndexedDatasetBuilder(str(tmp_path / "d"), np.uint16)
+    builder.add_document([7, 8, 9])
+    write_ours(tmp_path / "d", [[np.arange(4)]], np.uint16)  # the other run publishes first
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if ".tmp-" not in p.name}
+    with pytest.raises(IndexedDatasetError, match=r"d\.bin: appeared while this run was writing"):
+        builder.finalize(replace=False)
+    builder.abort()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # Into a free prefix, replace=False publishes as usual.
+    with IndexedDatasetBuilder(str(tmp_path / "e"), np.uint16) as other:
+        other.add_document([1])
+        other.finalize(replace=False)
+    assert IndexedDataset(str(tmp_path / "e")).get_document(0).tolist() == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx", "e.bin", "e.idx"]

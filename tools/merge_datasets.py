@@ -53,7 +53,7 @@ def merge(prefixes: list[str], output_prefix: str, overwrite: bool = False) -> I
     with IndexedDatasetBuilder(output_prefix, datasets[0].dtype) as builder:
         for prefix in prefixes:
             builder.add_index(prefix)
-        builder.finalize()
+        builder.finalize(replace=overwrite)
     return IndexedDataset(output_prefix)
 
 

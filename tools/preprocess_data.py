@@ -267,8 +267,9 @@ class Writer:
     0's documents, then partition 1's, ...: the order Megatron's partitioned run writes.
     """
 
-    def __init__(self, prefixes: list[list[str]], dtype, per_input: bool, partitions: int = 1):
+    def __init__(self, prefixes: list[list[str]], dtype, per_input: bool, partitions: int = 1, overwrite: bool = False):
         self.prefixes, self.dtype, self.per_input, self.partitions = prefixes, dtype, per_input, partitions
+        self.overwrite = overwrite
         self.builders: list[list[IndexedDatasetBuilder]] = []  # [key][partition]
         self.lines_before_file = 0
         self.group_documents = 0
@@ -290,7 +291,7 @@ class Writer:
             for part in parts[1:]:
                 parts[0].add_builder(part)
                 part.abort()
-            parts[0].finalize()
+            parts[0].finalize(replace=self.overwrite)
         self.builders = []
         for prefix in self.prefixes[group]:
             self.summary.outputs.append(prefix)
@@ -384,7 +385,7 @@ def run(args) -> Summary:
     )
 
     start = time.perf_counter()
-    writer = Writer(prefixes, dtype, args.output_per_input, partitions)
+    writer = Writer(prefixes, dtype, args.output_per_input, partitions, args.overwrite)
     progress = Progress(args.log_interval, total_input_bytes(files))
     try:
         with OrderedPool(tokenize_chunk, args.workers, _init_worker,

@@ -383,7 +383,9 @@ class IndexedDatasetBuilder:
         self.sequence_lengths.extend(lengths)
         self.document_indices.extend(int(d) + base for d in document_ends)
 
-    def finalize(self) -> None:
+    def finalize(self, replace: bool = True) -> None:
+        """Writes the `.idx` and publishes the pair. With replace=False an existing pair, even
+        one that appeared while this builder was writing, is never replaced: DataError."""
         lengths = np.asarray(self.sequence_lengths, dtype=np.int32)
         pointers = sequence_pointers(lengths, self.dtype)
         docs = np.asarray(self.document_indices, dtype=np.int64)
@@ -400,7 +402,14 @@ class IndexedDatasetBuilder:
                 f.flush()
                 os.fsync(f.fileno())
         with self._writing(f"{self.prefix}.bin/.idx"):
-            atomic.publish_together([(self._bin_tmp, bin_path(self.prefix)), (self._idx_tmp, idx_path(self.prefix))])
+            try:
+                atomic.publish_together([(self._bin_tmp, bin_path(self.prefix)), (self._idx_tmp, idx_path(self.prefix))],
+                                        replace=replace)
+            except FileExistsError as e:
+                raise DataError(
+                    f"{e.filename}: appeared while this run was writing (another run into the same prefix?); "
+                    "left as it is, and this run's output discarded"
+                ) from None
         self._finalized = True
 
     def abort(self) -> None:
