@@ -539,6 +539,53 @@ def _(work):
                "outside the model's vocabulary of 5 ids")
 
 
+# --- training: what pretrain_gpt.py makes of bad data (its exit-status mapping is issue 13's) -----
+
+def pretrain(work, data_prefix, tokenizer_flags):
+    argv = [sys.executable, str(REPO / "pretrain_gpt.py"), "--num-layers", "1", "--hidden-size", "16",
+            "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "2",
+            "--train-iters", "2", "--lr", "1e-3", "--eval-iters", "0", "--split", "1,0,0", "--data-path",
+            str(data_prefix), "--data-cache-path", str(work / "cache"), *map(str, tokenizer_flags)]
+    env = {**ENV, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29700 + os.getpid() % 200)}
+    try:
+        run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=work)
+    except subprocess.TimeoutExpired:
+        return "hang", ""
+    return run.returncode, run.stderr
+
+
+def sentencepiece_model(work):
+    subprocess.run([sys.executable, str(REPO / "tools" / "train_tokenizer.py"), "--input", SAMPLE, "--model-prefix",
+                    work / "sp", "--vocab-size", "500"], env=ENV, capture_output=True, check=True)
+    return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", work / "sp.model"]
+
+
+@case("pretrain_gpt.py: a garbage SentencePiece model")
+def _(work):
+    (work / "garbage.model").write_bytes(os.urandom(2048))
+    prefix = small_dataset(work)
+    status, err = pretrain(work, prefix, ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                                          work / "garbage.model"])
+    return judged(status, err, "garbage.model: not a valid SentencePiece model", True, "pretrain_gpt.py")
+
+
+@case("pretrain_gpt.py: data of a larger vocabulary than the tokenizer's")
+def _(work):
+    prefix = small_dataset(work, texts=["GPT-2 ids run far past 500"] * 20)  # GPT-2 ids, up to 50256
+    status, err = pretrain(work, prefix, sentencepiece_model(work))
+    return judged(status, err, "but the tokenizer has only 500 ids", True, "pretrain_gpt.py")
+
+
+@case("pretrain_gpt.py: a corrupt .idx")
+def _(work):
+    prefix = small_dataset(work, texts=[f"document {i}" for i in range(20)])
+    raw = bytearray(pathlib.Path(f"{prefix}.idx").read_bytes())
+    raw[34:38] = struct.pack("<i", -1)
+    pathlib.Path(f"{prefix}.idx").write_bytes(bytes(raw))
+    status, err = pretrain(work, prefix, TOK)
+    return judged(status, err, "corrupt index", True, "pretrain_gpt.py")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work-dir", default=None, help="scratch directory (default: a temporary one)")
