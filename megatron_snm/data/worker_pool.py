@@ -21,6 +21,7 @@ import collections
 import ctypes
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import sys
 import traceback
@@ -35,7 +36,7 @@ class WorkerFailed(RuntimeError):
     """The function raised in a worker; the message holds the worker's traceback."""
 
 
-def _serve(fn, initializer, initargs, tasks, results, inherited) -> None:
+def _serve(fn, initializer, initargs, tasks, results, inherited, parent: int) -> None:
     for conn in inherited:  # the other workers' pipe ends, copied by fork: not ours to hold
         conn.close()
     # Ctrl-C reaches the whole process group; the main process alone decides how to stop.
@@ -43,6 +44,8 @@ def _serve(fn, initializer, initargs, tasks, results, inherited) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):  # die with the main process rather than be orphaned
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
     if initializer is not None:
         initializer(*initargs)
     while True:
@@ -63,7 +66,7 @@ class _Worker:
         self.results, result_writer = ctx.Pipe(duplex=False)
         self.index = index
         self.process = ctx.Process(
-            target=_serve, args=(fn, initializer, initargs, task_reader, result_writer, inherited),
+            target=_serve, args=(fn, initializer, initargs, task_reader, result_writer, inherited, os.getpid()),
             name=f"worker-{index}", daemon=True,
         )
         self.process.start()
