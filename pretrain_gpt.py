@@ -63,7 +63,7 @@ def _main(flags) -> int:
     num_samples = (run.batch.train_iters * samples, run.eval.eval_iters * samples, run.eval.eval_iters * samples)
     # Every rank calls this; rank 0 builds and caches the sample indices, the others read them.
     datasets = build_train_valid_test_datasets(data.data_path, data.split, num_samples, run.model.seq_length,
-                                               run.model.seed, data.data_cache_path)
+                                               run.model.seed, data.data_cache_path, vocab_size=tokenizer.vocab_size)
     result = trainer.train(datasets)
     dist.barrier()
     dist.destroy_process_group()

@@ -27,7 +27,7 @@ if ((${#tokenizer[@]} == 0)); then
     "$PYTHON" tools/train_tokenizer.py --input "$sample" --model-prefix "$work/tokenizer" --vocab-size 2000
     tokenizer=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$work/tokenizer.model")
 fi
-"$PYTHON" tools/preprocess_data.py --input "$sample" --output-prefix "$work/sample" "${tokenizer[@]}" \
+"$PYTHON" tools/preprocess_data.py --input "$sample" --output-prefix "$work/sample" "${tokenizer[@]}" --overwrite \
     --append-eod --workers 4
 
 torchrun --nproc-per-node 1 --master-port "${MASTER_PORT:-29531}" pretrain_gpt.py "$@" \

@@ -84,7 +84,7 @@ def preprocess(files, workers, args, out_prefix) -> dict:
     cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", *files,
            "--output-prefix", out_prefix, "--tokenizer-type", args.tokenizer_type,
            *(x for flag, path in tokenizer_files(args).items() for x in (f"--{flag.replace('_', '-')}", path)),
-           "--append-eod", "--workers", str(workers), "--chunk-bytes", str(args.chunk_bytes)]
+           "--append-eod", "--workers", str(workers), "--chunk-bytes", str(args.chunk_bytes), "--overwrite"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": REPO}, stderr=subprocess.PIPE, text=True)
     peak = [0]
@@ -128,11 +128,12 @@ def main() -> int:
     tokenizer = build_tokenizer(args.tokenizer_type, **tokenizer_files(args))
     batches, nbytes = load_batches(files, args)
     out = os.path.join(args.work_dir, "out")
-    empty = os.path.join(args.work_dir, "empty.jsonl")
-    open(empty, "w").close()
+    one_line = os.path.join(args.work_dir, "one-line.jsonl")  # an empty input is refused: nothing kept
+    with open(one_line, "w") as f:
+        f.write('{"text": "x"}\n')
     # Start-up CPU (interpreter, imports, tokenizer load, worker start) is not per-byte work.
-    startup_cpu = preprocess([empty], 2, args, out)["cpu_seconds"]
-    print(f"[bench] start-up CPU of preprocess_data.py (empty input): {startup_cpu:.2f} s", file=sys.stderr, flush=True)
+    startup_cpu = preprocess([one_line], 2, args, out)["cpu_seconds"]
+    print(f"[bench] start-up CPU of preprocess_data.py (one-line input): {startup_cpu:.2f} s", file=sys.stderr, flush=True)
 
     rounds = {"base": [], "w1": [], "w2": []}
     for r in range(args.repeat):

@@ -262,3 +262,76 @@ def test_builder_names_a_missing_prefix_before_building(tmp_path):
     empty = write_dataset(tmp_path / "empty", 3, max_len=1)  # 3 documents of 0 tokens
     with pytest.raises(ValueError, match="empty.*hold 0 tokens"):
         GPTDataset(empty, (0, 3), 5, 8, seed=1)
+
+
+def write_lengths(prefix, lengths):
+    with IndexedDatasetBuilder(str(prefix), np.int32) as builder:
+        for n in lengths:
+            builder.add_document(np.arange(n))
+        builder.finalize()
+    return IndexedDataset(str(prefix))
+
+
+def test_a_reprocessed_prefix_never_reuses_the_old_contents_cache(tmp_path):
+    """Same name, same document count, same .idx size (the old cache key), other lengths: the
+    indices must be rebuilt, or samples cross document ends the new data does not have."""
+    rng = np.random.default_rng(0)
+    old_lengths = rng.integers(1, 60, size=100)
+    old = write_lengths(tmp_path / "d", old_lengths)
+    GPTDataset(old, (0, 100), 200, 16, seed=3)
+    cached = set(os.listdir(tmp_path / "index-cache"))
+    size = os.path.getsize(tmp_path / "d.idx")
+
+    new = write_lengths(tmp_path / "d", rng.permutation(old_lengths) + 1)  # re-preprocessed
+    assert os.path.getsize(tmp_path / "d.idx") == size
+    fresh = GPTDataset(new, (0, 100), 200, 16, seed=3)
+    assert len(set(os.listdir(tmp_path / "index-cache")) - cached) == 4
+    reference = GPTDataset(new, (0, 100), 200, 16, seed=3, cache_dir=str(tmp_path / "elsewhere"))
+    np.testing.assert_array_equal(fresh.sample_index, reference.sample_index)
+    assert all(np.array_equal(fresh[i]["text"], reference[i]["text"]) for i in range(len(fresh)))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "reshape"])
+def test_a_damaged_cache_file_is_named_in_a_clear_error(tmp_path, damage):
+    indexed = write_dataset(tmp_path / "d", 50)
+    ds = GPTDataset(indexed, (0, 50), 100, 16, seed=1)
+    path = ds.paths["sample_index"]
+    if damage == "truncate":
+        open(path, "r+b").truncate(os.path.getsize(path) // 2)
+        message = "damaged index cache"
+    else:
+        np.save(path, np.zeros((5, 2), dtype=np.int32))
+        message = "index cache does not match its description"
+    with pytest.raises(gpt_dataset.DataError, match=rf"{path}: {message}.*delete"):
+        GPTDataset(indexed, (0, 50), 100, 16, seed=1)
+
+
+def test_empty_and_one_token_datasets_are_clear_errors(tmp_path):
+    one = write_lengths(tmp_path / "one", [1])
+    with pytest.raises(gpt_dataset.DataError, match=r"one\.bin: the train documents \[0, 1\) hold 1 tokens; a sample needs"):
+        GPTDataset(one, (0, 1), 5, 8, seed=1)
+    write_lengths(tmp_path / "none", [])
+    with pytest.raises(gpt_dataset.DataError, match=r"gives the train set no documents of .*none \(0 documents\)"):
+        build_train_valid_test_datasets(str(tmp_path / "none"), "1,0,0", (5, 0, 0), 8, seed=1)
+    tiny = write_lengths(tmp_path / "tiny", [3, 2])  # 5 tokens asked for 10^9 samples of 2048
+    with pytest.raises(gpt_dataset.DataError, match=r"tiny\.bin: 1,000,000,000 train samples .* would repeat"):
+        GPTDataset(tiny, (0, 2), 10**9, 2048, seed=1)
+
+
+def test_a_split_that_starves_validation_is_refused_but_an_empty_test_split_is_not(tmp_path):
+    write_dataset(tmp_path / "d", 10)
+    with pytest.raises(gpt_dataset.DataError, match=r"--split '969,30,1' gives the valid set no documents .*--eval-iters 0"):
+        build_train_valid_test_datasets(str(tmp_path / "d"), "969,30,1", (10, 4, 4), 8, seed=1)
+    with pytest.raises(gpt_dataset.DataError, match=r"--split '100,0,0' gives the valid set no documents"):
+        build_train_valid_test_datasets(str(tmp_path / "d"), "100,0,0", (10, 4, 0), 8, seed=1)
+    train, valid, test = build_train_valid_test_datasets(str(tmp_path / "d"), "969,30,1", (10, 0, 4), 8, seed=1)
+    assert train is not None and valid is None and test is None  # no validation asked for; test empty
+    train, valid, test = build_train_valid_test_datasets(str(tmp_path / "d"), "8,2,0", (10, 4, 4), 8, seed=1)
+    assert valid.documents == (8, 10) and test is None
+
+
+@pytest.mark.parametrize("split", ["nan,1,1", "1,,1", "-1,2,0", "inf,1,0", "", "a/b", "1 2 3"])
+def test_malformed_splits_are_data_errors_naming_the_flag(tmp_path, split):
+    write_dataset(tmp_path / "d", 10)
+    with pytest.raises(gpt_dataset.DataError, match=r"--split "):
+        build_train_valid_test_datasets(str(tmp_path / "d"), split, (10, 1, 1), 8, seed=1)

@@ -161,6 +161,18 @@ def corrupt(tmp_path, edit):
         (lambda i, b: (i, b + b"\0\0"), "mismatched data file"),
         # Sequence lengths that run past the end of the .bin.
         (lambda i, b: (i[:38] + struct.pack("<i", 9) + i[42:], b), "truncated or mismatched data file"),
+        # The layout of the pair written by corrupt(): lengths at byte 34, pointers at 42,
+        # document indices [0, 1, 2] at 58.
+        (lambda i, b: (i[:50] + struct.pack("<q", 12) + i[58:], b),
+         r"d\.idx: corrupt index: sequence 1 starts at byte 12, but the lengths before it place it at byte 10"),
+        (lambda i, b: (i[:34] + struct.pack("<i", -1) + i[38:], b), r"d\.idx: corrupt index: sequence 0 has length -1"),
+        (lambda i, b: (i[:58] + struct.pack("<q", 1) + i[66:], b), r"document indices must start with 0"),
+        (lambda i, b: (i[:66] + struct.pack("<q", 3) + i[74:], b), r"document 1 starts at sequence 3 of 2"),
+        (lambda i, b: (i[:66] + struct.pack("<qq", 2, 1), b), r"document 2 starts at sequence 1, before document 1"),
+        (lambda i, b: (i[:66] + struct.pack("<qq", 1, 1), b), r"document indices do not cover the 2 sequences"),
+        (lambda i, b: (i + bytes(8), b), r"d\.idx: 8 bytes after the end of the index"),
+        (lambda i, b: (i, b + b"\0"), r"d\.bin: 25 bytes is not a whole number of uint16 tokens"),
+        (lambda i, b: (i, b[:-1]), r"d\.bin: 23 bytes is not a whole number of uint16 tokens"),
     ],
 )
 def test_bad_files_are_named_in_clear_errors(tmp_path, edit, message):
@@ -200,3 +212,87 @@ def test_offsets_past_2_to_the_31_tokens_and_bytes(tmp_path):
     theirs = mcore.IndexedDataset(str(tmp_path / "big"))
     np.testing.assert_array_equal(pointers_of(theirs), pointers)
     np.testing.assert_array_equal(theirs.get(2, offset=n - 3, length=3), tail)
+
+
+def test_the_whole_index_is_validated_chunk_by_chunk(tmp_path, monkeypatch):
+    """Small chunks, so the check crosses chunk boundaries: a damaged entry deep in the index is
+    found and named, whichever chunk holds it."""
+    from megatron_snm.data import indexed_dataset
+
+    monkeypatch.setattr(indexed_dataset, "_VALIDATE_CHUNK", 7)
+    rng = np.random.default_rng(3)
+    docs = random_documents(rng, 40, 1000, max_sequences=2)
+    write_ours(tmp_path / "d", docs, np.uint16)
+    good = IndexedDataset(str(tmp_path / "d"))
+    lengths = [len(seq) for doc in docs for seq in doc]
+    assert good.sequence_pointers.tolist() == [2 * sum(lengths[:i]) for i in range(len(lengths))]
+    raw = bytearray((tmp_path / "d.idx").read_bytes())
+    n_seq, n_doc = len(good), good.num_documents + 1
+    for victim in (6, 7, 20, n_seq - 1):  # either side of a chunk boundary, and the last entry
+        edited = bytearray(raw)
+        at = 34 + 4 * n_seq + 8 * victim
+        edited[at : at + 8] = struct.pack("<q", int(good.sequence_pointers[victim]) + 2)
+        (tmp_path / "e.idx").write_bytes(bytes(edited))
+        (tmp_path / "e.bin").write_bytes((tmp_path / "d.bin").read_bytes())
+        with pytest.raises(IndexedDatasetError, match=rf"e\.idx: corrupt index: sequence {victim} starts at byte"):
+            IndexedDataset(str(tmp_path / "e"))
+    for victim in (7, 8, n_doc - 2):  # a document index that falls back, around the boundaries
+        edited = bytearray(raw)
+        at = 34 + 12 * n_seq + 8 * victim
+        edited[at : at + 8] = struct.pack("<q", int(good.document_indices[victim - 1]) - 1)
+        (tmp_path / "e.idx").write_bytes(bytes(edited))
+        with pytest.raises(IndexedDatasetError, match=r"e\.idx: corrupt index: document \d+ starts at sequence"):
+            IndexedDataset(str(tmp_path / "e"))
+
+
+def test_content_hash_and_max_token_id(tmp_path):
+    import hashlib
+
+    write_ours(tmp_path / "d", [[np.array([5, 9, 3])], [np.array([70, 2])]], np.uint16)
+    ds = IndexedDataset(str(tmp_path / "d"))
+    assert ds.content_hash == hashlib.sha256((tmp_path / "d.idx").read_bytes()).hexdigest()
+    assert ds.max_token_id() == 70 and ds.max_token_id(chunk_tokens=2) == 70
+    write_ours(tmp_path / "empty", [], np.uint16)
+    assert IndexedDataset(str(tmp_path / "empty")).max_token_id() == -1
+
+
+def test_two_builders_of_one_prefix_never_share_a_temporary(tmp_path):
+    """Once the same temporary name for every builder of a process: a second builder of the
+    same prefix deleted the first's dataset and left a .bin without .idx."""
+    first = IndexedDatasetBuilder(str(tmp_path / "d"), np.uint16)
+    second = IndexedDatasetBuilder(str(tmp_path / "d"), np.uint16)
+    first.add_document([1, 2, 3])
+    second.add_document([4, 5])
+    first.finalize()
+    assert IndexedDataset(str(tmp_path / "d")).get_document(0).tolist() == [1, 2, 3]
+    second.finalize()
+    assert IndexedDataset(str(tmp_path / "d")).get_document(0).tolist() == [4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx"]
+
+
+def test_an_aborted_builder_leaves_the_existing_pair_untouched(tmp_path):
+    write_ours(tmp_path / "d", [[np.arange(4)]], np.uint16)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(RuntimeError):
+        with IndexedDatasetBuilder(str(tmp_path / "d"), np.uint16) as builder:
+            builder.add_document(np.arange(100))
+            raise RuntimeError("killed before finalize")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_without_replace_a_pair_that_appeared_meanwhile_is_left_alone(tmp_path):
+    """Two runs into one new prefix: the later finalize must not replace the earlier's dataset."""
+    builder = IndexedDatasetBuilder(str(tmp_path / "d"), np.uint16)
+    builder.add_document([7, 8, 9])
+    write_ours(tmp_path / "d", [[np.arange(4)]], np.uint16)  # the other run publishes first
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if ".tmp-" not in p.name}
+    with pytest.raises(IndexedDatasetError, match=r"d\.bin: appeared while this run was writing"):
+        builder.finalize(replace=False)
+    builder.abort()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # Into a free prefix, replace=False publishes as usual.
+    with IndexedDatasetBuilder(str(tmp_path / "e"), np.uint16) as other:
+        other.add_document([1])
+        other.finalize(replace=False)
+    assert IndexedDataset(str(tmp_path / "e")).get_document(0).tolist() == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.bin", "d.idx", "e.bin", "e.idx"]

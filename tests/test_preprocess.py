@@ -146,7 +146,7 @@ def test_strict_stops_with_error_naming_the_line(gpt2_files, tmp_path):
     write_lines(tmp_path / "a.jsonl", [doc("good"), b"{broken\n", doc("good again")])
     run = cli("preprocess_data.py", "--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "out",
               *gpt2_args(gpt2_files), "--strict")
-    assert run.returncode == 1
+    assert run.returncode == 2  # bad input: exit status 2, the project's rule
     assert f"{tmp_path}/a.jsonl:2: malformed json" in run.stderr
     assert not list(tmp_path.glob("out*"))
     # Without --strict the same input succeeds, keeping the good lines.
@@ -165,7 +165,7 @@ def test_configuration_errors_fail_before_work(gpt2_files, sample_dir, tmp_path)
     ]:
         (tmp_path / "file").touch()
         run = cli("preprocess_data.py", "--output-prefix", tmp_path / "out", *argv)
-        assert run.returncode == 1 and message in run.stderr, run.stderr
+        assert run.returncode == 2 and message in run.stderr, run.stderr
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
@@ -233,5 +233,5 @@ def test_merge_rejects_mixed_token_dtypes(gpt2_files, tmp_path):
             b.add_document([1, 2, 3])
             b.finalize()
     run = cli("merge_datasets.py", "--input", tmp_path / "small", tmp_path / "large", "--output-prefix", tmp_path / "m")
-    assert run.returncode == 1 and "different token dtypes" in run.stderr
+    assert run.returncode == 2 and "different token dtypes" in run.stderr
     assert not list(tmp_path.glob("m.*"))

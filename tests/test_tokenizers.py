@@ -150,3 +150,36 @@ def test_sentencepiece_without_eos_is_rejected(sample_dir, tmp_path):
     )
     with pytest.raises(ValueError, match="no eos piece"):
         SentencePieceTokenizer(str(tmp_path / "noeos.model"))
+
+
+@pytest.mark.parametrize("kind, content", [
+    ("sentencepiece", b"\x08\x96garbage" * 200),
+    ("tokenizer.json", b'{"version": "1.0", "model": '),
+    ("tokenizer.json", b"[1, 2, 3]"),
+    ("vocab.json", b"\xff\xfe not utf-8"),
+    ("vocab.json", b'["a", "list"]'),
+    ("merges.txt", b"#version: 0.2\nonly-one-token-per-line\n"),
+    ("merges.txt", bytes(range(256))),
+    ("tokenizer_config.json", b"{not json"),
+])
+def test_a_garbage_tokenizer_file_is_a_data_error_naming_it(gpt2_files, tmp_path, kind, content):
+    """What pretrain_gpt.py and preprocess_data.py call: one clear error, never a library traceback."""
+    from megatron_snm.data.errors import DataError
+
+    garbage = tmp_path / kind
+    garbage.write_bytes(content)
+    if kind == "tokenizer_config.json":  # beside a good tokenizer.json
+        from tokenizers import Tokenizer, models
+
+        Tokenizer(models.WordLevel({"<|endoftext|>": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    args = {
+        "sentencepiece": ("SentencePieceTokenizer", None, None, garbage),
+        "tokenizer.json": ("HuggingFaceTokenizer", None, None, garbage),
+        "tokenizer_config.json": ("HuggingFaceTokenizer", None, None, tmp_path),
+        "vocab.json": ("GPT2BPETokenizer", garbage, gpt2_files[1], None),
+        "merges.txt": ("GPT2BPETokenizer", gpt2_files[0], garbage, None),
+    }[kind]
+    with pytest.raises(DataError) as err:
+        build_tokenizer(*args)
+    assert str(err.value).startswith(f"{garbage}"), str(err.value)
+    assert "\n" not in str(err.value)

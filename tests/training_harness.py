@@ -1,4 +1,4 @@
-"""Runs the training loop in-process on N gloo ranks (tests/distributed.py), several
+"""Runs the training loop in-process on N gloo ranks (megatron_snm/parallel/spawn.py), several
 configurations per launched job to pay DeepSpeed's start-up once.
 
     losses = run_configs(world_size, [argv1, argv2, ...])   # per config: rank 0's TrainResult

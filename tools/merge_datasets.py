@@ -7,8 +7,10 @@
     python tools/merge_datasets.py --input out/shards/ --output-prefix out/c4_text_document
 
 A directory stands for every dataset in it (each `.idx` with its `.bin`), in sorted order. All
-inputs are opened and checked (same token dtype) before anything is written; the output is
-written under a temporary name and renamed when complete.
+inputs are opened and checked (whole index, same token dtype) before anything is written; the
+output is written under a temporary name and renamed when complete. An existing output is
+replaced only with `--overwrite`. Exit status 2 on bad input or an output that cannot be
+written, with one line naming the file.
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ import os
 import sys
 import time
 
-
+from megatron_snm.data.errors import DataError
 from megatron_snm.data.indexed_dataset import (
-    IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError,
+    IndexedDataset, IndexedDatasetBuilder, bin_path, clear_stale_temporaries, idx_path,
 )
 
 
@@ -36,18 +38,22 @@ def input_prefixes(inputs: list[str]) -> list[str]:
     return prefixes
 
 
-def merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:
-    datasets = [IndexedDataset(p) for p in prefixes]  # raises IndexedDatasetError naming the file
+def merge(prefixes: list[str], output_prefix: str, overwrite: bool = False) -> IndexedDataset:
+    datasets = [IndexedDataset(p) for p in prefixes]  # raises DataError naming the file
     dtypes = {ds.dtype for ds in datasets}
     if len(dtypes) > 1:
         listing = ", ".join(f"{p} ({ds.dtype})" for p, ds in zip(prefixes, datasets))
         raise ValueError(f"inputs have different token dtypes, cannot merge: {listing}")
     if os.path.abspath(output_prefix) in {os.path.abspath(p) for p in prefixes}:
         raise ValueError(f"--output-prefix {output_prefix} is also an input")
+    clear_stale_temporaries(output_prefix, lambda message: print(f"[merge] {message}", file=sys.stderr))
+    existing = [p for p in (bin_path(output_prefix), idx_path(output_prefix)) if os.path.lexists(p)]
+    if existing and not overwrite:
+        raise ValueError(f"{existing[0]} already exists; pass --overwrite to replace it, or choose another --output-prefix")
     with IndexedDatasetBuilder(output_prefix, datasets[0].dtype) as builder:
         for prefix in prefixes:
             builder.add_index(prefix)
-        builder.finalize()
+        builder.finalize(replace=overwrite)
     return IndexedDataset(output_prefix)
 
 
@@ -55,14 +61,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes, or directories of datasets")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output once the new one is complete")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
         prefixes = input_prefixes(args.input)
-        merged = merge(prefixes, args.output_prefix)
-    except (ValueError, IndexedDatasetError) as e:
+        merged = merge(prefixes, args.output_prefix, args.overwrite)
+    except (ValueError, DataError) as e:
         print(f"merge_datasets.py: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     tokens = int(merged.sequence_lengths.sum(dtype="int64"))
     print(f"[merge] {len(prefixes)} dataset(s) -> {args.output_prefix}: {merged.num_documents:,} documents, "
           f"{tokens:,} tokens in {time.perf_counter() - start:.1f} s", file=sys.stderr)

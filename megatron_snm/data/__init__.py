@@ -10,6 +10,7 @@ torch nor the compiled helpers.
 import importlib
 
 _EXPORTS = {
+    "DataError": "errors",
     "IndexedDataset": "indexed_dataset",
     "IndexedDatasetBuilder": "indexed_dataset",
     "IndexedDatasetError": "indexed_dataset",

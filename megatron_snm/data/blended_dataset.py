@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megatron_snm.data.errors import DataError
 from megatron_snm.data.helpers import build_blending_indices
 
 
@@ -32,7 +33,7 @@ class BlendedDataset(torch.utils.data.Dataset):
         for k, (count, dataset) in enumerate(zip(counts, self.datasets)):
             if count > len(dataset):
                 name = repr(dataset) if len(repr(dataset)) < 200 else f"{type(dataset).__name__} of {len(dataset)}"
-                raise ValueError(
+                raise DataError(
                     f"BlendedDataset: the blend draws {count} samples from dataset {k} ({name}), "
                     f"which has only {len(dataset)}"
                 )
@@ -45,6 +46,13 @@ class BlendedDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.size
+
+    def sample_origin(self, idx: int) -> str:
+        """Where sample `idx` comes from, for error messages: the dataset that serves it."""
+        inner = self.datasets[self.dataset_index[idx]]
+        inner_idx = int(self.dataset_sample_index[idx])
+        origin = inner.sample_origin(inner_idx) if hasattr(inner, "sample_origin") else f"{inner!r} sample {inner_idx}"
+        return f"{origin}, blend sample {idx}"
 
     def __getitem__(self, idx: int) -> dict:
         if not -self.size <= idx < self.size:

@@ -15,10 +15,13 @@ own thread pool would only fight the workers for cores. Training needs only `voc
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import os
 
 import numpy as np
+
+from megatron_snm.data.errors import DataError
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer")
 
@@ -52,8 +55,25 @@ class Tokenizer(abc.ABC):
         ...
 
 
+@contextlib.contextmanager
+def _reading(path: str, what: str):
+    """Any failure to load `path` becomes one DataError naming it (a library's own message
+    rarely names the file, and a garbage file must not end in a traceback)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what} ({e.strerror or e})") from e
+    except Exception as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a valid {what} ({detail[:200]})") from e
+
+
 def build_tokenizer(tokenizer_type: str, vocab_file=None, merge_file=None, tokenizer_model=None) -> Tokenizer:
-    """The tokenizer named by Megatron's `--tokenizer-type`, checking its files exist first."""
+    """The tokenizer named by Megatron's `--tokenizer-type`, checking its files exist first.
+    Raises FileNotFoundError for a missing file, DataError (naming it) for one that cannot be
+    loaded."""
 
     def need(value, flag):
         if value is None:
@@ -109,12 +129,12 @@ class GPT2BPETokenizer(Tokenizer):
         def decode(token: str, path: str) -> bytes:
             try:
                 return bytes(to_byte[c] for c in token)
-            except KeyError as e:
-                raise ValueError(f"{path}: token {token!r} is not in GPT-2's byte-level alphabet") from e
+            except (KeyError, TypeError) as e:
+                raise DataError(f"{path}: token {token!r} is not in GPT-2's byte-level alphabet") from e
 
         # The single bytes come first, ranked in the order of the characters that stand for them.
         ranks = {bytes([to_byte[c]]): i for i, c in enumerate(sorted(to_byte))}
-        with open(merge_file, encoding="utf-8") as f:
+        with _reading(merge_file, "GPT-2 merges.txt"), open(merge_file, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if lineno == 1 and line.startswith("#version"):
                     continue
@@ -122,15 +142,17 @@ class GPT2BPETokenizer(Tokenizer):
                     continue
                 parts = line.split()
                 if len(parts) != 2:
-                    raise ValueError(f"{merge_file}:{lineno}: expected two tokens per merge, got {line!r}")
+                    raise DataError(f"{merge_file}:{lineno}: expected two tokens per merge, got {line[:80]!r}")
                 ranks[decode(parts[0], merge_file) + decode(parts[1], merge_file)] = len(ranks)
-        with open(vocab_file, encoding="utf-8") as f:
+        with _reading(vocab_file, "GPT-2 vocab.json"), open(vocab_file, encoding="utf-8") as f:
             vocab = json.load(f)
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise DataError(f"{vocab_file}: not a GPT-2 vocab.json (expected one JSON object of token: id)")
         if GPT2_EOD not in vocab:
-            raise ValueError(f"{vocab_file}: no {GPT2_EOD} token")
+            raise DataError(f"{vocab_file}: no {GPT2_EOD} token")
         self._eod = vocab.pop(GPT2_EOD)
         if {decode(t, vocab_file): i for t, i in vocab.items()} != ranks:
-            raise ValueError(
+            raise DataError(
                 f"{vocab_file} and {merge_file} are not a GPT-2 pair: the ids in the vocabulary do not "
                 f"follow the merge order (use --tokenizer-type HuggingFaceTokenizer for other BPE files)"
             )
@@ -167,10 +189,11 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_file: str):
         import sentencepiece
 
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        with _reading(model_file, "SentencePiece model"):
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
         self._eod = self._sp.eos_id()
         if self._eod < 0:
-            raise ValueError(f"{model_file}: the model has no eos piece to end documents with (train it with eos_id >= 0)")
+            raise DataError(f"{model_file}: the model has no eos piece to end documents with (train it with eos_id >= 0)")
 
     @property
     def vocab_size(self) -> int:
@@ -208,27 +231,28 @@ class HuggingFaceTokenizer(Tokenizer):
         directory, file = (path, os.path.join(path, "tokenizer.json")) if os.path.isdir(path) else (os.path.dirname(path), path)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{path}: no tokenizer.json there")
-        self._tok = HFTokenizer.from_file(file)
+        with _reading(file, "Hugging Face tokenizer.json"):
+            self._tok = HFTokenizer.from_file(file)
         self._tok.encode_special_tokens = True  # "<|endoftext|>" written in a document is plain text
         self._eod = self._find_eod(directory, file)
 
     def _find_eod(self, directory: str, file: str) -> int:
         config = os.path.join(directory, "tokenizer_config.json")
         if os.path.isfile(config):
-            with open(config, encoding="utf-8") as f:
+            with _reading(config, "tokenizer_config.json"), open(config, encoding="utf-8") as f:
                 eos = json.load(f).get("eos_token")
             if isinstance(eos, dict):  # an AddedToken written out in full
                 eos = eos.get("content")
             if eos is not None:
-                eod = self._tok.token_to_id(eos)
+                eod = self._tok.token_to_id(eos) if isinstance(eos, str) else None
                 if eod is None:
-                    raise ValueError(f"{config}: eos_token {eos!r} is not in {file}")
+                    raise DataError(f"{config}: eos_token {eos!r} is not in {file}")
                 return eod
         for name in _EOS_NAMES:
             eod = self._tok.token_to_id(name)
             if eod is not None:
                 return eod
-        raise ValueError(f"{file}: no end-of-text token found (looked for {', '.join(_EOS_NAMES)}); add a tokenizer_config.json with eos_token")
+        raise DataError(f"{file}: no end-of-text token found (looked for {', '.join(_EOS_NAMES)}); add a tokenizer_config.json with eos_token")
 
     @property
     def vocab_size(self) -> int:

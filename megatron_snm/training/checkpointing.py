@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+from megatron_snm.atomic import fsync_dir, write_atomically
 from megatron_snm.config import ConfigError, RunConfig
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.parallel import rng, state
@@ -136,24 +137,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomically(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_error(path: str, err: Exception) -> str:
     free = shutil.disk_usage(os.path.dirname(path)).free
     return f"writing {path} failed ({type(err).__name__}: {str(err).splitlines()[0]}; {free} bytes free on its file system)"
@@ -242,8 +225,8 @@ class PendingSave:
             if os.path.exists(final_dir):  # re-saving an iteration `latest` does not name (a resumed run)
                 shutil.rmtree(final_dir)
             os.replace(self.tmp_dir, final_dir)
-            _fsync_dir(self.save_dir)
-            _write_atomically(os.path.join(self.save_dir, LATEST), tag_of(self.iteration))
+            fsync_dir(self.save_dir)
+            write_atomically(os.path.join(self.save_dir, LATEST), tag_of(self.iteration))
         dist.barrier()
         return final_dir
 

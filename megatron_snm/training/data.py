@@ -12,6 +12,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from megatron_snm.data.vocabulary_check import check_token_ids
+
 
 def micro_batch_indices(consumed_samples: int, total_samples: int, micro_batch_size: int,
                         dp_rank: int, dp_size: int) -> Iterator[list[int]]:
@@ -22,17 +24,21 @@ def micro_batch_indices(consumed_samples: int, total_samples: int, micro_batch_s
         yield list(range(first, first + micro_batch_size))
 
 
-def _collate(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _collate(dataset, indices: list[int], vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     text = torch.from_numpy(np.stack([np.asarray(dataset[i]["text"], dtype=np.int64) for i in indices]))
+    if vocab_size is not None:
+        check_token_ids(text, vocab_size, dataset, indices)
     return text[:, :-1].contiguous(), text[:, 1:].contiguous()  # tokens, labels
 
 
 def micro_batches(dataset, consumed_samples: int, total_samples: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  dp_rank: int, dp_size: int, device: torch.device,
+                  vocab_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(tokens [m, s], labels [m, s]) for this DP rank. `total_samples` may exceed len(dataset)
-    only if the dataset wraps around itself (GPTDataset builds exactly what it is asked for)."""
+    only if the dataset wraps around itself (GPTDataset builds exactly what it is asked for).
+    With `vocab_size` (the tokenizer's, before padding), an id outside it raises DataError."""
     if total_samples > len(dataset):
         raise ValueError(f"the dataset has {len(dataset)} samples, the run needs {total_samples}")
     for indices in micro_batch_indices(consumed_samples, total_samples, micro_batch_size, dp_rank, dp_size):
-        tokens, labels = _collate(dataset, indices)
+        tokens, labels = _collate(dataset, indices, vocab_size)
         yield tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -117,7 +117,8 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def _batches(self, dataset, start: int, samples: int) -> Iterator:
         return micro_batches(dataset, start, samples, self.run.batch.micro_batch_size,
-                             state.get_data_parallel_rank(), state.get_data_parallel_world_size(), device())
+                             state.get_data_parallel_rank(), state.get_data_parallel_world_size(), device(),
+                             vocab_size=self.model_config.vocab_size)
 
     def _evaluate(self, dataset, where: str, tag: str) -> float:
         batches = self._batches(dataset, 0, self.run.eval.eval_iters * self.run.batch.global_batch_size)
