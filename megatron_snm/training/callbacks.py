@@ -7,7 +7,7 @@ across a resume (in the style of OLMo-core's callbacks).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -29,6 +29,8 @@ class StepReport:
     nonfinite_total: int
     spikes_total: int
     spike_mean: float | None  # the running mean a spike was measured against
+    step_time: float = 0.0  # seconds the engine took for the step
+    optimizer_states: dict[str, float] = field(default_factory=dict)  # --log-optimizer-states-to-tensorboard
 
 
 class Callback:
