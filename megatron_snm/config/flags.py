@@ -147,9 +147,11 @@ class OptimizerArgs:
     optimizer: str = _opt("adam", "adam: Adam with decoupled weight decay (AdamW), as Megatron's 'adam'",
                           choices=("adam", "sgd"))
     override_opt_param_scheduler: bool = _opt(False, "on resume, use this run's LR-schedule flags even where "
-                                              "the checkpoint's differ", action="store_true")
+                                              "the checkpoint's differ", action="store_true",
+                                              flags=("--override-opt_param-scheduler",))
     use_checkpoint_opt_param_scheduler: bool = _opt(False, "on resume, use the checkpoint's LR-schedule flags",
-                                                    action="store_true")
+                                                    action="store_true",
+                                                    flags=("--use-checkpoint-opt_param-scheduler",))
     clip_grad: float | None = _opt(None, "clip the global gradient norm to this (0: off; default: the JSON's, "
                                    "else 1.0)", type=float)
 
@@ -159,7 +161,8 @@ class DataArgs:
     data_path: list[str] | None = _opt(None, "PREFIX, or W1 PREFIX1 W2 PREFIX2 ... to blend", nargs="+")
     split: str = _opt("969,30,1", "train,valid,test proportions of the documents")
     data_cache_path: str | None = _opt(None, "where to cache the dataset indices (default: beside the data)")
-    tokenizer_type: str | None = _opt(None, "e.g. GPT2BPETokenizer, SentencePieceTokenizer")
+    tokenizer_type: str | None = _opt(None, "e.g. GPT2BPETokenizer, SentencePieceTokenizer (default: GPT2BPETokenizer "
+                                      "when --vocab-file and --merge-file are given)")
     vocab_file: str | None = _opt(None, "tokenizer vocabulary file")
     merge_file: str | None = _opt(None, "BPE merges file")
     tokenizer_model: str | None = _opt(None, "SentencePiece model file")
@@ -252,17 +255,19 @@ class CompatArgs:
     no_persist_layer_norm: bool = _no_effect(False, "LayerNorm is ours (csrc) or apex's, never the persistent "
                                              "kernel", **_FLAG)
     use_mcore_models: bool = _no_effect(False, "the model is megatron-snm's own", **_FLAG)
-    transformer_impl: str | None = _no_effect(None, "the model is megatron-snm's own layers",
+    transformer_impl: str | None = _no_effect(None, "the model is megatron-snm's own layers (no Transformer "
+                                              "Engine)",
                                               choices=("local", "transformer_engine"))
     overlap_grad_reduce: bool = _no_effect(False, "DeepSpeed schedules the gradient reduction "
                                            "(zero_optimization.overlap_comm in the JSON)", **_FLAG)
     overlap_param_gather: bool = _no_effect(False, "DeepSpeed schedules the parameter gathers", **_FLAG)
-    apply_query_key_layer_scaling: bool = _no_effect(False, "softmax runs in fp32 inside SDPA whatever the "
-                                                     "precision", **_FLAG)
+    apply_query_key_layer_scaling: bool = _no_effect(False, "mathematically a no-op (Megatron's fp16 overflow "
+                                                     "guard); attention is PyTorch's SDPA", **_FLAG)
     timing_log_level: int | None = _no_effect(None, "the timers are always the same few (see "
                                               "--log-timers-to-tensorboard)", type=int)
     dataloader_type: str | None = _no_effect(None, "the sampler is always Megatron's 'single' (in order from "
-                                             "the consumed samples)", choices=("single", "cyclic", "external"))
+                                             "the consumed samples); cyclic and external are refused",
+                                             choices=("single", "cyclic", "external"))
     position_embedding_type: str = _opt("learned_absolute", "only learned_absolute (GPT-2's) exists here",
                                         choices=("learned_absolute", "rope", "relative", "none"))
     normalization: str = _opt("LayerNorm", "only LayerNorm exists here", choices=("LayerNorm", "RMSNorm"))

@@ -113,6 +113,9 @@ def _flag(name: str) -> str:
 
 def _compat(compat: CompatArgs) -> list[str]:
     """Refuses the flags of features we lack; returns a log line for each flag with no effect here."""
+    if compat.dataloader_type not in (None, "single"):
+        raise ConfigError(f"--dataloader-type {compat.dataloader_type} is not supported: samples are read in order "
+                          "from the consumed-samples count ('single'); give --dataloader-type single or drop it")
     notes = []
     for f in dataclasses.fields(compat):
         value = getattr(compat, f.name)
@@ -338,6 +341,8 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
             raise ConfigError("--wandb-project needs the wandb package: pip install wandb "
                               "(or drop --wandb-project)") from None
     data = flags.data
+    if data.tokenizer_type is None and data.vocab_file and data.merge_file:  # Megatron's scripts rely on this
+        data = dataclasses.replace(data, tokenizer_type="GPT2BPETokenizer")
     if data.data_impl in ("lazy", "cached"):
         raise ConfigError(f"--data-impl {data.data_impl} is not supported: the data is read as Megatron's mmap "
                           ".bin/.idx (what tools/preprocess_data.py writes); give --data-impl mmap or drop it")

@@ -43,6 +43,7 @@ from megatron_snm.training.spikes import SpikePolicy
 class TrainResult:
     iteration: int = 0
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> global batch loss
+    lrs: dict[int, float] = field(default_factory=dict)  # iteration -> its learning rate
     skipped: list[int] = field(default_factory=list)
     spikes: list[int] = field(default_factory=list)
     valid_losses: dict[int, float] = field(default_factory=dict)
@@ -199,7 +200,7 @@ class Trainer:
         while self.iteration < run.batch.train_iters:
             report = self.step(train_batches)
             it = result.iteration = report.iteration
-            result.losses[it] = report.result.loss
+            result.losses[it], result.lrs[it] = report.result.loss, report.lr
             if not report.result.applied:
                 result.skipped.append(it)
             if report.verdict.spike:
