@@ -134,6 +134,24 @@ def test_unavailable_attention_backend_is_refused():
         resolve(parse_args(SHAPE + ["--train-iters", "1", "--attention-backend", "fused"]), 1)
 
 
+def test_attention_backends_compute_the_same_attention():
+    from megatron_snm.model.config import GPTConfig
+    from megatron_snm.model.gpt import GPTModel, gpt_loss
+    from tests.model_shapes import tiny as tiny_shape
+
+    tokens = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses, grads = {}, {}
+    for backend in ("unfused", "flash", "auto"):
+        model = GPTModel(GPTConfig(**tiny_shape(attention_backend=backend)))
+        loss = gpt_loss(model(tokens), tokens.roll(-1, 1))
+        loss.backward()
+        losses[backend], grads[backend] = loss.item(), {n: p.grad for n, p in model.named_parameters()}
+    for backend in ("flash", "auto"):
+        assert losses[backend] == pytest.approx(losses["unfused"], rel=1e-5)
+        for n, g in grads[backend].items():
+            torch.testing.assert_close(g, grads["unfused"][n], rtol=1e-4, atol=1e-6)
+
+
 def test_no_effect_flags_say_so_and_aliases_resolve():
     run = resolve(parse_args(SHAPE + [
         "--train-iters", "10", "--data-impl", "mmap", "--no-async-tensor-model-parallel-allreduce",
