@@ -4,44 +4,38 @@
     torchrun --nproc_per_node 2 pretrain_gpt.py ...
     mpirun -np 2 python pretrain_gpt.py ...
 
-`python pretrain_gpt.py --help` lists every flag. Exit status: 0 done, 2 bad configuration,
-data or checkpoint (one line naming the flag or file; the traceback with --debug or
-MEGATRON_SNM_DEBUG=1; configuration errors are found before any process group starts), 3 stopped
-because the run diverged.
+`python pretrain_gpt.py --help` lists every flag (docs/megatron_flags.md: how each Megatron flag is
+handled). Exit status: 0 done (or stopped by --exit-interval), 2 bad configuration, data or
+checkpoint (one line naming the flag or file; the traceback with --debug or MEGATRON_SNM_DEBUG=1;
+configuration errors are found before any process group starts), 3 stopped because the run diverged, 4 saved and stopped early by
+--exit-duration-in-mins or a signal under --exit-signal-handler: run again with --load to continue
+(training/exit_conditions.py).
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import time
 import traceback
 
 import torch.distributed as dist
 
-from megatron_snm.config import ConfigError, parse_args, resolve
+from megatron_snm.config import ConfigError, RunConfig, parse_args, resolve
 from megatron_snm.data import build_train_valid_test_datasets
 from megatron_snm.data.gpt_dataset import parse_data_path
 from megatron_snm.data.tokenizers import build_tokenizer
 from megatron_snm.parallel import distributed
 from megatron_snm.parallel.launcher_watchdog import watch_launcher
-from megatron_snm.training.trainer import build_run
+from megatron_snm.training.exit_conditions import EXIT_CODES, EXIT_CONFIG
+from megatron_snm.training.trainer import TrainResult, build_run
+
+START_TIME = time.time()  # what --exit-duration-in-mins counts from
 
 
-def main(argv: list[str] | None = None) -> int:
-    flags = parse_args(argv)
-    try:
-        return _main(flags)
-    except (ValueError, OSError) as err:  # ConfigError, CheckpointError, data errors, I/O
-        if flags.logging.debug or os.environ.get("MEGATRON_SNM_DEBUG"):
-            traceback.print_exc()
-        print(f"pretrain_gpt.py: error: {err}", file=sys.stderr, flush=True)
-        return 2
-
-
-def _main(flags) -> int:
-    env = distributed.discover()
-    # Everything that can be checked before any process group exists.
-    run = resolve(flags, env.world_size)
+def prepare(argv: list[str] | None, world_size: int):
+    """Flags -> (run, tokenizer); raises ConfigError (or ValueError, OSError) before anything starts."""
+    run = resolve(parse_args(argv), world_size)
     data = run.data
     if not data.data_path:
         raise ConfigError("--data-path is required")
@@ -53,21 +47,44 @@ def _main(flags) -> int:
     if not data.tokenizer_type:
         raise ConfigError("--tokenizer-type is required (the model's vocabulary size is the tokenizer's)")
     tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file, data.tokenizer_model)
+    return run, tokenizer
 
+
+def pretrain(run: RunConfig, vocab_size: int, env: distributed.DistEnv | None = None,
+             start_time: float = START_TIME) -> TrainResult:
+    """Builds the run and its datasets and trains (every rank). Raises ConfigError for a refused
+    checkpoint."""
+    trainer = build_run(run, vocab_size, env=env, start_time=start_time)
+    samples = run.batch.global_batch_size
+    num_samples = (run.batch.train_iters * samples, run.eval.eval_iters * samples, run.eval.eval_iters * samples)
+    data = run.data
+    # Every rank calls this; rank 0 builds and caches the sample indices, the others read them.
+    datasets = build_train_valid_test_datasets(data.data_path, data.split, num_samples, run.model.seq_length,
+                                               run.model.seed, data.data_cache_path, vocab_size=vocab_size)
+    return trainer.train(datasets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (ValueError, OSError) as err:  # ConfigError, CheckpointError, DataError, I/O
+        if "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("MEGATRON_SNM_DEBUG"):
+            traceback.print_exc()
+        print(f"pretrain_gpt.py: error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+
+
+def _main(argv: list[str] | None) -> int:
+    env = distributed.discover()
+    run, tokenizer = prepare(argv, env.world_size)  # before any process group
     watch_launcher()
     # Our own log lines (which LayerNorm backend, dataset index builds) on rank 0; warnings everywhere.
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
-    trainer = build_run(run, tokenizer.vocab_size, env=env)
-    samples = run.batch.global_batch_size
-    num_samples = (run.batch.train_iters * samples, run.eval.eval_iters * samples, run.eval.eval_iters * samples)
-    # Every rank calls this; rank 0 builds and caches the sample indices, the others read them.
-    datasets = build_train_valid_test_datasets(data.data_path, data.split, num_samples, run.model.seq_length,
-                                               run.model.seed, data.data_cache_path, vocab_size=tokenizer.vocab_size)
-    result = trainer.train(datasets)
+    result = pretrain(run, tokenizer.vocab_size, env)
     dist.barrier()
     dist.destroy_process_group()
-    return 3 if result.diverged else 0
+    return EXIT_CODES[result.stopped]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
 #   LAUNCHER=torchrun    one torchrun per node; run the script on every node (SLURM: srun does that,
 #                        see pretrain_gpt_slurm.sbatch), NODE_RANK defaults to SLURM_NODEID
 #   LAUNCHER=mpirun      Open MPI, one rank per GPU over HOSTFILE (see pretrain_gpt_mpirun.sh)
+#   LAUNCHER=srun        inside a SLURM allocation: srun starts one rank per GPU itself, with no
+#                        launcher in between, so SLURM's signals reach the ranks and their exit
+#                        status is srun's (pretrain_gpt_slurm.sbatch requeues on status 4)
 #
 # Environment: NNODES, GPUS_PER_NODE, HOSTFILE, MASTER_ADDR (deepspeed: default the hostfile's first
 # host), MASTER_PORT, NODE_RANK, PYTHON. The job runs in the repository root: relative paths
@@ -37,7 +40,7 @@ micro_batch_for() {
 # launch ARGS...: runs pretrain_gpt.py ARGS on NNODES x GPUS_PER_NODE ranks.
 launch() {
     local world=$((NNODES * GPUS_PER_NODE)) cmd
-    if [[ "$NNODES" -gt 1 && "$LAUNCHER" != torchrun && -z "${HOSTFILE:-}" ]]; then
+    if [[ "$NNODES" -gt 1 && "$LAUNCHER" != torchrun && "$LAUNCHER" != srun && -z "${HOSTFILE:-}" ]]; then
         echo "error: NNODES=$NNODES needs HOSTFILE=<file listing the nodes> (see examples/hostfile.example)" >&2
         return 2
     fi
@@ -56,8 +59,13 @@ launch() {
                  -x MASTER_ADDR="${MASTER_ADDR:-localhost}" -x MASTER_PORT="$MASTER_PORT" -x PYTHONPATH -x PATH)
             [[ -n "${HOSTFILE:-}" ]] && cmd+=(--hostfile "$HOSTFILE")
             cmd+=("$PYTHON" pretrain_gpt.py) ;;
+        srun)
+            # Each task is one rank: SLURM's task ids are torch.distributed's rank variables.
+            cmd=(srun --nodes "$NNODES" --ntasks-per-node "$GPUS_PER_NODE" bash -c
+                 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"'
+                 rank "$PYTHON" pretrain_gpt.py) ;;
         *)
-            echo "error: LAUNCHER=$LAUNCHER; use deepspeed, torchrun or mpirun" >&2
+            echo "error: LAUNCHER=$LAUNCHER; use deepspeed, torchrun, mpirun or srun" >&2
             return 2 ;;
     esac
     if [[ "${DRY_RUN:-0}" == 1 ]]; then

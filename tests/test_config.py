@@ -33,9 +33,9 @@ def refused(argv, world_size, monkeypatch, capsys) -> str:
     (SHAPE + ["--fp16", "--bf16"], 1, "--fp16 and --bf16 are mutually exclusive"),
     (SHAPE + ["--micro-batch-size", "2", "--global-batch-size", "6"], 2,
      "--global-batch-size (6) must be divisible by --micro-batch-size (2) x data-parallel size (2"),
-    (SHAPE + ["--train-tokens", "1000"], 1, "give exactly one of --train-iters and --train-tokens"),
+    (SHAPE + ["--train-samples", "1000"], 1, "give one of --train-iters and --train-samples, not both"),
     (SHAPE + ["--save-interval", "5"], 1, "--save-interval needs --save"),
-    (SHAPE[:-2], 1, "give exactly one of --train-iters and --train-tokens"),
+    (SHAPE[:-2], 1, "give one of --train-iters, --train-samples and --train-tokens"),
     (SHAPE[2:], 1, "--num-layers is required (or give --model-size)"),
     (SHAPE + ["--lr", "inf"], 1, "--lr must be a finite number, got inf"),
     (SHAPE + ["--lr", "nan"], 1, "--lr must be a finite number, got nan"),
@@ -104,7 +104,8 @@ def test_generated_deepspeed_config_from_flags():
                                 "--fp16", "--loss-scale", "128", "--tensor-model-parallel-size", "2"])
     ds = resolve(flags, world_size=4).deepspeed  # DP = 2 -> 4 micro-batches per step
     assert ds["gradient_accumulation_steps"] == 4 and ds["zero_optimization"] == {"stage": 3}
-    assert ds["fp16"] == {"enabled": True, "loss_scale": 128.0} and ds["bf16"] == {"enabled": False}
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 128.0, "initial_scale_power": 32, "min_loss_scale": 1.0,
+                          "loss_scale_window": 1000, "hysteresis": 2} and ds["bf16"] == {"enabled": False}
     assert ds["gradient_clipping"] == 1.0
 
 

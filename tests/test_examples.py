@@ -144,15 +144,19 @@ def test_mpirun_variant(monkeypatch):
 
 
 def test_slurm_batch_script(tmp_path, monkeypatch):
-    # A stand-in `srun` that runs the task once, here, as SLURM would on node 1 of 2.
-    srun = tmp_path / "srun"
-    srun.write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
-    srun.chmod(0o755)
+    # srun starts every rank itself (no launcher in between: SLURM's USR1 reaches the ranks, their
+    # exit status 4 reaches the requeue), each task's SLURM ids becoming its rank variables.
     world, launcher, argv = dry_run(
-        "pretrain_gpt_slurm.sbatch", PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(REPO),
-        SLURM_NNODES="2", SLURM_NODEID="1", SLURM_GPUS_ON_NODE="8", MASTER_ADDR="node-01", MODEL_SIZE="1.7b")
-    assert world == 16 and launcher[0] == "torchrun"
-    for flag, value in (("--nnodes", "2"), ("--nproc-per-node", "8"), ("--node-rank", "1"),
-                        ("--master-addr", "node-01")):
+        "pretrain_gpt_slurm.sbatch", SLURM_SUBMIT_DIR=str(REPO), SLURM_NNODES="2", SLURM_GPUS_ON_NODE="8",
+        MASTER_ADDR="node-01", MODEL_SIZE="1.7b")
+    assert world == 16 and launcher[0] == "srun"
+    for flag, value in (("--nodes", "2"), ("--ntasks-per-node", "8")):
         assert launcher[launcher.index(flag) + 1] == value
+    wrapper = launcher[launcher.index("-c") + 1]
+    assert "RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID" in wrapper
+    ranks = subprocess.run(["bash", "-c", wrapper, "rank", "bash", "-c", "echo $RANK/$WORLD_SIZE/$LOCAL_RANK"],
+                           env=dict(os.environ, SLURM_PROCID="9", SLURM_NTASKS="16", SLURM_LOCALID="1"),
+                           capture_output=True, text=True)
+    assert ranks.stdout.strip() == "9/16/1"
+    assert "--exit-signal-handler" in argv
     accepted(argv, world, monkeypatch)

@@ -7,7 +7,7 @@ from megatron_snm.training.lr_schedule import LRSchedule
 
 
 def test_warmup_then_cosine():
-    s = LRSchedule(max_lr=1e-3, min_lr=1e-4, warmup_iters=10, decay_iters=110, style="cosine")
+    s = LRSchedule(max_lr=1e-3, min_lr=1e-4, warmup=10, decay=110, style="cosine")
     assert s(1) == pytest.approx(1e-4) and s(5) == pytest.approx(5e-4) and s(10) == pytest.approx(1e-3)
     assert s(60) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half-way: cos(pi/2) = 0
     assert s(35) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 0.25)))
@@ -17,9 +17,9 @@ def test_warmup_then_cosine():
 
 
 def test_linear_and_constant():
-    linear = LRSchedule(max_lr=2.0, min_lr=0.0, warmup_iters=0, decay_iters=100, style="linear")
+    linear = LRSchedule(max_lr=2.0, min_lr=0.0, warmup=0, decay=100, style="linear")
     assert [linear(i) for i in (0, 25, 50, 100, 200)] == pytest.approx([2.0, 1.5, 1.0, 0.0, 0.0])
-    constant = LRSchedule(max_lr=3.0, min_lr=0.0, warmup_iters=4, decay_iters=10, style="constant")
+    constant = LRSchedule(max_lr=3.0, min_lr=0.0, warmup=4, decay=10, style="constant")
     assert [constant(i) for i in (1, 2, 4, 5, 1000)] == pytest.approx([0.75, 1.5, 3.0, 3.0, 3.0])
 
 

@@ -147,7 +147,7 @@ def test_bad_layer_number_and_long_sequence_are_refused():
     config = GPTConfig(**TINY)
     with pytest.raises(ValueError, match="--num-layers"):
         TransformerBlock(config, 0)
-    with pytest.raises(ValueError, match="--seq-length"):
+    with pytest.raises(ValueError, match="--max-position-embeddings"):
         GPTEmbedding(config)(_tokens(s=13))
 
 

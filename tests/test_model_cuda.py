@@ -35,7 +35,7 @@ def test_cuda_bf16_and_checkpoint_replays_dropout():
     grads = []
     for ckpt in (False, True):
         config = GPTConfig(**TINY, params_dtype=torch.bfloat16, hidden_dropout=0.1, attention_dropout=0.1,
-                           checkpoint_activations=ckpt)
+                           recompute_granularity="full" if ckpt else None)
         with torch.device("cuda"):
             model = GPTModel(config)
         tp_random.model_parallel_seed(5)

@@ -81,7 +81,7 @@ def test_scaled_init_keeps_the_residual_stream_from_growing():
 
 
 def test_off_means_no_hooks_and_checkpointing_gives_the_same_figures():
-    model = GPTModel(GPTConfig(**SHAPE, embedding_norm="none", checkpoint_activations=True))
+    model = GPTModel(GPTConfig(**SHAPE, embedding_norm="none", recompute_granularity="full"))
     monitor = StabilityMonitor(model)
     assert _hook_count(model) == 0
     tokens, labels = _batch()

@@ -18,11 +18,18 @@ from tests.model_shapes import tiny
 TINY = tiny()
 MODES = ("none", "layernorm", "scaled", "detach")
 # vocab 500 pads to 512 for TP=1 (multiple of 128) and TP=2 (multiple of 256): same full table.
-CASES = {f"{mode}{'+ckpt' if ckpt else ''}": dict(embedding_norm=mode, checkpoint_activations=ckpt)
+CASES = {f"{mode}{'+ckpt' if ckpt else ''}": dict(embedding_norm=mode, recompute_granularity="full" if ckpt else None)
          for mode in MODES for ckpt in (False, True)}
 # Dropout on the residual stream draws from the default stream, identical on every TP rank, so
 # TP=2 still equals TP=1 (attention dropout, on split heads, differs by design).
-CASES["layernorm+ckpt+hidden_dropout"] = dict(checkpoint_activations=True, hidden_dropout=0.2)
+CASES["layernorm+ckpt+hidden_dropout"] = dict(recompute_granularity="full", hidden_dropout=0.2)
+CASES["untied"] = dict(untie_embeddings_and_output_weights=True)  # the output layer's own table, split over TP
+CASES["untied+scaled+ckpt"] = dict(untie_embeddings_and_output_weights=True, embedding_norm="scaled",
+                                   recompute_granularity="full")
+# Megatron's recompute plans against no recompute, with dropout everywhere (each must replay the masks).
+RECOMPUTE = {"selective": dict(recompute_granularity="selective"),
+             "uniform x2": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2),
+             "block x1": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1)}
 REL_TOL = 1e-5
 
 
@@ -93,8 +100,11 @@ def _tp_body(rank, world):
     # Attention dropout on split heads: recompute must replay each rank's own masks.
     dropout = dict(TINY, hidden_dropout=0.2, attention_dropout=0.2)
     plain = _run(GPTConfig(**dropout, tensor_parallel_size=world))
-    ckpt = _run(GPTConfig(**dropout, checkpoint_activations=True, tensor_parallel_size=world))
+    ckpt = _run(GPTConfig(**dropout, recompute_granularity="full", tensor_parallel_size=world))
     results["tp2 dropout: ckpt vs plain"] = _compare(ckpt, plain)
+    for name, recompute in RECOMPUTE.items():
+        results[f"tp2 dropout: {name} vs plain"] = _compare(
+            _run(GPTConfig(**dropout, **recompute, tensor_parallel_size=world)), plain)
     return results
 
 
@@ -103,7 +113,8 @@ def results():
     return run_distributed(_tp_body, 2)
 
 
-@pytest.mark.parametrize("case", [*CASES, "tp2 dropout: ckpt vs plain"])
+@pytest.mark.parametrize("case", [*CASES, "tp2 dropout: ckpt vs plain",
+                                  *(f"tp2 dropout: {name} vs plain" for name in RECOMPUTE)])
 def test_tp2_equals_tp1(results, case):
     for rank, per_rank in enumerate(results):
         r = per_rank[case]

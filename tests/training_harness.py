@@ -67,10 +67,11 @@ if __name__ == "__main__":
     import sys
 
     from megatron_snm.parallel.spawn import free_port
+    from megatron_snm.training.exit_conditions import EXIT_CODES, EXIT_CONFIG
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     result = _body(0, 1, [sys.argv[1:]])[0]
     if isinstance(result, Exception):
         print(f"training_harness: error: {result}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    sys.exit(3 if result.diverged else 0)
+        sys.exit(EXIT_CONFIG)
+    sys.exit(EXIT_CODES[result.stopped])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from megatron_snm.model.config import EMBEDDING_NORMS, INIT_METHODS
 from megatron_snm.model.presets import MODEL_PRESETS
+from megatron_snm.training.lr_schedule import STYLES
 
 
 def _opt(default, help: str, **argparse_kwargs):
@@ -31,7 +32,9 @@ class ModelArgs:
     hidden_size: int | None = _opt(None, "hidden size d", type=int)
     num_attention_heads: int | None = _opt(None, "attention heads", type=int)
     ffn_hidden_size: int | None = _opt(None, "FFN inner size (default 4 x hidden)", type=int)
-    seq_length: int | None = _opt(None, "tokens per sample (= max position embeddings)", type=int)
+    seq_length: int | None = _opt(None, "tokens per sample", type=int)
+    max_position_embeddings: int | None = _opt(None, "rows of the learned position table (>= --seq-length; "
+                                               "default --seq-length)", type=int)
     init_method: str = _opt("normal", "'normal': N(0, --init-method-std); 'small': sigma = sqrt(2/(5d))",
                             choices=INIT_METHODS)
     init_method_std: float = _opt(0.02, "std of the 'normal' init", type=float)
@@ -39,11 +42,33 @@ class ModelArgs:
                              action="store_false", flags=("--no-scaled-init",))
     embedding_norm: str = _opt("layernorm", "the paper's 'large shortcut': layernorm (Embed LN), scaled "
                                "(Scaled Embed), none (vanilla), detach (Embed Detach)", choices=EMBEDDING_NORMS)
+    embed_layernorm: bool = _opt(False, "BLOOM's Megatron-DeepSpeed name of --embedding-norm layernorm",
+                                 action="store_true")
     embed_detach_alpha: float = _opt(0.1, "alpha of --embedding-norm detach", type=float)
+    untie_embeddings_and_output_weights: bool = _opt(False, "give the output layer its own table instead of "
+                                                     "the embedding's", action="store_true")
     hidden_dropout: float = _opt(0.0, "dropout on the residual branches and embedding", type=float)
     attention_dropout: float = _opt(0.0, "dropout on the attention probabilities", type=float)
     layernorm_epsilon: float = _opt(1e-5, "LayerNorm epsilon", type=float)
-    checkpoint_activations: bool = _opt(False, "recompute each block in the backward pass", action="store_true")
+    recompute_activations: bool = _opt(False, "recompute attention's core (softmax(QK^T)V) in the backward pass: "
+                                       "--recompute-granularity selective", action="store_true")
+    recompute_granularity: str | None = _opt(None, "recompute in the backward pass: 'full' (whole blocks, see "
+                                             "--recompute-method) or 'selective' (attention's core only)",
+                                             choices=("full", "selective"))
+    recompute_method: str | None = _opt(None, "with --recompute-granularity full: 'uniform' (chunks of "
+                                        "--recompute-num-layers blocks, each recomputed as one) or 'block' (the "
+                                        "first --recompute-num-layers blocks of each pipeline stage, one by one)",
+                                        choices=("uniform", "block"))
+    recompute_num_layers: int | None = _opt(None, "blocks per chunk (uniform) or blocks recomputed (block); "
+                                            "default 1 (uniform)", type=int)
+    checkpoint_activations: bool = _opt(False, "old Megatron name: --recompute-granularity full "
+                                        "--recompute-method uniform --recompute-num-layers 1", action="store_true")
+    deepspeed_activation_checkpointing: bool = _opt(False, "Megatron-DeepSpeed's name, here the same as "
+                                                    "--checkpoint-activations", action="store_true")
+    attention_backend: str = _opt("auto", "PyTorch SDPA kernel: auto (PyTorch chooses), flash, fused (memory-"
+                                  "efficient), unfused / local (math)",
+                                  choices=("auto", "flash", "fused", "unfused", "local"))
+    use_flash_attn: bool = _opt(False, "--attention-backend flash", action="store_true")
     make_vocab_size_divisible_by: int = _opt(128, "pad the vocabulary to a multiple of this x TP", type=int)
     seed: int = _opt(1234, "initialisation, data-order and dropout seed", type=int)
 
@@ -57,6 +82,20 @@ class ParallelArgs:
     fp16: bool | None = _opt(None, "fp16 mixed precision with dynamic loss scaling", action="store_true")
     bf16: bool | None = _opt(None, "bf16 mixed precision", action="store_true")
     loss_scale: float | None = _opt(None, "static fp16 loss scale (default: dynamic)", type=float)
+    initial_loss_scale: float | None = _opt(None, "fp16 dynamic loss scaling: the first scale, a power of 2 "
+                                            "(default: the JSON's, else 2**32)", type=float)
+    min_loss_scale: float | None = _opt(None, "fp16 dynamic loss scaling: the smallest scale (default: the "
+                                        "JSON's, else 1)", type=float)
+    loss_scale_window: int | None = _opt(None, "fp16 dynamic loss scaling: overflow-free steps before the scale "
+                                         "doubles (default: the JSON's, else 1000)", type=int)
+    hysteresis: int | None = _opt(None, "fp16 dynamic loss scaling: overflows tolerated before the scale halves "
+                                  "(default: the JSON's, else 2)", type=int)
+    use_distributed_optimizer: bool = _opt(False, "Megatron's sharded optimizer state: ZeRO stage 1 unless "
+                                           "--zero-stage says otherwise", action="store_true")
+    distributed_backend: str | None = _opt(None, "must name the device's backend (nccl on GPU, gloo on CPU)",
+                                           choices=("nccl", "gloo", "ccl", "mpi"))
+    no_pipeline_parallel: bool = _opt(False, "Megatron-DeepSpeed: no pipeline engine; needs "
+                                      "--pipeline-model-parallel-size 1 (which never uses it)", action="store_true")
     deepspeed: bool = _opt(False, "accepted for compatibility: DeepSpeed is always the engine", action="store_true")
     deepspeed_config: str | None = _opt(None, "DeepSpeed JSON; flags fill what it leaves out, conflicts are errors",
                                         flags=("--deepspeed_config", "--deepspeed-config"))
@@ -72,21 +111,47 @@ class BatchArgs:
     global_batch_size: int | None = _opt(None, "samples per optimizer step over all ranks (default micro x DP); "
                                          "sets gradient accumulation", type=int)
     train_iters: int | None = _opt(None, "optimizer steps to train for", type=int)
-    train_tokens: int | None = _opt(None, "tokens to train on (alternative to --train-iters)", type=int)
+    train_samples: int | None = _opt(None, "samples to train on (instead of --train-iters)", type=int)
+    train_tokens: int | None = _opt(None, "tokens to train on: alone, the run's length; with --train-iters or "
+                                    "--train-samples, training also stops once this many tokens are consumed "
+                                    "(Megatron-DeepSpeed)", type=int)
+    exit_interval: int | None = _opt(None, "save and exit (status 0) after an iteration divisible by this", type=int)
+    exit_duration_in_mins: float | None = _opt(None, "save and exit (status 4: resume to continue) once this many "
+                                               "minutes have passed since start", type=float)
+    exit_signal_handler: bool = _opt(False, "on SIGTERM or SIGUSR1: finish the step, save, exit with status 4 "
+                                     "(resume to continue)", action="store_true")
+    num_workers: int = _opt(0, "data loader worker processes that read and collate the micro-batches ahead of "
+                            "the step (0: in the training process; Megatron's default is 2)", type=int)
 
 
 @dataclass(frozen=True)
 class OptimizerArgs:
     lr: float = _opt(1e-4, "peak learning rate", type=float)
     min_lr: float = _opt(0.0, "learning rate at the end of the decay", type=float)
+    lr_warmup_init: float = _opt(0.0, "learning rate the warm-up starts from", type=float)
     lr_warmup_iters: int = _opt(0, "linear warm-up steps", type=int)
-    lr_decay_iters: int | None = _opt(None, "steps over which to decay (default: --train-iters)", type=int)
-    lr_decay_style: str = _opt("cosine", "decay shape after warm-up", choices=("cosine", "linear", "constant"))
+    lr_warmup_samples: int = _opt(0, "linear warm-up over this many samples", type=int)
+    lr_warmup_tokens: int | None = _opt(None, "linear warm-up over this many tokens", type=int)
+    lr_warmup_fraction: float | None = _opt(None, "warm-up over this fraction of the decay (iterations, samples "
+                                            "or tokens)", type=float)
+    lr_decay_iters: int | None = _opt(None, "steps over which to decay (default: the run's length)", type=int)
+    lr_decay_samples: int | None = _opt(None, "samples over which to decay", type=int)
+    lr_decay_tokens: int | None = _opt(None, "tokens over which to decay (overrides the iteration/sample decay)",
+                                       type=int)
+    lr_decay_style: str = _opt("cosine", "decay shape after warm-up", choices=STYLES)
     weight_decay: float = _opt(0.01, "AdamW weight decay (never on biases and norms)", type=float)
     no_weight_decay_embeddings: bool = _opt(False, "no weight decay on the embeddings either", action="store_true")
     adam_beta1: float = _opt(0.9, "AdamW beta1", type=float)
     adam_beta2: float = _opt(0.999, "AdamW beta2", type=float)
     adam_eps: float = _opt(1e-8, "AdamW epsilon", type=float)
+    optimizer: str = _opt("adam", "adam: Adam with decoupled weight decay (AdamW), as Megatron's 'adam'",
+                          choices=("adam", "sgd"))
+    override_opt_param_scheduler: bool = _opt(False, "on resume, use this run's LR-schedule flags even where "
+                                              "the checkpoint's differ", action="store_true",
+                                              flags=("--override-opt_param-scheduler",))
+    use_checkpoint_opt_param_scheduler: bool = _opt(False, "on resume, use the checkpoint's LR-schedule flags",
+                                                    action="store_true",
+                                                    flags=("--use-checkpoint-opt_param-scheduler",))
     clip_grad: float | None = _opt(None, "clip the global gradient norm to this (0: off; default: the JSON's, "
                                    "else 1.0)", type=float)
 
@@ -96,10 +161,13 @@ class DataArgs:
     data_path: list[str] | None = _opt(None, "PREFIX, or W1 PREFIX1 W2 PREFIX2 ... to blend", nargs="+")
     split: str = _opt("969,30,1", "train,valid,test proportions of the documents")
     data_cache_path: str | None = _opt(None, "where to cache the dataset indices (default: beside the data)")
-    tokenizer_type: str | None = _opt(None, "e.g. GPT2BPETokenizer, SentencePieceTokenizer")
+    tokenizer_type: str | None = _opt(None, "e.g. GPT2BPETokenizer, SentencePieceTokenizer (default: GPT2BPETokenizer "
+                                      "when --vocab-file and --merge-file are given)")
     vocab_file: str | None = _opt(None, "tokenizer vocabulary file")
     merge_file: str | None = _opt(None, "BPE merges file")
     tokenizer_model: str | None = _opt(None, "SentencePiece model file")
+    data_impl: str | None = _opt(None, "accepted, no effect: the data is always read as mmap .bin/.idx (lazy and "
+                                 "cached are refused)", choices=("mmap", "infer", "lazy", "cached"))
 
 
 @dataclass(frozen=True)
@@ -112,6 +180,28 @@ class EvalArgs:
 class LoggingArgs:
     log_interval: int = _opt(100, "print the iteration line every this many steps", type=int)
     tensorboard_dir: str | None = _opt(None, "write TensorBoard scalars here")
+    tensorboard_log_interval: int = _opt(1, "write the per-step scalars every this many steps", type=int)
+    log_learning_rate_to_tensorboard: bool = _opt(True, "the learning rate (on by default)", action="store_true")
+    no_log_learning_rate_to_tensorboard: bool = _opt(False, "do not log the learning rate", action="store_true")
+    log_loss_scale_to_tensorboard: bool = _opt(True, "do not log the fp16 loss scale", action="store_false",
+                                               flags=("--no-log-loss-scale-to-tensorboard",))
+    log_validation_ppl_to_tensorboard: bool = _opt(False, "validation and test perplexity too", action="store_true")
+    log_timers_to_tensorboard: bool = _opt(False, "step, evaluation and save times", action="store_true")
+    log_batch_size_to_tensorboard: bool = _opt(False, "the global batch size", action="store_true")
+    log_memory_to_tensorboard: bool = _opt(False, "memory: CUDA allocator figures on GPU, process RSS on CPU",
+                                           action="store_true")
+    log_world_size_to_tensorboard: bool = _opt(False, "the number of ranks", action="store_true")
+    log_optimizer_states_to_tensorboard: bool = _opt(False, "L2 norms of Adam's first and second moments",
+                                                     action="store_true")
+    log_throughput: bool = _opt(False, "Megatron's 'throughput per GPU (TFLOP/s/GPU)' in the log line and "
+                                "TensorBoard", action="store_true")
+    tensorboard_queue_size: int | None = _opt(None, "accepted, no effect: scalars are flushed by TensorBoard's "
+                                              "writer itself", type=int)
+    wandb_project: str | None = _opt(None, "log the TensorBoard scalars to this Weights & Biases project too "
+                                     "(needs `pip install wandb`; WANDB_MODE=offline works)")
+    wandb_exp_name: str | None = _opt(None, "the Weights & Biases run name")
+    wandb_save_dir: str | None = _opt(None, "where Weights & Biases writes its files (default: "
+                                      "--tensorboard-dir or ./wandb)")
     log_stability_interval: int = _opt(0, "every this many steps record the stability monitor's per-layer "
                                        "figures (0: only on the step after a loss spike)", type=int)
     debug: bool = _opt(False, "print the traceback of an error, not only its one-line message (or set "
@@ -131,6 +221,11 @@ class CheckpointArgs:
                                                type=int)
     load_iteration: int | None = _opt(None, "load the checkpoint of this iteration instead of the one `latest` "
                                       "names (e.g. the one before a damaged checkpoint)", type=int)
+    no_load_optim: bool = _opt(False, "on --load, do not load the optimizer state (Adam moments start at 0)",
+                               action="store_true")
+    no_load_rng: bool = _opt(False, "on --load, do not restore the random-number states", action="store_true")
+    finetune: bool = _opt(False, "on --load, load the model weights only: iteration 0, fresh optimizer and RNG, "
+                          "data from the start", action="store_true")
 
 
 @dataclass(frozen=True)
@@ -163,6 +258,73 @@ class SpikeArgs:
                                             "iterations non-finite, once each")
 
 
+def _no_effect(default, why: str, **argparse_kwargs):
+    """A Megatron flag that means nothing here; resolve() logs `why` when it is given."""
+    return field(default=default, metadata=dict(help=f"accepted, no effect: {why}", no_effect=why, **argparse_kwargs))
+
+
+def _refused(default, instead: str, **argparse_kwargs):
+    """A Megatron flag for a feature this system does not have; resolve() refuses it, saying `instead`."""
+    return field(default=default, metadata=dict(help=f"refused: {instead}", refused=instead, **argparse_kwargs))
+
+
+_FLAG = dict(action="store_true")
+
+
+@dataclass(frozen=True)
+class CompatArgs:
+    """Megatron-LM / Megatron-DeepSpeed flags that have no meaning here, or name a feature we lack
+    (docs/megatron_flags.md lists every flag by how it is handled)."""
+    no_async_tensor_model_parallel_allreduce: bool = _no_effect(
+        False, "tensor-parallel all-reduces are synchronous here", **_FLAG)
+    no_masked_softmax_fusion: bool = _no_effect(False, "attention is PyTorch's SDPA (see --attention-backend)",
+                                                **_FLAG)
+    no_bias_gelu_fusion: bool = _no_effect(False, "bias + GeLU is not fused here", **_FLAG)
+    no_bias_dropout_fusion: bool = _no_effect(False, "bias + dropout is not fused here", **_FLAG)
+    no_gradient_accumulation_fusion: bool = _no_effect(False, "gradients accumulate through autograd here", **_FLAG)
+    no_persist_layer_norm: bool = _no_effect(False, "LayerNorm is ours (csrc) or apex's, never the persistent "
+                                             "kernel", **_FLAG)
+    use_mcore_models: bool = _no_effect(False, "the model is megatron-snm's own", **_FLAG)
+    transformer_impl: str | None = _no_effect(None, "the model is megatron-snm's own layers (no Transformer "
+                                              "Engine)",
+                                              choices=("local", "transformer_engine"))
+    overlap_grad_reduce: bool = _no_effect(False, "DeepSpeed schedules the gradient reduction "
+                                           "(zero_optimization.overlap_comm in the JSON)", **_FLAG)
+    overlap_param_gather: bool = _no_effect(False, "DeepSpeed schedules the parameter gathers", **_FLAG)
+    apply_query_key_layer_scaling: bool = _no_effect(False, "mathematically a no-op (Megatron's fp16 overflow "
+                                                     "guard); attention is PyTorch's SDPA", **_FLAG)
+    timing_log_level: int | None = _no_effect(None, "the timers are always the same few (see "
+                                              "--log-timers-to-tensorboard)", type=int)
+    dataloader_type: str | None = _no_effect(None, "the sampler is always Megatron's 'single' (in order from "
+                                             "the consumed samples); cyclic and external are refused",
+                                             choices=("single", "cyclic", "external"))
+    position_embedding_type: str = _opt("learned_absolute", "only learned_absolute (GPT-2's) exists here",
+                                        choices=("learned_absolute", "rope", "relative", "none"))
+    normalization: str = _opt("LayerNorm", "only LayerNorm exists here", choices=("LayerNorm", "RMSNorm"))
+    swiglu: bool = _refused(False, "the FFN is GPT-2's GeLU MLP; drop --swiglu", **_FLAG)
+    num_experts: int | None = _refused(None, "mixture-of-experts layers do not exist here; drop --num-experts",
+                                       type=int)
+    group_query_attention: bool = _refused(False, "attention is multi-head; drop --group-query-attention", **_FLAG)
+    num_query_groups: int | None = _refused(None, "attention is multi-head; drop --num-query-groups", type=int)
+    disable_bias_linear: bool = _refused(False, "linear layers always have biases (GPT-2); drop "
+                                         "--disable-bias-linear", **_FLAG)
+    sequence_parallel: bool = _refused(False, "sequence parallelism does not exist here; drop --sequence-parallel "
+                                       "(use --recompute-activations to save activation memory)", **_FLAG)
+    rampup_batch_size: list[str] | None = _refused(None, "the global batch size is fixed; drop "
+                                                   "--rampup-batch-size and give --global-batch-size", nargs="+")
+    step_batch_size_schedule: str | None = _refused(None, "the global batch size is fixed; drop "
+                                                    "--step-batch-size-schedule and give --global-batch-size")
+    eod_mask_loss: bool = _refused(False, "the loss covers every token; drop --eod-mask-loss", **_FLAG)
+    reset_position_ids: bool = _refused(False, "positions run over the whole sample; drop --reset-position-ids",
+                                        **_FLAG)
+    reset_attention_mask: bool = _refused(False, "attention is causal over the whole sample; drop "
+                                          "--reset-attention-mask", **_FLAG)
+    init_method_xavier_uniform: bool = _refused(False, "use --init-method normal|small (the paper's)", **_FLAG)
+    fp8_format: str | None = _refused(None, "fp8 needs Transformer Engine, which is not used here; use --bf16")
+    use_cpu_initialization: bool = _no_effect(False, "weights are initialised from per-weight seeds on the "
+                                              "device, identical to a CPU initialisation", **_FLAG)
+
+
 @dataclass(frozen=True)
 class Flags:
     """Every flag of a run, by concern; the `--help` groups are these fields' titles."""
@@ -175,6 +337,8 @@ class Flags:
     logging: LoggingArgs = field(default_factory=LoggingArgs, metadata=dict(title="logging"))
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs, metadata=dict(title="checkpointing"))
     spike: SpikeArgs = field(default_factory=SpikeArgs, metadata=dict(title="spike and divergence handling"))
+    compat: CompatArgs = field(default_factory=CompatArgs,
+                               metadata=dict(title="Megatron flags accepted with no effect, or refused"))
 
     def as_dict(self) -> dict:
         """All flags in one flat, JSON-able dict (Megatron's `args`; what checkpoints record)."""
@@ -190,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     for group in dataclasses.fields(Flags):
         arguments = parser.add_argument_group(group.metadata["title"])
         for f in dataclasses.fields(group.default_factory):
-            meta = dict(f.metadata)
+            meta = {k: v for k, v in f.metadata.items() if k not in ("no_effect", "refused")}
             flags = meta.pop("flags", ("--" + f.name.replace("_", "-"),))
             arguments.add_argument(*flags, dest=f.name, default=f.default, **meta)
     return parser

@@ -4,8 +4,11 @@
     run.batch.train_iters, run.dims.data, run.deepspeed, run.model_config(vocab_size)
 
 `resolve` is pure: it returns a new, frozen `RunConfig` (presets filled in, the DeepSpeed JSON merged,
---train-tokens turned into iterations, ...) and changes nothing it is given. The model's own
-config is derived from the model flags by field name, so a new model flag needs no copying here.
+--train-samples / --train-tokens turned into iterations, every warm-up and decay flag turned into the
+LR schedule's two lengths, Megatron's aliases turned into the flags they stand for, ...) and changes
+nothing it is given. The model's own config is derived from the model flags by field name, so a new
+model flag needs no copying here. Megatron flags that mean nothing here become `run.notes`, the
+log lines the trainer prints at start; flags naming a feature we lack are refused.
 """
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ import torch
 
 from megatron_snm.config.errors import ConfigError
 from megatron_snm.config.flags import (
-    BatchArgs, CheckpointArgs, DataArgs, EvalArgs, Flags, LoggingArgs, ModelArgs, OptimizerArgs, ParallelArgs,
-    SpikeArgs,
+    BatchArgs, CheckpointArgs, CompatArgs, DataArgs, EvalArgs, Flags, LoggingArgs, ModelArgs, OptimizerArgs,
+    ParallelArgs, SpikeArgs,
 )
 from megatron_snm.data.gpt_dataset import parse_split
+from megatron_snm.model.attention import check_attention_backend
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.presets import MODEL_PRESETS
 from megatron_snm.parallel.dims import ParallelDims
@@ -40,9 +44,12 @@ class RunConfig:
     logging: LoggingArgs
     checkpoint: CheckpointArgs
     spike: SpikeArgs
+    compat: CompatArgs
     dims: ParallelDims
     gradient_accumulation_steps: int
     deepspeed: dict  # the DeepSpeed config handed to deepspeed.initialize
+    lr_schedule: LRScheduleLengths
+    notes: tuple[str, ...] = ()  # one log line per flag accepted with no effect
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -59,6 +66,30 @@ class RunConfig:
     def as_dict(self) -> dict:
         """Every resolved flag, flat (what a checkpoint records as the run's arguments)."""
         return self.flags().as_dict()
+
+    def effective(self) -> dict:
+        """Every resolved flag plus what follows from them: the run's effective configuration."""
+        return dict(self.as_dict(), world_size=self.dims.world_size, data_parallel_size=self.dims.data,
+                    gradient_accumulation_steps=self.gradient_accumulation_steps,
+                    lr_schedule_unit=self.lr_schedule.unit, lr_warmup_length=self.lr_schedule.warmup,
+                    lr_decay_length=self.lr_schedule.decay,
+                    deepspeed_fp16=self.deepspeed["fp16"], deepspeed_zero_stage=self.parallel.zero_stage)
+
+    def arguments_text(self) -> str:
+        """Megatron's start-of-run listing of the arguments, one per line."""
+        lines = ["------------------------ arguments ------------------------"]
+        lines += [f"  {name} {'.' * (48 - len(name))} {value}" for name, value in sorted(self.effective().items())]
+        lines.append("-------------------- end of arguments ---------------------")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LRScheduleLengths:
+    """The LR schedule's warm-up and decay lengths, in samples or (Megatron-DeepSpeed's token flags) tokens."""
+    unit: str  # "samples" | "tokens"
+    warmup: int
+    decay: int
+    per_sample: int  # units per sample: 1, or --seq-length for tokens
 
 
 def _gpt_config(model: ModelArgs, vocab_size: int, tensor_parallel_size: int, params_dtype: torch.dtype) -> GPTConfig:
@@ -90,6 +121,131 @@ def _non_negative(**flags: float) -> None:
     for name, value in flags.items():
         if not value >= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _compat(compat: CompatArgs) -> list[str]:
+    """Refuses the flags of features we lack; returns a log line for each flag with no effect here."""
+    if compat.dataloader_type not in (None, "single"):
+        raise ConfigError(f"--dataloader-type {compat.dataloader_type} is not supported: samples are read in order "
+                          "from the consumed-samples count ('single'); give --dataloader-type single or drop it")
+    notes = []
+    for f in dataclasses.fields(compat):
+        value = getattr(compat, f.name)
+        if value == f.default:
+            continue
+        if "refused" in f.metadata:
+            raise ConfigError(f"{_flag(f.name)} is not supported: {f.metadata['refused']}")
+        if "no_effect" in f.metadata:
+            notes.append(f"{_flag(f.name)}{'' if value is True else ' ' + str(value)} has no effect: "
+                         f"{f.metadata['no_effect']}")
+    if compat.position_embedding_type != "learned_absolute":
+        raise ConfigError(f"--position-embedding-type {compat.position_embedding_type} is not supported: positions "
+                          "are GPT-2's learned table; use --position-embedding-type learned_absolute (or drop it)")
+    if compat.normalization != "LayerNorm":
+        raise ConfigError(f"--normalization {compat.normalization} is not supported: use LayerNorm (or drop it); "
+                          "the paper's fix is about LayerNorm")
+    return notes
+
+
+def _recompute(model: ModelArgs) -> ModelArgs:
+    """Megatron's recompute flags and their aliases -> granularity, method, number of layers."""
+    aliases = [name for name in ("checkpoint_activations", "deepspeed_activation_checkpointing")
+               if getattr(model, name)]
+    granularity = model.recompute_granularity
+    if aliases:
+        if granularity not in (None, "full") or model.recompute_activations:
+            raise ConfigError(f"{_flag(aliases[0])} (full recompute of every block) conflicts with "
+                              "--recompute-activations / --recompute-granularity selective: give one")
+        granularity = "full"
+    if model.recompute_activations:
+        if granularity not in (None, "selective"):
+            raise ConfigError("--recompute-activations means --recompute-granularity selective, which conflicts "
+                              f"with --recompute-granularity {granularity}")
+        granularity = "selective"
+    if granularity != "full" and (model.recompute_method is not None or model.recompute_num_layers is not None):
+        raise ConfigError("--recompute-method and --recompute-num-layers need --recompute-granularity full")
+    return dataclasses.replace(model, recompute_granularity=granularity,
+                               recompute_method=model.recompute_method or "uniform",
+                               recompute_num_layers=model.recompute_num_layers or 1)
+
+
+def _attention(model: ModelArgs, params_dtype: torch.dtype) -> ModelArgs:
+    backend = model.attention_backend
+    if model.use_flash_attn:
+        if backend not in ("auto", "flash"):
+            raise ConfigError(f"--use-flash-attn conflicts with --attention-backend {backend}")
+        backend = "flash"
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        check_attention_backend(backend, device, params_dtype, model.hidden_size // model.num_attention_heads,
+                                dropout=model.attention_dropout > 0)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return dataclasses.replace(model, attention_backend=backend)
+
+
+def _run_length(batch: BatchArgs, seq_length: int) -> tuple[BatchArgs, int]:
+    """--train-iters | --train-samples (| --train-tokens) -> iterations; also the schedule's length in
+    samples (--train-tokens beside one of the others only stops training early, as in Megatron-DeepSpeed)."""
+    if batch.train_iters is not None and batch.train_samples is not None:
+        raise ConfigError("give one of --train-iters and --train-samples, not both")
+    _positive(train_iters=batch.train_iters, train_samples=batch.train_samples, train_tokens=batch.train_tokens)
+    gbs = batch.global_batch_size
+    if batch.train_iters is not None:
+        iters = batch.train_iters
+    elif batch.train_samples is not None:
+        iters = batch.train_samples // gbs
+        if iters < 1:
+            raise ConfigError(f"--train-samples ({batch.train_samples}) is less than one --global-batch-size ({gbs})")
+    elif batch.train_tokens is not None:
+        iters = math.ceil(batch.train_tokens / (gbs * seq_length))
+    else:
+        raise ConfigError("give one of --train-iters, --train-samples and --train-tokens")
+    schedule_samples = batch.train_samples if batch.train_samples is not None else iters * gbs
+    if batch.train_tokens is not None:
+        iters = min(iters, math.ceil(batch.train_tokens / (gbs * seq_length)))
+    return dataclasses.replace(batch, train_iters=iters), schedule_samples
+
+
+def _lr_schedule(optim: OptimizerArgs, batch: BatchArgs, schedule_samples: int, seq_length: int
+                 ) -> tuple[OptimizerArgs, LRScheduleLengths]:
+    """Every warm-up and decay flag -> the schedule's two lengths (Megatron's and Megatron-DeepSpeed's rules)."""
+    gbs = batch.global_batch_size
+    if optim.lr_decay_iters is not None and optim.lr_decay_samples is not None:
+        raise ConfigError("give one of --lr-decay-iters and --lr-decay-samples, not both")
+    warmups = [name for name in ("lr_warmup_iters", "lr_warmup_samples") if getattr(optim, name)]
+    warmups += ["lr_warmup_fraction"] if optim.lr_warmup_fraction is not None else []
+    warmups += ["lr_warmup_tokens"] if optim.lr_warmup_tokens is not None else []
+    if len(warmups) > 1:
+        raise ConfigError(f"give one warm-up length, not {' and '.join(map(_flag, warmups))}")
+    for name in ("lr_warmup_iters", "lr_warmup_samples", "lr_warmup_tokens", "lr_decay_iters", "lr_decay_samples",
+                 "lr_decay_tokens"):
+        value = getattr(optim, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{_flag(name)} must be >= 0, got {value}")
+    if optim.lr_warmup_fraction is not None and not 0 <= optim.lr_warmup_fraction <= 1:
+        raise ConfigError(f"--lr-warmup-fraction must be in [0, 1], got {optim.lr_warmup_fraction}")
+
+    decay_samples = optim.lr_decay_samples if optim.lr_decay_samples is not None else \
+        optim.lr_decay_iters * gbs if optim.lr_decay_iters is not None else schedule_samples
+    tokens = optim.lr_decay_tokens is not None or optim.lr_warmup_tokens is not None
+    per_sample = seq_length if tokens else 1
+    decay = optim.lr_decay_tokens if optim.lr_decay_tokens is not None else decay_samples * per_sample
+    if optim.lr_warmup_fraction is not None:
+        warmup = round(optim.lr_warmup_fraction * decay)
+    elif optim.lr_warmup_tokens is not None:
+        warmup = optim.lr_warmup_tokens
+    else:
+        warmup = (optim.lr_warmup_samples or optim.lr_warmup_iters * gbs) * per_sample
+    if decay < warmup:
+        raise ConfigError(f"the LR decay ({decay} {'tokens' if tokens else 'samples'}: --lr-decay-*) must not end "
+                          f"before the warm-up ({warmup}: --lr-warmup-*)")
+    if optim.lr_decay_iters is None:  # shown as the flags Megatron would show
+        optim = dataclasses.replace(optim, lr_decay_iters=decay_samples // gbs)
+    return optim, LRScheduleLengths("tokens" if tokens else "samples", warmup, decay, per_sample)
 
 
 def _positive(**flags: int | None) -> None:
@@ -126,8 +282,16 @@ def _numbers(optim: OptimizerArgs, spike: SpikeArgs, evaluation: EvalArgs, data:
 
 def resolve(flags: Flags, world_size: int) -> RunConfig:
     """Checks every rule that needs no process group and fills the derived values. Raises ConfigError."""
+    notes = _compat(flags.compat)
     model, parallel, batch, optim = _model(flags.model), flags.parallel, flags.batch, flags.optim
     _numbers(optim, flags.spike, flags.eval, flags.data)
+    if model.embed_layernorm:
+        if model.embedding_norm != "layernorm":
+            raise ConfigError(f"--embed-layernorm (BLOOM's name of --embedding-norm layernorm) conflicts with "
+                              f"--embedding-norm {model.embedding_norm}")
+    model = _recompute(model)
+    if model.max_position_embeddings is None:
+        model = dataclasses.replace(model, max_position_embeddings=model.seq_length)
     try:
         dims = ParallelDims.of_world(world_size, parallel.tensor_model_parallel_size,
                                      parallel.pipeline_model_parallel_size)
@@ -141,6 +305,28 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
         raise ConfigError(f"--pipeline-model-parallel-size ({dims.pipeline}) must not exceed --num-layers "
                           f"({model.num_layers}): every stage needs a block")
     _positive(micro_batch_size=batch.micro_batch_size)
+    if parallel.no_pipeline_parallel:
+        if dims.pipeline > 1:
+            raise ConfigError(f"--no-pipeline-parallel conflicts with --pipeline-model-parallel-size {dims.pipeline}")
+        notes.append("--no-pipeline-parallel has no effect: with --pipeline-model-parallel-size 1 the model never "
+                     "runs in DeepSpeed's pipeline engine")
+    device_backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if parallel.distributed_backend is not None:
+        if parallel.distributed_backend != device_backend:
+            raise ConfigError(f"--distributed-backend {parallel.distributed_backend}: this machine's devices use "
+                              f"{device_backend}; give --distributed-backend {device_backend} or drop the flag")
+        notes.append(f"--distributed-backend {device_backend} has no effect: {device_backend} is what this device "
+                     "uses anyway")
+    if parallel.use_distributed_optimizer and parallel.zero_stage is None:
+        parallel = dataclasses.replace(parallel, zero_stage=1)  # Megatron's sharded optimizer = ZeRO-1
+    if parallel.initial_loss_scale is not None and (
+            parallel.initial_loss_scale < 1 or not math.log2(parallel.initial_loss_scale).is_integer()):
+        raise ConfigError(f"--initial-loss-scale must be a power of 2 (DeepSpeed's initial_scale_power), got "
+                          f"{parallel.initial_loss_scale}")
+    _positive(loss_scale_window=parallel.loss_scale_window)
+    for name in ("min_loss_scale", "hysteresis"):
+        if getattr(parallel, name) is not None and getattr(parallel, name) <= 0:
+            raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(parallel, name)}")
 
     ds_json = deepspeed_config.read_json(parallel.deepspeed_config)
     parallel, batch, optim = deepspeed_config.merge_flags(ds_json, parallel.deepspeed_config, parallel, batch, optim,
@@ -161,21 +347,49 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
             f"ZeRO stage {parallel.zero_stage} (--zero-stage or the DeepSpeed JSON) cannot be combined with "
             f"--pipeline-model-parallel-size {dims.pipeline}: DeepSpeed's pipeline engine supports ZeRO stages "
             "0 and 1 only")
+    params_dtype = torch.bfloat16 if parallel.bf16 else torch.float16 if parallel.fp16 else torch.float32
+    model = _attention(model, params_dtype)
 
-    if (batch.train_iters is None) == (batch.train_tokens is None):
-        raise ConfigError("give exactly one of --train-iters and --train-tokens")
-    if batch.train_tokens is not None:
-        batch = dataclasses.replace(
-            batch, train_iters=math.ceil(batch.train_tokens / (batch.global_batch_size * model.seq_length)))
-    _positive(train_iters=batch.train_iters)
-    if optim.lr_decay_iters is None:
-        optim = dataclasses.replace(optim, lr_decay_iters=batch.train_iters)
+    batch, schedule_samples = _run_length(batch, model.seq_length)
+    _positive(exit_interval=batch.exit_interval)
+    if batch.exit_duration_in_mins is not None and batch.exit_duration_in_mins <= 0:
+        raise ConfigError(f"--exit-duration-in-mins must be > 0, got {batch.exit_duration_in_mins}")
+    if batch.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {batch.num_workers}")
+    if optim.optimizer != "adam":
+        raise ConfigError(f"--optimizer {optim.optimizer} is not supported: the optimizer is Adam with decoupled "
+                          "weight decay; use --optimizer adam (or drop the flag)")
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"--min-lr ({optim.min_lr}) must be in [0, --lr ({optim.lr})]")
-    if optim.lr_warmup_iters < 0 or optim.lr_decay_iters < optim.lr_warmup_iters:
-        raise ConfigError(f"--lr-decay-iters ({optim.lr_decay_iters}) must be >= --lr-warmup-iters "
-                          f"({optim.lr_warmup_iters}) >= 0")
-    _positive(log_interval=flags.logging.log_interval, eval_interval=flags.eval.eval_interval)
+    if not 0 <= optim.lr_warmup_init <= optim.lr:
+        raise ConfigError(f"--lr-warmup-init ({optim.lr_warmup_init}) must be in [0, --lr ({optim.lr})]")
+    optim, lr_schedule = _lr_schedule(optim, batch, schedule_samples, model.seq_length)
+    if optim.override_opt_param_scheduler and optim.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
+                          "exclusive: take this run's schedule or the checkpoint's")
+
+    logging_args = flags.logging
+    _positive(log_interval=logging_args.log_interval, eval_interval=flags.eval.eval_interval,
+              tensorboard_log_interval=logging_args.tensorboard_log_interval)
+    logging_args = dataclasses.replace(logging_args, log_learning_rate_to_tensorboard=not
+                                       logging_args.no_log_learning_rate_to_tensorboard)
+    if logging_args.tensorboard_queue_size is not None:
+        notes.append(f"--tensorboard-queue-size {logging_args.tensorboard_queue_size} has no effect: TensorBoard's "
+                     "writer flushes on its own")
+    if logging_args.wandb_project:
+        try:
+            import wandb  # noqa: F401  (optional dependency)
+        except ImportError:
+            raise ConfigError("--wandb-project needs the wandb package: pip install wandb "
+                              "(or drop --wandb-project)") from None
+    data = flags.data
+    if data.tokenizer_type is None and data.vocab_file and data.merge_file:  # Megatron's scripts rely on this
+        data = dataclasses.replace(data, tokenizer_type="GPT2BPETokenizer")
+    if data.data_impl in ("lazy", "cached"):
+        raise ConfigError(f"--data-impl {data.data_impl} is not supported: the data is read as Megatron's mmap "
+                          ".bin/.idx (what tools/preprocess_data.py writes); give --data-impl mmap or drop it")
+    if data.data_impl is not None:
+        notes.append(f"--data-impl {data.data_impl} has no effect: the data is always read as mmap .bin/.idx")
     if flags.checkpoint.save_interval is not None and (flags.checkpoint.save is None
                                                        or flags.checkpoint.save_interval < 1):
         raise ConfigError("--save-interval needs --save and must be >= 1")
@@ -202,7 +416,8 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
             raise ConfigError(f"--skip-samples {item!r}: expected START:END with START < END, e.g. 1024:2048")
 
     gas = batch.global_batch_size // per_step
-    return RunConfig(model=model, parallel=parallel, batch=batch, optim=optim, data=flags.data, eval=flags.eval,
-                     logging=flags.logging, checkpoint=flags.checkpoint, spike=spike, dims=dims,
+    return RunConfig(model=model, parallel=parallel, batch=batch, optim=optim, data=data, eval=flags.eval,
+                     logging=logging_args, checkpoint=flags.checkpoint, spike=spike, compat=flags.compat, dims=dims,
                      gradient_accumulation_steps=gas,
-                     deepspeed=deepspeed_config.build(ds_json, parallel, batch, optim, gas))
+                     deepspeed=deepspeed_config.build(ds_json, parallel, batch, optim, gas),
+                     lr_schedule=lr_schedule, notes=tuple(notes))

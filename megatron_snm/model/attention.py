@@ -3,6 +3,13 @@
 QKV is one column-parallel projection whose output features are laid out head by head,
 [head, (q, k, v), head_dim] (Megatron's layout), so a contiguous slice of it is whole heads: each
 TP rank attends with its own heads, and W_O (row-parallel) sums the ranks' contributions.
+
+The core, softmax(QK^T / sqrt(d)) V, is PyTorch's SDPA on the kernel `--attention-backend` names
+(Megatron's names mapped onto SDPA's: flash -> FLASH_ATTENTION, fused -> EFFICIENT_ATTENTION,
+unfused / local -> MATH; auto lets PyTorch choose). `--recompute-granularity selective` recomputes
+only this core in the backward pass (Megatron's selective recompute): it holds the largest
+activations (the b x heads x s x s attention probabilities, where the kernel keeps them) and costs
+the least to recompute.
 """
 from __future__ import annotations
 
@@ -10,11 +17,38 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.init import output_weight_init, weight_init
-from megatron_snm.parallel.rng import get_rng_tracker
+from megatron_snm.parallel.rng import checkpoint, get_rng_tracker
 from megatron_snm.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "fused": SDPBackend.EFFICIENT_ATTENTION,
+                 "unfused": SDPBackend.MATH, "local": SDPBackend.MATH}
+
+
+def attention_kernel(backend: str):
+    """The context that restricts SDPA to `backend`'s kernel (nothing for auto)."""
+    return sdpa_kernel(SDPA_BACKENDS[backend]) if backend in SDPA_BACKENDS else contextlib.nullcontext()
+
+
+def check_attention_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                            dropout: bool) -> None:
+    """Raises ValueError, naming the flag, when `backend`'s kernel cannot run causal attention of this
+    head size, dtype and dropout on `device` (e.g. fused: PyTorch has no memory-efficient kernel on CPU)."""
+    if backend not in SDPA_BACKENDS:
+        return
+    q = torch.zeros(1, 1, 8, head_dim, dtype=dtype, device=device, requires_grad=True)
+    try:
+        with attention_kernel(backend):
+            F.scaled_dot_product_attention(q, q, q, dropout_p=0.1 if dropout else 0.0, is_causal=True).sum().backward()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--attention-backend {backend} (SDPA's {SDPA_BACKENDS[backend].name}) is not available "
+                         f"for {dtype} with head size {head_dim} on {device.type}: {first}. Use --attention-backend "
+                         "auto (PyTorch chooses) or unfused") from None
 
 
 class CausalSelfAttention(torch.nn.Module):
@@ -23,6 +57,8 @@ class CausalSelfAttention(torch.nn.Module):
         self.local_heads = config.num_attention_heads // config.tensor_parallel_size
         self.head_dim = config.head_dim
         self.dropout_p = config.attention_dropout
+        self.backend = config.attention_backend
+        self.recompute_core = config.recompute_granularity == "selective"
         name = f"layers.{layer_number}.attention"
         self.qkv = ColumnParallelLinear(
             config.hidden_size, 3 * config.hidden_size,
@@ -35,14 +71,20 @@ class CausalSelfAttention(torch.nn.Module):
             params_dtype=config.params_dtype,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
-        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         dropout_p = self.dropout_p if self.training else 0.0
         # Attention probabilities are split over TP ranks (by head): their dropout must draw from
         # the per-rank stream.
         rng = get_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
-        with rng:
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        with rng, attention_kernel(self.backend):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
+        if self.recompute_core and self.training and torch.is_grad_enabled():
+            context = checkpoint(self.core, q, k, v)  # replays the dropout mask exactly
+        else:
+            context = self.core(q, k, v)
         return self.dense(context.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))

@@ -13,6 +13,9 @@ import torch
 
 EMBEDDING_NORMS = ("none", "layernorm", "scaled", "detach")
 INIT_METHODS = ("normal", "small")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 128) -> int:
@@ -27,9 +30,10 @@ class GPTConfig:
     num_layers: int
     hidden_size: int
     num_attention_heads: int
-    seq_length: int  # = max position embeddings
+    seq_length: int
     vocab_size: int  # the tokenizer's; padded inside (see padded_vocab_size)
     ffn_hidden_size: int | None = None  # default 4 * hidden_size
+    max_position_embeddings: int | None = None  # rows of the position table; default seq_length
     init_method: str = "normal"  # "normal": N(0, init_method_std); "small": sigma = sqrt(2 / (5 d))
     init_method_std: float = 0.02
     scaled_init: bool = True  # W_O and W_2 get sigma / sqrt(2 N)
@@ -38,7 +42,14 @@ class GPTConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     layernorm_epsilon: float = 1e-5
-    checkpoint_activations: bool = False
+    untie_embeddings_and_output_weights: bool = False  # the output layer gets its own table
+    # Activation recompute (Megatron's): "full" recomputes whole blocks, by `recompute_method`
+    # ("uniform": chunks of recompute_num_layers blocks; "block": the first recompute_num_layers
+    # blocks of each pipeline stage); "selective" recomputes attention's core only.
+    recompute_granularity: str | None = None
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    attention_backend: str = "auto"  # PyTorch SDPA kernel (model/attention.py)
     make_vocab_size_divisible_by: int = 128
     tensor_parallel_size: int = 1  # how many ranks split each layer (--tensor-model-parallel-size)
     params_dtype: torch.dtype = torch.float32
@@ -47,6 +58,8 @@ class GPTConfig:
     def __post_init__(self):
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
 
     @property
     def head_dim(self) -> int:
@@ -78,6 +91,19 @@ class GPTConfig:
                             ("--ffn-hidden-size", self.ffn_hidden_size)):
             if value % tp:
                 raise ValueError(f"{flag} ({value}) must be divisible by --tensor-model-parallel-size ({tp})")
+        if self.max_position_embeddings < self.seq_length:
+            raise ValueError(f"--max-position-embeddings ({self.max_position_embeddings}) must be >= --seq-length "
+                             f"({self.seq_length})")
+        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+            raise ValueError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
+        if self.recompute_method not in RECOMPUTE_METHODS:
+            raise ValueError(f"--recompute-method must be uniform or block, got {self.recompute_method!r}")
+        if self.recompute_num_layers < 1 or (self.recompute_method == "block"
+                                             and self.recompute_num_layers > self.num_layers):
+            raise ValueError(f"--recompute-num-layers ({self.recompute_num_layers}) must be in 1..--num-layers "
+                             f"({self.num_layers})")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.init_method not in INIT_METHODS:
             raise ValueError(f"--init-method must be one of {INIT_METHODS}, got {self.init_method!r}")
         if self.init_method_std <= 0:

@@ -23,7 +23,9 @@ to give the embedding output a std near 1 without touching anything else:
 
 Each TP rank computes the same embedding output (the lookup is all-reduced over the vocabulary
 split), so everything after it is replicated. The output layer multiplies by the same table E
-(tied); on a pipeline's last stage it is a `TiedOutputLayer` holding only E.
+(tied); on a pipeline's last stage it is a `TiedOutputLayer` holding only E. With
+--untie-embeddings-and-output-weights the output layer is an `UntiedOutputLayer`, its own table W
+[V_padded, h] drawn from its own seed, the same in every process layout.
 """
 from __future__ import annotations
 
@@ -39,11 +41,11 @@ from megatron_snm.parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron_snm.tensor_parallel.layers import VocabParallelEmbedding
 
 
-def word_embeddings(config: GPTConfig) -> VocabParallelEmbedding:
-    """The token table E [V_padded, h], split by vocabulary over TP ranks; the embedding's and the
-    output layer's, which are tied."""
+def word_embeddings(config: GPTConfig, name: str = "embedding.word") -> VocabParallelEmbedding:
+    """A token table [V_padded, h], split by vocabulary over TP ranks: the embedding's E (the output
+    layer's too where they are tied), or the untied output layer's own, drawn from `name`'s seed."""
     return VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size,
-                                  init_fn=weight_init(config, "embedding.word"),
+                                  init_fn=weight_init(config, name),
                                   tp_size=config.tensor_parallel_size, params_dtype=config.params_dtype)
 
 
@@ -57,10 +59,10 @@ class GPTEmbedding(torch.nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.embedding_norm = config.embedding_norm
-        self.seq_length = config.seq_length
+        self.max_positions = config.max_position_embeddings
         self.word_embeddings = word_embeddings(config)
         self.position_embeddings = initialized_parameter(
-            (config.seq_length, config.hidden_size), weight_init(config, "embedding.position"), config.params_dtype
+            (config.max_position_embeddings, config.hidden_size), weight_init(config, "embedding.position"), config.params_dtype
         )
         if self.embedding_norm == "layernorm":
             self.norm = FusedLayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
@@ -71,8 +73,8 @@ class GPTEmbedding(torch.nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> hidden [b, s, h]"""
         s = tokens.shape[1]
-        if s > self.seq_length:
-            raise ValueError(f"sequence of {s} tokens is longer than --seq-length {self.seq_length}")
+        if s > self.max_positions:
+            raise ValueError(f"sequence of {s} tokens is longer than --max-position-embeddings {self.max_positions}")
         words = self.word_embeddings(tokens)
         if self.embedding_norm == "scaled":
             words = words * self.scale
@@ -98,3 +100,14 @@ class TiedOutputLayer(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return output_logits(hidden, self.word_embeddings.weight)
+
+
+class UntiedOutputLayer(torch.nn.Module):
+    """The output layer of --untie-embeddings-and-output-weights: a table of its own."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.weight = word_embeddings(config, "output.word").weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return output_logits(hidden, self.weight)

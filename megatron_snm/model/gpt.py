@@ -1,9 +1,10 @@
-"""The GPT model: embedding -> N pre-LN blocks -> final LayerNorm -> tied, vocabulary-parallel output.
+"""The GPT model: embedding -> N pre-LN blocks -> final LayerNorm -> vocabulary-parallel output
+(tied to the embedding's table, or its own with --untie-embeddings-and-output-weights).
 
 `gpt_layers(config)` describes the model once, as the sequence of its layers. `GPTModel` builds
-all of them in one process (where the output layer is the embedding's own table); the pipeline
+all of them in one process (where a tied output layer is the embedding's own table); the pipeline
 (pipeline/module.py) builds each stage's share of the same list, the last stage holding only the
-tied table (`TiedOutputLayer`). `gpt_loss` is the training loss, whoever computes it.
+tied table (`TiedOutputLayer`) or the untied one. `gpt_loss` is the training loss, whoever computes it.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.model.embedding import GPTEmbedding, TiedOutputLayer
-from megatron_snm.model.transformer import FinalLayerNorm, TransformerBlock
+from megatron_snm.model.embedding import GPTEmbedding, TiedOutputLayer, UntiedOutputLayer
+from megatron_snm.model.transformer import FinalLayerNorm, TransformerBlock, recompute_plan, run_blocks
 from megatron_snm.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
 TIED_EMBEDDING = "embedding"  # the layers that share `word_embeddings.weight`
@@ -36,7 +37,8 @@ def gpt_layers(config: GPTConfig) -> list[LayerDef]:
         LayerDef("embedding", GPTEmbedding, (config,), tied=TIED_EMBEDDING),
         *[LayerDef(f"layers.{n}", TransformerBlock, (config, n)) for n in range(1, config.num_layers + 1)],
         LayerDef("final_norm", FinalLayerNorm, (config,)),
-        LayerDef("output", TiedOutputLayer, (config,), tied=TIED_EMBEDDING),
+        LayerDef("output", UntiedOutputLayer, (config,)) if config.untie_embeddings_and_output_weights
+        else LayerDef("output", TiedOutputLayer, (config,), tied=TIED_EMBEDDING),
     ]
 
 
@@ -44,20 +46,23 @@ class GPTModel(torch.nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        embedding, *blocks, final_norm, _output = gpt_layers(config)
+        embedding, *blocks, final_norm, output = gpt_layers(config)
         self.embedding = embedding.build()
         self.layers = torch.nn.ModuleList(block.build() for block in blocks)
+        alone, self.recompute_chunk = recompute_plan(config, len(self.layers))
+        for block, recompute in zip(self.layers, alone):
+            block.recompute = recompute
         self.final_norm = final_norm.build()
-        # The output layer is tied to the embedding, which this process holds: it is
+        # A tied output layer is the embedding's table, which this process holds: it is
         # self.embedding.logits, no second table.
+        self.output = None if output.tied else output.build()
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [b, s] int64. Without labels: this rank's vocabulary slice of the logits
         [b, s, V_padded / TP]; with labels [b, s]: the per-token fp32 loss [b, s]."""
-        hidden = self.embedding(tokens)
-        for layer in self.layers:
-            hidden = layer(hidden)
-        logits = self.embedding.logits(self.final_norm(hidden))
+        hidden = run_blocks(self.layers, self.embedding(tokens), self.recompute_chunk)
+        hidden = self.final_norm(hidden)
+        logits = self.embedding.logits(hidden) if self.output is None else self.output(hidden)
         return logits if labels is None else vocab_parallel_cross_entropy(logits, labels)
 
 

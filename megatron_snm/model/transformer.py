@@ -3,8 +3,11 @@
     x = x + dropout(attention(LN_1(x)))
     x = x + dropout(mlp(LN_2(x)))
 
-`checkpoint_activations` recomputes the whole block in backward (parallel/rng.checkpoint), which
-replays its dropout masks exactly.
+Activation recompute (parallel/rng.checkpoint, which replays the dropout masks exactly):
+`--recompute-granularity full` recomputes whole blocks, either a block alone (`recompute` set on it:
+--recompute-method block, or uniform chunks of one block) or a chunk of consecutive blocks as one
+(`recompute_chunks`, --recompute-method uniform with --recompute-num-layers > 1); `selective`
+recomputes attention's core only (model/attention.py).
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ class TransformerBlock(torch.nn.Module):
         if not 1 <= layer_number <= config.num_layers:
             raise ValueError(f"layer_number {layer_number} outside 1..{config.num_layers} (--num-layers)")
         self.layer_number = layer_number
-        self.checkpoint_activations = config.checkpoint_activations
+        # Whether this block is recomputed on its own; GPTModel / the pipeline set it from the plan
+        # (recompute_plan), since "the first N blocks of the stage" depends on the stage.
+        self.recompute = False
         h, eps, dtype = config.hidden_size, config.layernorm_epsilon, config.params_dtype
         self.ln_1 = FusedLayerNorm(h, eps=eps, dtype=dtype)
         self.attention = CausalSelfAttention(config, layer_number)
@@ -39,9 +44,43 @@ class TransformerBlock(torch.nn.Module):
         return x + self.dropout(self.mlp(self.ln_2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+        if self.recompute and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, x)
         return self._forward(x)
+
+
+def recompute_plan(config: GPTConfig, blocks: int) -> tuple[list[bool], int]:
+    """For a stage of `blocks` consecutive blocks: which blocks are recomputed one by one, and the
+    size of the chunks recomputed as one (1: none). Megatron's plan: uniform -> chunks of
+    --recompute-num-layers; block -> the stage's first --recompute-num-layers blocks."""
+    alone = [False] * blocks
+    if config.recompute_granularity != "full":
+        return alone, 1
+    if config.recompute_method == "block":
+        return [n < config.recompute_num_layers for n in range(blocks)], 1
+    if config.recompute_num_layers == 1:
+        return [True] * blocks, 1
+    return alone, config.recompute_num_layers
+
+
+def run_blocks(blocks, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The blocks in order; in training with chunk > 1, each `chunk` consecutive blocks are
+    recomputed as one in the backward pass (only the chunk's input is kept)."""
+    if chunk == 1 or not (blocks and blocks[0].training and torch.is_grad_enabled()):
+        for block in blocks:
+            hidden = block(hidden)
+        return hidden
+
+    def chunk_forward(chunk_blocks):
+        def forward(x):
+            for block in chunk_blocks:
+                x = block(x)
+            return x
+        return forward
+
+    for first in range(0, len(blocks), chunk):
+        hidden = checkpoint(chunk_forward(blocks[first:first + chunk]), hidden)
+    return hidden
 
 
 class FinalLayerNorm(torch.nn.Module):

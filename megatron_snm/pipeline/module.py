@@ -18,7 +18,9 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.gpt import gpt_layers
+from megatron_snm.model.transformer import TransformerBlock, recompute_plan
 from megatron_snm.parallel.dims import ParallelDims
+from megatron_snm.parallel.rng import checkpoint
 
 
 def gpt_pipeline(config: GPTConfig, loss_fn: Callable, dims: ParallelDims) -> PipelineModule:
@@ -27,4 +29,14 @@ def gpt_pipeline(config: GPTConfig, loss_fn: Callable, dims: ParallelDims) -> Pi
     specs = [TiedLayerSpec(layer.tied, layer.cls, *layer.args, tied_weight_attr="word_embeddings.weight")
              if layer.tied else LayerSpec(layer.cls, *layer.args) for layer in gpt_layers(config)]
     topology = PipeModelDataParallelTopology(num_pp=dims.pipeline, num_mp=dims.tensor, num_dp=dims.data)
-    return PipelineModule(specs, loss_fn=loss_fn, topology=topology, partition_method="type:TransformerBlock")
+    # Activation recompute as in GPTModel, per stage: blocks alone by their `recompute`, chunks of
+    # consecutive layers by DeepSpeed's interval (counted from the stage's first layer; a chunk
+    # holding a layer other than a block, e.g. the embedding, is not recomputed).
+    chunk = recompute_plan(config, config.num_layers)[1]
+    stage = PipelineModule(specs, loss_fn=loss_fn, topology=topology, partition_method="type:TransformerBlock",
+                           activation_checkpoint_interval=chunk if chunk > 1 else 0,
+                           activation_checkpoint_func=checkpoint, checkpointable_layers=["TransformerBlock"])
+    blocks = [layer for layer in stage.forward_funcs if isinstance(layer, TransformerBlock)]
+    for block, recompute in zip(blocks, recompute_plan(config, len(blocks))[0]):
+        block.recompute = recompute
+    return stage

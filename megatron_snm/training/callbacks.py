@@ -7,7 +7,7 @@ across a resume (in the style of OLMo-core's callbacks).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -30,6 +30,8 @@ class StepReport:
     spikes_total: int
     spike_mean: float | None  # the running mean a spike was measured against
     grad_norm_spikes_total: int = 0
+    step_time: float = 0.0  # seconds the engine took for the step
+    optimizer_states: dict[str, float] = field(default_factory=dict)  # --log-optimizer-states-to-tensorboard
 
 
 class Callback:

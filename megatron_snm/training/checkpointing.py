@@ -281,29 +281,34 @@ def run_metadata(run: RunConfig, model_config: GPTConfig) -> dict:
                          num_attention_heads=model_config.num_attention_heads,
                          ffn_hidden_size=model_config.ffn_hidden_size, seq_length=model_config.seq_length,
                          padded_vocab_size=model_config.padded_vocab_size,
-                         embedding_norm=model_config.embedding_norm),
+                         embedding_norm=model_config.embedding_norm,
+                         max_position_embeddings=model_config.max_position_embeddings,
+                         untie_embeddings_and_output_weights=model_config.untie_embeddings_and_output_weights),
     )
 
 
-def check_compatible(saved: dict, current: dict, checkpoint_dir: str) -> None:
-    """Refuses a checkpoint of another parallel layout, ZeRO sharding or model shape (ConfigError)."""
+def check_compatible(saved: dict, current: dict, checkpoint_dir: str, optimizer: bool = True) -> None:
+    """Refuses a checkpoint of another parallel layout, ZeRO sharding (when its `optimizer` state is
+    loaded) or model shape (ConfigError)."""
     for key, flag in (("tensor_model_parallel_size", "--tensor-model-parallel-size"),
                       ("pipeline_model_parallel_size", "--pipeline-model-parallel-size")):
         if saved["parallel"][key] != current["parallel"][key]:
             raise ConfigError(f"checkpoint {checkpoint_dir} was saved with {flag} {saved['parallel'][key]}, "
                               f"this run uses {current['parallel'][key]}; resume with the same value")
     was, now = saved["parallel"], current["parallel"]
-    if (was["zero_stage"] or now["zero_stage"]) and \
+    if optimizer and (was["zero_stage"] or now["zero_stage"]) and \
             (was["zero_stage"], was["data_parallel_size"]) != (now["zero_stage"], now["data_parallel_size"]):
         raise ConfigError(f"checkpoint {checkpoint_dir} holds ZeRO stage {was['zero_stage']} optimizer shards for "
                           f"{was['data_parallel_size']} data-parallel ranks; this run has ZeRO stage "
                           f"{now['zero_stage']} over {now['data_parallel_size']}: resume with the same layout")
-    if "precision" in was and was["precision"] != now["precision"]:
+    if optimizer and "precision" in was and was["precision"] != now["precision"]:
         raise ConfigError(f"checkpoint {checkpoint_dir} holds {was['precision']} weights; this run trains in "
                           f"{now['precision']} (--bf16 / --fp16): resume with the checkpoint's precision")
-    if saved["model_shape"] != current["model_shape"]:
-        diff = {k: (saved["model_shape"].get(k), v) for k, v in current["model_shape"].items()
-                if saved["model_shape"].get(k) != v}
+    # Checkpoints from before a shape field existed hold that field's default.
+    saved_shape = {"max_position_embeddings": saved["model_shape"]["seq_length"],
+                   "untie_embeddings_and_output_weights": False, **saved["model_shape"]}
+    if saved_shape != current["model_shape"]:
+        diff = {k: (saved_shape.get(k), v) for k, v in current["model_shape"].items() if saved_shape.get(k) != v}
         raise ConfigError(f"checkpoint {checkpoint_dir} holds a different model: "
                           + ", ".join(f"{k} saved {a} vs this run's {b}" for k, (a, b) in diff.items()))
 
@@ -326,10 +331,12 @@ def _broadcast(value):
     return box[0]
 
 
-def load_checkpoint(engine, load_dir: str, current: dict, iteration: int | None = None) -> dict | None:
-    """Restores model, optimizer, RNG states from `load_dir`'s `latest` (or the checkpoint of
-    `iteration`); returns the saved metadata (None: nothing to load). Every rank loads the tag rank
-    0 read, after the checkpoint's files are verified; raises CheckpointError / ConfigError."""
+def load_checkpoint(engine, load_dir: str, current: dict, iteration: int | None = None, optimizer: bool = True,
+                    rng_states: bool = True, weights_only: bool = False) -> dict | None:
+    """Restores the model, and unless told otherwise the optimizer and RNG states (`weights_only`:
+    the model alone, --finetune), from `load_dir`'s `latest` (or the checkpoint of `iteration`);
+    returns the saved metadata (None: nothing to load). Every rank loads the tag rank 0 read, after
+    the checkpoint's files are verified; raises CheckpointError / ConfigError."""
     tag, error = None, None
     if dist.get_rank() == 0:
         try:
@@ -346,13 +353,15 @@ def load_checkpoint(engine, load_dir: str, current: dict, iteration: int | None 
     checkpoint_dir = os.path.join(load_dir, tag)
     verify_manifest(checkpoint_dir, required=[METADATA, rng_file(dist.get_rank())])
     saved = _read_metadata(checkpoint_dir)
-    check_compatible(saved, current, checkpoint_dir)
+    optimizer = optimizer and not weights_only
+    check_compatible(saved, current, checkpoint_dir, optimizer=optimizer)
     try:
-        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
+        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=optimizer,
+                                         load_lr_scheduler_states=False, load_module_only=not optimizer)
     except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"loading checkpoint {checkpoint_dir} failed: {type(err).__name__}: {err}") from None
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {checkpoint_dir}")
-    _set_rng_state(torch.load(os.path.join(checkpoint_dir, rng_file(dist.get_rank())), weights_only=True))
+    if rng_states and not weights_only:
+        _set_rng_state(torch.load(os.path.join(checkpoint_dir, rng_file(dist.get_rank())), weights_only=True))
     return saved

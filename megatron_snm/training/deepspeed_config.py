@@ -1,6 +1,7 @@
 """The DeepSpeed JSON of a run: what `--deepspeed_config` says, merged with the flags.
 
-The flags and the JSON may both set the ZeRO stage, precision, clipping and batch sizes. A value
+The flags and the JSON may both set the ZeRO stage, precision, the fp16 loss scaler, clipping and
+batch sizes. A value
 set on both sides must agree (a ConfigError names the flag and the file); a value set on one side
 only is taken from it; the rest gets our defaults. The optimizer and LR schedule always come
 from the flags, so a JSON with its own is refused.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 
 from megatron_snm.config.errors import ConfigError
 from megatron_snm.config.flags import BatchArgs, OptimizerArgs, ParallelArgs
@@ -47,11 +49,20 @@ def merge_flags(ds: dict, path: str | None, parallel: ParallelArgs, batch: Batch
         return value
 
     bf16_section = section("bf16") if "bf16" in ds else section("bfloat16")
+    fp16 = section("fp16")
+    json_power = fp16.get("initial_scale_power")
     parallel = dataclasses.replace(
         parallel,
         zero_stage=take("--zero-stage", parallel.zero_stage, section("zero_optimization").get("stage"), 0),
-        fp16=take("--fp16", parallel.fp16, section("fp16").get("enabled"), False),
+        fp16=take("--fp16", parallel.fp16, fp16.get("enabled"), False),
         bf16=take("--bf16", parallel.bf16, bf16_section.get("enabled"), False),
+        # fp16 dynamic loss scaling: Megatron's flags, DeepSpeed's keys, Megatron's defaults.
+        initial_loss_scale=take("--initial-loss-scale", parallel.initial_loss_scale,
+                                None if json_power is None else float(2 ** json_power), float(2 ** 32)),
+        min_loss_scale=take("--min-loss-scale", parallel.min_loss_scale, fp16.get("min_loss_scale"), 1.0),
+        loss_scale_window=take("--loss-scale-window", parallel.loss_scale_window, fp16.get("loss_scale_window"),
+                               1000),
+        hysteresis=take("--hysteresis", parallel.hysteresis, fp16.get("hysteresis"), 2),
     )
     optim = dataclasses.replace(optim, clip_grad=take("--clip-grad", optim.clip_grad, ds.get("gradient_clipping"), 1.0))
     batch = dataclasses.replace(batch, global_batch_size=take("--global-batch-size", batch.global_batch_size,
@@ -85,6 +96,10 @@ def build(ds: dict, parallel: ParallelArgs, batch: BatchArgs, optim: OptimizerAr
     ds.setdefault("fp16", {})["enabled"] = bool(parallel.fp16)
     if parallel.fp16 and parallel.loss_scale is not None:
         ds["fp16"]["loss_scale"] = parallel.loss_scale
+    if parallel.fp16:
+        ds["fp16"].update(initial_scale_power=int(math.log2(parallel.initial_loss_scale)),
+                          min_loss_scale=parallel.min_loss_scale, loss_scale_window=parallel.loss_scale_window,
+                          hysteresis=parallel.hysteresis)
     ds.pop("bfloat16", None)
     ds.setdefault("bf16", {})["enabled"] = bool(parallel.bf16)
     return ds

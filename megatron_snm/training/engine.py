@@ -24,6 +24,7 @@ from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.gpt import GPTModel, gpt_loss
 from megatron_snm.parallel import rng, state
 from megatron_snm.pipeline.module import gpt_pipeline
+from megatron_snm.tensor_parallel.utils import is_tensor_parallel
 from megatron_snm.training import deepspeed_adapter
 from megatron_snm.training.fault_injection import FaultInjection
 from megatron_snm.training.optimizer import GatedAdamW, param_groups
@@ -53,6 +54,7 @@ class TrainEngine:
         self.pipelined = run.dims.pipeline > 1
         self.micro_batches = run.gradient_accumulation_steps
         self.fp16 = bool(run.parallel.fp16)
+        self.sharded_state = run.parallel.zero_stage > 0 or bool(run.parallel.bf16)  # DeepSpeed's flat shards
         rng.model_parallel_seed(run.model.seed)
         module = gpt_pipeline(model_config, self._loss, run.dims) if self.pipelined else GPTModel(model_config)
         # Under ZeRO-0 in fp32 DeepSpeed hands the gradients straight to our optimizer without
@@ -108,6 +110,29 @@ class TrainEngine:
         decided = self.optimizer.decided  # False: DeepSpeed skipped a non-finite step before asking
         finite = decided and math.isfinite(loss) and (norm is None or math.isfinite(norm))
         return StepResult(loss, norm, finite, applied=self.optimizer.updated and self.ds.was_step_applied())
+
+    def optimizer_state_norms(self) -> dict[str, float]:
+        """L2 norms of Adam's first and second moments over the whole model (collective, every rank).
+        Model parameters are counted once (TP-split on every TP rank, replicated ones on TP rank 0);
+        under ZeRO or bf16 the state lives on flat shards, summed over the data-parallel ranks,
+        where weights replicated over TP ranks count once per TP rank."""
+        squares = torch.zeros(2, dtype=torch.float32, device=self.ds.device)
+        tp_rank0 = state.get_tensor_model_parallel_rank() == 0
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                moments = self.optimizer.state.get(param)
+                if not moments or getattr(param, "ds_pipe_replicated", False):
+                    continue
+                if not self.sharded_state and not (is_tensor_parallel(param) or tp_rank0):
+                    continue  # a replicated model weight: counted on TP rank 0
+                squares[0] += moments["exp_avg"].float().pow(2).sum()
+                squares[1] += moments["exp_avg_sq"].float().pow(2).sum()
+        if self.sharded_state and state.get_data_parallel_world_size() > 1:
+            dist.all_reduce(squares, group=state.get_data_parallel_group())
+        if dist.get_world_size(state.get_model_parallel_group()) > 1:
+            dist.all_reduce(squares, group=state.get_model_parallel_group())
+        momentum, variance = squares.sqrt().tolist()
+        return {"momentum_l2": momentum, "variance_l2": variance}
 
     def _pipeline_batch_loss(self) -> float:
         """The global batch's mean loss on every stage: averaged on the last stage, sent to all."""

@@ -1,35 +1,44 @@
-"""Learning rate as a function of the iteration: linear warm-up, then cosine or linear decay to
---min-lr over --lr-decay-iters, then constant at --min-lr (Megatron's schedule).
+"""Learning rate as a function of training progress (Megatron's OptimizerParamScheduler, stateless).
 
-It is stateless: a checkpoint's iteration number restores it exactly.
+Progress is counted in samples, or in tokens when the run gives --lr-warmup-tokens or
+--lr-decay-tokens (Megatron-DeepSpeed); config/resolve.py turns every warm-up and decay flag
+(iterations, samples, tokens, --lr-warmup-fraction) into the two lengths here. Linear warm-up from
+--lr-warmup-init to --lr, then cosine, linear or inverse-square-root decay to --min-lr, then
+constant at --min-lr. A checkpoint's iteration number restores it exactly.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+STYLES = ("cosine", "linear", "constant", "inverse-square-root")
+
 
 @dataclass(frozen=True)
 class LRSchedule:
     max_lr: float
     min_lr: float
-    warmup_iters: int
-    decay_iters: int
-    style: str = "cosine"  # cosine | linear | constant
+    warmup: float  # the warm-up's length, in the schedule's unit (samples or tokens)
+    decay: float  # where the decay ends, in the same unit
+    style: str = "cosine"
+    init_lr: float = 0.0  # where the warm-up starts
 
-    def __call__(self, iteration: int) -> float:
-        """The learning rate of the optimizer step that produces iteration `iteration` (1-based)."""
-        if self.warmup_iters > 0 and iteration <= self.warmup_iters:
-            return self.max_lr * iteration / self.warmup_iters
+    def __call__(self, progress: float) -> float:
+        """The learning rate of the optimizer step that brings training to `progress` (the samples or
+        tokens consumed once the step is done; iteration i of a run with global batch B: i * B)."""
+        if self.warmup > 0 and progress <= self.warmup:
+            return self.init_lr + (self.max_lr - self.init_lr) * progress / self.warmup
         if self.style == "constant":
             return self.max_lr
-        if iteration >= self.decay_iters:
+        if self.style == "inverse-square-root":
+            return max(self.min_lr, self.max_lr * math.sqrt(max(self.warmup, 1)) / math.sqrt(max(progress, 1)))
+        if progress >= self.decay:
             return self.min_lr
-        progress = (iteration - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
+        ratio = (progress - self.warmup) / (self.decay - self.warmup)
         if self.style == "linear":
-            coeff = 1.0 - progress
+            coeff = 1.0 - ratio
         elif self.style == "cosine":
-            coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+            coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
         else:
-            raise ValueError(f"--lr-decay-style must be cosine, linear or constant, got {self.style!r}")
+            raise ValueError(f"--lr-decay-style must be one of {STYLES}, got {self.style!r}")
         return self.min_lr + coeff * (self.max_lr - self.min_lr)

@@ -6,7 +6,8 @@
 One iteration reads top to bottom: the learning rate of the step; the callbacks' `pre_step`; the
 engine runs the global batch under the spike policy's `UpdateGate` and reports a `StepResult`;
 the policy judges and books it; the callbacks' `post_step` report it; then the loop decides:
-stop (too many skipped steps), evaluate, save. The iteration and the consumed samples live here
+stop (a divergence, unless a rollback recovers it; --exit-interval, --exit-duration-in-mins, a
+signal under --exit-signal-handler: training/exit_conditions.py), evaluate, save. The iteration and the consumed samples live here
 and nowhere else.
 
 Datasets are indexable collections of {"text": int64 array [seq_length + 1]}; the trainer knows
@@ -14,6 +15,7 @@ nothing of tokenizers or files.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_snm.config import RunConfig
+from megatron_snm.config import ConfigError, RunConfig
 from megatron_snm.config.resolve import parse_iteration_list
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.parallel import state
@@ -35,6 +37,7 @@ from megatron_snm.training.checkpointing import (
 )
 from megatron_snm.training.data import micro_batches
 from megatron_snm.training.engine import TrainEngine
+from megatron_snm.training.exit_conditions import ExitConditions
 from megatron_snm.training.fault_injection import FaultInjection
 from megatron_snm.training.lr_schedule import LRSchedule
 from megatron_snm.training.metrics import TrainingMetrics, model_flops_per_token
@@ -51,30 +54,41 @@ _CHECKPOINT_BYTES_PER_PARAMETER = 16
 class TrainResult:
     iteration: int = 0
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> global batch loss
+    lrs: dict[int, float] = field(default_factory=dict)  # iteration -> its learning rate
     skipped: list[int] = field(default_factory=list)
     spikes: list[int] = field(default_factory=list)
     valid_losses: dict[int, float] = field(default_factory=dict)
     test_loss: float | None = None
-    diverged: bool = False
+    stopped: str | None = None  # why training ended early: diverged | signal | duration | interval
     rollbacks: list[tuple[int, int]] = field(default_factory=list)  # (diverged at, rolled back to)
+
+    @property
+    def diverged(self) -> bool:
+        return self.stopped == "diverged"
+
+
+def lr_schedule(run: RunConfig) -> LRSchedule:
+    optim, lengths = run.optim, run.lr_schedule
+    return LRSchedule(optim.lr, optim.min_lr, lengths.warmup, lengths.decay, optim.lr_decay_style,
+                      optim.lr_warmup_init)
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, model_config: GPTConfig, faults: FaultInjection | None = None):
+    def __init__(self, run: RunConfig, model_config: GPTConfig, faults: FaultInjection | None = None,
+                 start_time: float | None = None):
         self.run, self.model_config = run, model_config
+        self.start_time = start_time if start_time is not None else time.time()
         spike = run.spike
         self.faults = faults or FaultInjection.from_env(parse_iteration_list(spike.inject_divergence_at))
+        self.metrics = TrainingMetrics(run, model_flops_per_token(model_config), rank=dist.get_rank())
+        for note in run.notes:
+            self.metrics.print(f" {note}")
+        self.metrics.print(run.arguments_text())
         self.engine = TrainEngine(run, model_config, self.faults)
         self.policy = SpikePolicy(spike.spike_factor, spike.spike_window, spike.skip_spiky_steps,
                                   spike.max_skipped_steps, spike.spike_zscore, spike.grad_norm_spike_factor,
                                   spike.max_spiky_steps)
-        self.schedule = LRSchedule(run.optim.lr, run.optim.min_lr, run.optim.lr_warmup_iters,
-                                   run.optim.lr_decay_iters, run.optim.lr_decay_style)
-        self.metrics = TrainingMetrics(
-            rank=dist.get_rank(), world_size=dist.get_world_size(), train_iters=run.batch.train_iters,
-            global_batch_size=run.batch.global_batch_size, seq_length=run.model.seq_length,
-            flops_per_token=model_flops_per_token(model_config), log_interval=run.logging.log_interval,
-            tensorboard_dir=run.logging.tensorboard_dir)
+        self.schedule = lr_schedule(run)
         self.callbacks = [StabilityCallback(self.engine.model, self.metrics, run.logging.log_stability_interval,
                                             spike.spike_factor),
                           self.metrics]
@@ -96,20 +110,28 @@ class Trainer:
     def step(self, batches: Iterator) -> StepReport:
         """Trains on the next global batch of `batches` and books it."""
         it = self.iteration + 1
-        lr = self.schedule(it) * (self.run.spike.rollback_lr_factor if it <= self.lr_scaled_until else 1.0)
+        samples_after = self.consumed_samples + self.run.batch.global_batch_size
+        lr = self.schedule(samples_after * self.run.lr_schedule.per_sample)
+        if it <= self.lr_scaled_until:  # after a rollback
+            lr *= self.run.spike.rollback_lr_factor
         self.engine.set_lr(lr)
         for callback in self.callbacks:
             callback.pre_step(it)
         spike_mean = self.policy.running_mean()
         self.faults.arm(it)
+        started = time.perf_counter()
         result = self.engine.train_step(batches, self.policy.gate())
+        step_time = time.perf_counter() - started
         self.faults.arm(None)
         verdict = self.policy.judge(result.loss, result.finite, result.grad_norm)
         self.policy.record(result.loss, verdict, result.applied, result.grad_norm)
         self.iteration, self.consumed_samples = it, self.consumed_samples + self.run.batch.global_batch_size
+        logging = self.run.logging
+        optimizer_states = self.engine.optimizer_state_norms() if logging.log_optimizer_states_to_tensorboard \
+            and it % logging.tensorboard_log_interval == 0 else {}
         report = StepReport(it, self.consumed_samples, lr, result, verdict, self.engine.loss_scale(),
                             self.policy.skipped_total, self.policy.nonfinite_total, self.policy.spikes_total,
-                            spike_mean, self.policy.grad_norm_spikes_total)
+                            spike_mean, self.policy.grad_norm_spikes_total, step_time, optimizer_states)
         for callback in self.callbacks:
             callback.post_step(report)
         return report
@@ -118,40 +140,75 @@ class Trainer:
     def _batches(self, dataset, start: int, samples: int) -> Iterator:
         return micro_batches(dataset, start, samples, self.run.batch.micro_batch_size,
                              state.get_data_parallel_rank(), state.get_data_parallel_world_size(), device(),
-                             vocab_size=self.model_config.vocab_size)
+                             vocab_size=self.model_config.vocab_size, num_workers=self.run.batch.num_workers)
 
     def _evaluate(self, dataset, where: str, tag: str) -> float:
+        started = time.perf_counter()
         batches = self._batches(dataset, 0, self.run.eval.eval_iters * self.run.batch.global_batch_size)
         loss = self.engine.evaluate(batches, self.run.eval.eval_iters)
         self.metrics.evaluation(where, loss, self.iteration, tag)
+        self.metrics.timer("evaluate-time", time.perf_counter() - started, self.iteration)
         return loss
 
     def _metadata(self) -> dict:
         return dict(run_metadata(self.run, self.model_config), consumed_train_samples=self.consumed_samples,
                     spike_policy=self.policy.state_dict(), rollbacks=self.rollbacks,
                     last_good_checkpoint=self.last_good_checkpoint, lr_scaled_until=self.lr_scaled_until,
-                    faults_fired=self.faults.fired)
+                    faults_fired=self.faults.fired, lr_schedule=dataclasses.asdict(self.schedule))
 
-    def _restore(self, directory: str, iteration: int | None) -> dict | None:
-        """Model, optimizer, RNG, data position and spike state from a checkpoint."""
-        saved = load_checkpoint(self.engine.ds, directory, run_metadata(self.run, self.model_config), iteration)
-        if saved is not None:
+    def _take_schedule(self, saved: dict | None) -> None:
+        """Megatron's rule for a resumed LR schedule: the checkpoint's and this run's must agree, unless
+        --override-opt_param-scheduler (take this run's) or --use-checkpoint-opt_param-scheduler (the
+        checkpoint's)."""
+        if saved is None or saved == dataclasses.asdict(self.schedule):
+            return
+        optim = self.run.optim
+        if optim.use_checkpoint_opt_param_scheduler:
+            self.schedule = LRSchedule(**saved)
+            self.metrics.print(f" using the checkpoint's LR schedule {saved} (--use-checkpoint-opt_param-scheduler)")
+        elif optim.override_opt_param_scheduler:
+            self.metrics.print(f" using this run's LR schedule {dataclasses.asdict(self.schedule)}, not the "
+                               f"checkpoint's {saved} (--override-opt_param-scheduler)")
+        else:
+            diff = ", ".join(f"{k} {v} in the checkpoint vs {getattr(self.schedule, k)} now"
+                             for k, v in saved.items() if getattr(self.schedule, k) != v)
+            raise ConfigError(f"the LR schedule differs from the checkpoint's in {self.run.checkpoint.load} ({diff}):"
+                              " give --override-opt_param-scheduler to use this run's flags, or "
+                              "--use-checkpoint-opt_param-scheduler to use the checkpoint's")
+
+    def _restore(self, directory: str, iteration: int | None, **options) -> dict | None:
+        """Model, optimizer, RNG, data position and spike state from a checkpoint (`options`: what
+        not to load, see load_checkpoint)."""
+        saved = load_checkpoint(self.engine.ds, directory, run_metadata(self.run, self.model_config), iteration,
+                                **options)
+        if saved is not None and not options.get("weights_only"):
             self.iteration, self.consumed_samples = saved["iteration"], saved["consumed_train_samples"]
             self.policy.load_state_dict(saved["spike_policy"])
         return saved
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """--load: the model, and unless --finetune / --no-load-optim / --no-load-rng say otherwise the
+        optimizer, RNG states, iteration, data position, spike policy, rollback state and LR schedule."""
         ckpt = self.run.checkpoint
         current = run_metadata(self.run, self.model_config)
-        saved = self._restore(ckpt.load, ckpt.load_iteration)
+        saved = self._restore(ckpt.load, ckpt.load_iteration, optimizer=not ckpt.no_load_optim,
+                              rng_states=not ckpt.no_load_rng, weights_only=ckpt.finetune)
         if saved is None:
             self.metrics.print(f" no checkpoint in {ckpt.load} (no 'latest' file): starting from scratch")
             return
+        if ckpt.finetune:
+            self.metrics.print(f" loaded the model weights of {ckpt.load} at iteration {saved['iteration']} "
+                               "(--finetune): training starts at iteration 0 with a fresh optimizer")
+            return
+        self._take_schedule(saved.get("lr_schedule"))
         self.rollbacks = saved.get("rollbacks", 0)
         self.last_good_checkpoint = saved.get("last_good_checkpoint", saved["iteration"])
         self.lr_scaled_until = saved.get("lr_scaled_until", 0)
         self.faults.forget(saved.get("faults_fired", []))
-        self.metrics.print(f" loaded checkpoint {ckpt.load} at iteration {self.iteration}")
+        skipped = [what for what, flag in (("optimizer state", ckpt.no_load_optim), ("RNG states", ckpt.no_load_rng))
+                   if flag]
+        self.metrics.print(f" loaded checkpoint {ckpt.load} at iteration {self.iteration}"
+                           + (f" without its {' and '.join(skipped)} (--no-load-*)" if skipped else ""))
         # Megatron allows resuming with other data, seed or batch flags; say which differ.
         differ = [f"{k}: {saved['args'][k]!r} -> {v!r}" for k, v in current["args"].items()
                   if k in saved["args"] and saved["args"][k] != v and k not in ("load", "save", "local_rank")]
@@ -177,8 +234,11 @@ class Trainer:
 
     def train(self, datasets: tuple) -> TrainResult:
         lock = self._claim_save_dir() if self.run.checkpoint.save else None
+        batch = self.run.batch
         try:
-            return self._train(datasets)
+            with ExitConditions(batch.exit_interval, batch.exit_duration_in_mins, batch.exit_signal_handler,
+                                self.start_time) as exits:
+                return self._train(datasets, exits)
         finally:
             if lock is not None:
                 lock.release()
@@ -220,11 +280,11 @@ class Trainer:
                if self.lr_scaled_until else ""))
         return True
 
-    def _train(self, datasets: tuple) -> TrainResult:
+    def _train(self, datasets: tuple, exits: ExitConditions) -> TrainResult:
         train_ds, valid_ds, test_ds = datasets
         run, ckpt = self.run, self.run.checkpoint
         if ckpt.load:
-            self._load()
+            self.load()
         result = TrainResult(iteration=self.iteration)
         # Nothing to save again right after loading, unless the run saves somewhere else.
         resumed_in_save_dir = ckpt.load and ckpt.save and os.path.realpath(ckpt.load) == os.path.realpath(ckpt.save)
@@ -252,6 +312,7 @@ class Trainer:
                 return
             self.pending = None
             path = pending.finish()
+            self.metrics.timer("save-checkpoint-time", time.perf_counter() - pending.started, pending.iteration)
             size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
             self.metrics.print(f" saved checkpoint at iteration {pending.iteration} to {path} ({size / 2**20:.1f} "
                                f"MiB; the loop was blocked {pending.blocked_s:.2f} s, "
@@ -274,7 +335,7 @@ class Trainer:
             report = self.step(train_batches)
             publish(wait=False)
             it = result.iteration = report.iteration
-            result.losses[it] = report.result.loss
+            result.losses[it], result.lrs[it] = report.result.loss, report.lr
             if not report.result.applied:
                 result.skipped.append(it)
             if report.verdict.spike:
@@ -292,17 +353,28 @@ class Trainer:
                     f" stopping at iteration {it}: {why}; the run is diverging. "
                     + (f"Checkpoint saved in {ckpt.save}; " if ckpt.save else "")
                     + "lower --lr or check the data before resuming")
-                result.diverged = True
+                result.stopped = "diverged"
                 break
             if valid_ds is not None and evaluating and it % run.eval.eval_interval == 0:
                 result.valid_losses[it] = self._evaluate(valid_ds, f"iteration {it}", "validation")
             if ckpt.save_interval and it % ckpt.save_interval == 0:
                 save()
+            stop = exits.check(it, device()) if it < run.batch.train_iters else None
+            if stop is not None:
+                save()
+                why = {"signal": f"received {exits.signal_name()} (--exit-signal-handler)",
+                       "duration": f"--exit-duration-in-mins {run.batch.exit_duration_in_mins} have passed",
+                       "interval": f"--exit-interval {run.batch.exit_interval}"}[stop]
+                self.metrics.print(f" exiting at iteration {it}: {why}; "
+                                   + (f"checkpoint in {ckpt.save}, resume with --load {ckpt.save}" if ckpt.save
+                                      else "nothing saved (no --save)"))
+                result.stopped = stop
+                break
 
-        if not result.diverged:
+        if result.stopped is None:
             save()
         publish()
-        if not result.diverged and test_ds is not None and evaluating:
+        if result.stopped is None and test_ds is not None and evaluating:
             result.test_loss = self._evaluate(test_ds, "the end of training for test data", "test")
         self.metrics.close()
         return result
@@ -316,8 +388,9 @@ def start_distributed(run: RunConfig, env: DistEnv | None = None) -> None:
 
 
 def build_run(run: RunConfig, vocab_size: int, faults: FaultInjection | None = None,
-              env: DistEnv | None = None) -> Trainer:
+              env: DistEnv | None = None, start_time: float | None = None) -> Trainer:
     """Everything a run needs before its data: the entry point, the tests and the benchmarks all
-    start here."""
+    start here. `start_time` (time.time() at the program's start) is what --exit-duration-in-mins
+    counts from (default: now)."""
     start_distributed(run, env)
-    return Trainer(run, run.model_config(vocab_size), faults)
+    return Trainer(run, run.model_config(vocab_size), faults, start_time)
