@@ -23,10 +23,18 @@ from megatron_snm.parallel.dims import ParallelDims
 from megatron_snm.parallel.rng import checkpoint
 
 
+def _tied_output(module, hidden):
+    """The tied output layer, called through a function so that DeepSpeed keeps its weight out of
+    the last stage's files: the first stage's embedding file holds the table, and DeepSpeed copies
+    it to the last stage after loading (PipelineModule._synchronize_tied_weights)."""
+    return module(hidden)
+
+
 def gpt_pipeline(config: GPTConfig, loss_fn: Callable, dims: ParallelDims) -> PipelineModule:
     """Builds this rank's stage of the GPT. Needs parallel/state.py's groups initialised and
     `loss_fn(logits, labels) -> scalar`."""
-    specs = [TiedLayerSpec(layer.tied, layer.cls, *layer.args, tied_weight_attr="word_embeddings.weight")
+    specs = [TiedLayerSpec(layer.tied, layer.cls, *layer.args, tied_weight_attr="word_embeddings.weight",
+                           forward_fn=None if layer.name == "embedding" else _tied_output)
              if layer.tied else LayerSpec(layer.cls, *layer.args) for layer in gpt_layers(config)]
     topology = PipeModelDataParallelTopology(num_pp=dims.pipeline, num_mp=dims.tensor, num_dp=dims.data)
     # Activation recompute as in GPTModel, per stage: blocks alone by their `recompute`, chunks of
