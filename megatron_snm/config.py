@@ -62,6 +62,8 @@ class Config:
     hidden_dropout: float = _opt(0.0, "dropout on the residual branches and embedding", MODEL, type=float)
     attention_dropout: float = _opt(0.0, "dropout on the attention probabilities", MODEL, type=float)
     layernorm_epsilon: float = _opt(1e-5, "LayerNorm epsilon", MODEL, type=float)
+    openai_gelu: bool = _opt(False, "GELU's tanh approximation, as GPT-2 (set by checkpoints imported from it)",
+                             MODEL, action="store_true")
     checkpoint_activations: bool = _opt(False, "recompute each block in the backward pass", MODEL,
                                         action="store_true")
     make_vocab_size_divisible_by: int = _opt(128, "pad the vocabulary to a multiple of this x TP", MODEL, type=int)
@@ -159,7 +161,8 @@ class Config:
             init_method=self.init_method, init_method_std=self.init_method_std, scaled_init=not self.no_scaled_init,
             embedding_norm=self.embedding_norm, embed_detach_alpha=self.embed_detach_alpha,
             hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout,
-            layernorm_epsilon=self.layernorm_epsilon, checkpoint_activations=self.checkpoint_activations,
+            layernorm_epsilon=self.layernorm_epsilon, openai_gelu=self.openai_gelu,
+            checkpoint_activations=self.checkpoint_activations,
             make_vocab_size_divisible_by=self.make_vocab_size_divisible_by, params_dtype=self.params_dtype,
             seed=self.seed,
         )

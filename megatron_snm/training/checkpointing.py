@@ -161,6 +161,8 @@ def load_checkpoint(engine, load_dir: str, current: dict) -> dict | None:
     checkpoint_dir = os.path.join(load_dir, tag)
     with open(os.path.join(checkpoint_dir, METADATA)) as f:
         saved = json.load(f)
+    if saved.get("weights_only"):
+        return _load_weights_only(engine, load_dir, tag, saved, current)
     check_compatible(saved, current, checkpoint_dir)
     path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
@@ -168,4 +170,22 @@ def load_checkpoint(engine, load_dir: str, current: dict) -> dict | None:
     rng_file = os.path.join(checkpoint_dir, f"rng_state_{dist.get_rank():05d}.pt")
     if os.path.isfile(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=True))
+    return saved
+
+
+def _load_weights_only(engine, load_dir: str, tag: str, saved: dict, current: dict) -> dict:
+    """A checkpoint of model weights alone (tools/convert_checkpoint.py writes them, e.g. from a
+    Hugging Face model): the run starts from these weights with a fresh optimizer, at iteration 0,
+    under any data-parallel size and ZeRO stage 0-2."""
+    checkpoint_dir = os.path.join(load_dir, tag)
+    if current["parallel"]["zero_stage"] == 3:
+        raise ConfigError(f"checkpoint {checkpoint_dir} holds model weights only, which ZeRO stage 3 cannot start "
+                          "from; use ZeRO stage 0-2 (--zero-stage), or train a few steps and save under ZeRO 0-2 first")
+    layout = dict(saved["parallel"], data_parallel_size=current["parallel"]["data_parallel_size"],
+                  zero_stage=current["parallel"]["zero_stage"])
+    check_compatible(dict(saved, parallel=layout), current, checkpoint_dir)
+    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_only=True, load_optimizer_states=False,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir}")
     return saved
