@@ -13,6 +13,8 @@ is read as the special token, where our preprocessing reads it as plain text.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 from megatron_snm.checkpoint.tokenizer import TokenizerSpec
 from megatron_snm.data.tokenizers import Tokenizer
@@ -40,7 +42,10 @@ def hf_tokenizer(spec: TokenizerSpec, tokenizer: Tokenizer, model_max_length: in
     from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
     if spec.tokenizer_type == "GPT2BPETokenizer":
-        hf = GPT2TokenizerFast(vocab_file=spec.vocab_file, merges_file=spec.merge_file, model_max_length=model_max_length)
+        with tempfile.TemporaryDirectory() as tmp:  # from_pretrained reads the files under their usual names
+            shutil.copyfile(spec.vocab_file, os.path.join(tmp, "vocab.json"))
+            shutil.copyfile(spec.merge_file, os.path.join(tmp, "merges.txt"))
+            hf = GPT2TokenizerFast.from_pretrained(tmp, model_max_length=model_max_length)
     elif spec.tokenizer_type == "SentencePieceTokenizer":
         hf = PreTrainedTokenizerFast(tokenizer_object=_sentencepiece_backend(spec.tokenizer_model),
                                      model_max_length=model_max_length, unk_token="<unk>")

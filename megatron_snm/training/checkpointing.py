@@ -184,6 +184,9 @@ def _load_weights_only(engine, load_dir: str, tag: str, saved: dict, current: di
     layout = dict(saved["parallel"], data_parallel_size=current["parallel"]["data_parallel_size"],
                   zero_stage=current["parallel"]["zero_stage"])
     check_compatible(dict(saved, parallel=layout), current, checkpoint_dir)
+    if saved["args"].get("openai_gelu", False) != current["args"].get("openai_gelu", False):
+        raise ConfigError(f"checkpoint {checkpoint_dir} was made for " + ("" if saved["args"].get("openai_gelu") else "no ")
+                          + "--openai-gelu (GELU's tanh approximation, as GPT-2); give the same setting")
     path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_only=True, load_optimizer_states=False,
                                      load_lr_scheduler_states=False)
     if path is None:
