@@ -53,13 +53,13 @@ def token_samples(count: int, seed: int, vocab: int) -> list[dict]:
 def _train_body(rank, world_size, runs, vocab):
     import torch
 
-    from megatron_snm.config import parse_args
+    from megatron_snm.config import ConfigError, parse_args
     from megatron_snm.parallel import distributed, state
     from megatron_snm.training.loop import pretrain
 
     torch.set_num_threads(1)
     distributed.initialize(distributed.discover())
-    losses = []
+    results = []
     for argv in runs:
         cfg = parse_args(argv)
         cfg.validate(world_size)
@@ -67,18 +67,26 @@ def _train_body(rank, world_size, runs, vocab):
         n = cfg.global_batch_size
         datasets = (token_samples(cfg.train_iters * n, 1, vocab), None, token_samples(n, 3, vocab))
         try:
-            losses.append(pretrain(cfg, cfg.gpt_config(vocab), cfg.build_deepspeed_config(world_size), datasets).test_loss)
+            results.append(pretrain(cfg, cfg.gpt_config(vocab), cfg.build_deepspeed_config(world_size), datasets))
+        except ConfigError as err:  # a refused checkpoint: returned for the test to inspect
+            results.append(err)
         finally:
             state.destroy_model_parallel()
-    return losses
+    return results
 
 
-def train_tokenizer(path_prefix: str) -> str:
+def train_runs(runs: list[list[str]], vocab: int) -> list:
+    """Each run's TrainResult (or ConfigError) on 2 gloo processes, as rank 0 saw it; the data are
+    token_samples(..., seed 1) for training and seed 3 for the test loss."""
+    return run_distributed(_train_body, 2, runs, vocab)[0]
+
+
+def train_tokenizer(path_prefix: str, vocab_size: int = TOKENIZER_VOCAB) -> str:
     import subprocess
     import sys
 
     subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(SAMPLE_DIR / "c4-train.00000-of-00001.json.gz"),
-                    "--model-prefix", path_prefix, "--vocab-size", str(TOKENIZER_VOCAB), "--workers", "1"],
+                    "--model-prefix", path_prefix, "--vocab-size", str(vocab_size), "--workers", "1"],
                    check=True, capture_output=True)
     return path_prefix + ".model"
 
@@ -87,6 +95,6 @@ def build_checkpoints(root: str, configs: dict[str, list[str]] = CONFIGS) -> dic
     tokenizer = train_tokenizer(os.path.join(root, "sp"))
     runs = [BASE + ["--tokenizer-model", tokenizer, "--save", os.path.join(root, name)] + flags
             for name, flags in configs.items()]
-    losses = run_distributed(_train_body, 2, runs, TOKENIZER_VOCAB)[0]
+    results = train_runs(runs, TOKENIZER_VOCAB)
     test = np.stack([s["text"] for s in token_samples(4, 3, TOKENIZER_VOCAB)])
-    return {name: Trained(os.path.join(root, name), loss, test) for name, loss in zip(configs, losses)}
+    return {name: Trained(os.path.join(root, name), r.test_loss, test) for name, r in zip(configs, results)}

@@ -15,6 +15,7 @@ Exit status 2 on bad input, with one line saying what is wrong.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -49,6 +50,8 @@ def parse_args(argv=None):
 def export(args) -> None:
     from megatron_snm.hf.export import export_to_hf
 
+    if os.path.isdir(args.output) and os.listdir(args.output):
+        raise ValueError(f"--output {args.output} exists and is not empty; remove it or choose another directory")
     start = time.perf_counter()
     try:
         ckpt = read_checkpoint(args.load)

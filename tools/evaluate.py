@@ -77,7 +77,10 @@ def lambada_pairs(texts: list[str], tokenizer, path: str) -> list[tuple[list[int
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run_tool("evaluate.py", lambda: _main(parse_args(argv)))
+
+
+def _main(args) -> int:
     start = time.perf_counter()
     ckpt, tok = load_checkpoint_and_tokenizer(args, need_tokenizer=args.data_path is None)
     tokenizer = tok[1] if tok else None
@@ -134,4 +137,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool("evaluate.py", main))
+    sys.exit(main())

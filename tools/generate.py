@@ -56,7 +56,10 @@ def read_prompts(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run_tool("generate.py", lambda: _main(parse_args(argv)))
+
+
+def _main(args) -> int:
     params = SamplingParams(args.greedy, args.temperature, args.top_k, args.top_p)
     params.validate()
     if args.max_new_tokens < 1:
@@ -81,7 +84,8 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - start
         if runtime.rank == 0:
             if show:
-                print(f"\n[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tokens/s]", file=sys.stderr)
+                print(flush=True)  # ends the streamed line, so the JSON stands on its own
+                print(f"[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tokens/s]", file=sys.stderr)
             text = tokenizer.detokenize([t for t in new if t != tokenizer.eod])
             print(json.dumps(dict(prompt=prompt, token_ids=new, text=text, stopped_at_eod=bool(new) and new[-1] == tokenizer.eod)))
     stop_runtime(runtime)
@@ -89,4 +93,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_tool("generate.py", main))
+    sys.exit(main())

@@ -21,6 +21,7 @@ import torch
 from megatron_snm.checkpoint.read import CheckpointError
 from megatron_snm.checkpoint.write import write_checkpoint
 from megatron_snm.config import Config
+from megatron_snm.training.checkpointing import LATEST
 from megatron_snm.hf.gpt2_mapping import HF_INPUT_EMBEDDINGS, HF_OUTPUT_LAYER, from_hf_gpt2
 
 _ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu": False}  # -> --openai-gelu
@@ -126,15 +127,23 @@ def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipe
     # Our Embed LN export is read with this package's config class, never with the directory's code.
     config = (GPT2EmbedLNConfig if model_type == "gpt2_embed_ln" else GPT2Config).from_pretrained(directory)
     _check_supported(config, directory)
+    if os.path.exists(os.path.join(save_dir, LATEST)):
+        raise CheckpointError(f"--save {save_dir} already holds a checkpoint ({LATEST}); import into a new directory")
+    ffn = config.n_inner or 4 * config.n_embd
+    shape = dict(num_layers=config.n_layer, hidden_size=config.n_embd, num_attention_heads=config.n_head,
+                 ffn_hidden_size=ffn, seq_length=config.n_positions)
+    try:
+        Config(**shape).gpt_config(config.vocab_size).validate(tensor_parallel)
+    except ValueError as err:
+        raise CheckpointError(f"{directory}: {err}") from None
+    if pipeline_parallel > config.n_layer:
+        raise CheckpointError(f"--pipeline-model-parallel-size {pipeline_parallel} exceeds the model's {config.n_layer} layers")
     hf = _canonical(_read_hf_weights(directory))
     embedding_norm = _embedding_norm(config, hf, directory)
     weights = from_hf_gpt2(hf, config.n_layer, config.n_head)
     if embedding_norm == "scaled":
         weights["embedding.word_embeddings.weight"] = hf[HF_OUTPUT_LAYER].contiguous()
-
-    ffn = config.n_inner or 4 * config.n_embd
-    cfg = Config(num_layers=config.n_layer, hidden_size=config.n_embd, num_attention_heads=config.n_head,
-                 ffn_hidden_size=ffn, seq_length=config.n_positions, embedding_norm=embedding_norm,
+    cfg = Config(**shape, embedding_norm=embedding_norm,
                  openai_gelu=_ACTIVATIONS[config.activation_function], layernorm_epsilon=config.layer_norm_epsilon,
                  init_method_std=config.initializer_range, hidden_dropout=config.resid_pdrop,
                  attention_dropout=config.attn_pdrop, tensor_model_parallel_size=tensor_parallel,
@@ -142,12 +151,6 @@ def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipe
                  bf16=weights["embedding.word_embeddings.weight"].dtype == torch.bfloat16,
                  fp16=weights["embedding.word_embeddings.weight"].dtype == torch.float16,
                  **_copy_tokenizer(directory, save_dir, config.vocab_size))
-    try:
-        cfg.gpt_config(config.vocab_size).validate(tensor_parallel)
-    except ValueError as err:
-        raise CheckpointError(f"{directory}: {err}") from None
     metadata = dict(args=dataclasses.asdict(cfg), imported_from=os.path.abspath(directory),
-                    model_shape=dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
-                                     num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=ffn,
-                                     seq_length=cfg.seq_length, embedding_norm=embedding_norm))
+                    model_shape=dict(shape, embedding_norm=embedding_norm))
     return write_checkpoint(save_dir, weights, metadata, tensor_parallel, pipeline_parallel, vocab_size=config.vocab_size)
