@@ -73,7 +73,8 @@ def test_greedy_generation_equals_hugging_face(trained_checkpoints, tmp_path, na
     code, out, _ = run_tool("generate", ["--load", trained_checkpoints[name].save_dir, "--prompt", PROMPT,
                                          "--max-new-tokens", "8", "--greedy", "--ignore-eod"], capsys)
     result = json.loads(out.strip().splitlines()[-1])
-    assert code == 0 and result["token_ids"] == ours and result["text"] == tokenizer.detokenize(ours)
+    assert code == 0 and result["token_ids"] == ours
+    assert tokenizer.detokenize(prompt) + result["text"] == tokenizer.detokenize(prompt + ours)
 
 
 def test_sampling_is_seeded_and_stays_in_top_k(trained_checkpoints, one_thread):
@@ -86,7 +87,7 @@ def test_sampling_is_seeded_and_stays_in_top_k(trained_checkpoints, one_thread):
     assert first[0] in logits.topk(3).indices.tolist()
 
 
-def test_evaluate_agrees_with_lm_eval(trained_checkpoints, documents, tmp_path, capsys, one_thread):
+def test_evaluate_agrees_with_lm_eval(trained_checkpoints, documents, tmp_path, capsys, monkeypatch, one_thread):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -103,7 +104,8 @@ def test_evaluate_agrees_with_lm_eval(trained_checkpoints, documents, tmp_path, 
         f"    test: {documents}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
         'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
         "  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
-    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # no network here: everything is local
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},trust_remote_code=True",
                                       tasks=["sample_paragraphs"], device="cpu", batch_size=8,
                                       task_manager=TaskManager(include_path=str(tmp_path / "tasks")))

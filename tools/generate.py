@@ -55,6 +55,13 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def continuation(tokenizer, prompt_ids: list[int], new: list[int]) -> str:
+    """The text the new tokens add after the prompt's (decoded together: SentencePiece drops the
+    space before a text's first word, which is not the start of this one); EOD is not text."""
+    kept = [t for t in new if t != tokenizer.eod]
+    return tokenizer.detokenize(prompt_ids + kept)[len(tokenizer.detokenize(prompt_ids)):]
+
+
 def main(argv=None) -> int:
     return run_tool("generate.py", lambda: _main(parse_args(argv)))
 
@@ -78,7 +85,7 @@ def _main(args) -> int:
                               None if args.ignore_eod else tokenizer.eod, args.seed):
             new.append(token)
             if show:  # decode all so far: a character may span several tokens
-                text = tokenizer.detokenize([t for t in new if t != tokenizer.eod])
+                text = continuation(tokenizer, prompt_ids, new)
                 print(text[len(shown):], end="", flush=True)
                 shown = text
         seconds = time.perf_counter() - start
@@ -86,8 +93,8 @@ def _main(args) -> int:
             if show:
                 print(flush=True)  # ends the streamed line, so the JSON stands on its own
                 print(f"[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tokens/s]", file=sys.stderr)
-            text = tokenizer.detokenize([t for t in new if t != tokenizer.eod])
-            print(json.dumps(dict(prompt=prompt, token_ids=new, text=text, stopped_at_eod=bool(new) and new[-1] == tokenizer.eod)))
+            print(json.dumps(dict(prompt=prompt, token_ids=new, text=continuation(tokenizer, prompt_ids, new),
+                                  stopped_at_eod=bool(new) and new[-1] == tokenizer.eod)))
     stop_runtime(runtime)
     return 0
 

@@ -2,8 +2,9 @@
 vocabulary.
 
 A run records `--tokenizer-type` and its files as given on its command line. A relative path
-that does not exist from the current directory is also looked for beside the checkpoint's save
-directory; flags of the tools override the recorded values.
+that does not exist from the current directory is looked for by its file name in the save
+directory and the directory above it (where the demo keeps its tokenizer); flags of the tools
+override the recorded values.
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ class TokenizerSpec:
 def _locate(path: str | None, ckpt: FullCheckpoint) -> str | None:
     if path is None or os.path.exists(path) or os.path.isabs(path):
         return path
-    save_dir = os.path.dirname(ckpt.directory.rstrip("/"))
+    save_dir = os.path.dirname(os.path.abspath(ckpt.directory))
     for base in (save_dir, os.path.dirname(save_dir)):
-        candidate = os.path.join(base, path)
+        candidate = os.path.join(base, os.path.basename(path))
         if os.path.exists(candidate):
             return candidate
     return path
