@@ -150,6 +150,7 @@ def test_tools_refuse_bad_input(trained_checkpoints, documents, tmp_path, capsys
         ("evaluate", "--load", save_dir, "--jsonl", str(documents), "--tokenizer-model", other):
             "has 400 tokens, which padded for TP 2 gives 416 rows, but",
         ("evaluate", "--load", save_dir, "--jsonl", str(tmp_path / "none.jsonl")): "none.jsonl: No such file",
+        ("evaluate", "--load", save_dir, "--data-path", str(tmp_path / "nodata")): "nodata.idx: no such file",
         ("generate", "--load", str(tmp_path / "missing"), "--prompt", "x"): "no such checkpoint directory",
         ("generate", "--load", save_dir, "--prompt", "x", "--hidden-size", "64"): "with --hidden-size 32, not 64",
         ("generate", "--load", save_dir, "--prompt", "x", "--top-p", "0"): "--top-p must be in (0, 1]",

@@ -94,11 +94,16 @@ def _main(args) -> int:
     if args.data_path:
         from megatron_snm.data.indexed_dataset import IndexedDataset
 
-        dataset = IndexedDataset(args.data_path)
-        import numpy as np
-
-        stream = np.concatenate([dataset[i] for i in range(len(dataset))]) if len(dataset) else np.zeros(0, np.int64)
-        stream = stream[:args.max_tokens].tolist() if args.max_tokens else stream.tolist()
+        try:
+            dataset = IndexedDataset(args.data_path)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--data-path {args.data_path}: {err}") from None
+        stream = []  # the documents in order, as one token stream (each ends with its EOD)
+        for i in range(len(dataset)):
+            stream.extend(dataset[i].tolist())
+            if args.max_tokens and len(stream) >= args.max_tokens:
+                break
+        stream = stream[:args.max_tokens] if args.max_tokens else stream
         vocab = tokenizer.vocab_size if tokenizer else ckpt.vocab_rows
         if stream and max(stream) >= vocab:
             raise UsageError(f"{args.data_path}: token id {max(stream)} is outside the model's vocabulary of {vocab}")

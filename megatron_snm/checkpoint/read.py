@@ -154,7 +154,8 @@ def _read_zero3_rank(path: str, tp_rank: int) -> dict[str, torch.Tensor]:
     from deepspeed.utils import zero_to_fp32
 
     suffix = f"_mp_rank_{tp_rank:02d}_"
-    mine = [f for f in os.listdir(path) if f.startswith("zero_pp_rank_") and suffix in f]
+    # Optimizer files of bf16 runs are named bf16_zero_pp_rank_*.
+    mine = [f for f in os.listdir(path) if "zero_pp_rank_" in f and suffix in f]
     if not any(f.endswith("optim_states.pt") for f in mine):
         raise CheckpointError(f"{path}: no ZeRO-3 optimizer files (zero_pp_rank_*{suffix}optim_states.pt) "
                               f"for TP rank {tp_rank}")
