@@ -38,6 +38,7 @@ class GPTConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     layernorm_epsilon: float = 1e-5
+    openai_gelu: bool = False  # GELU's tanh approximation (GPT-2's "gelu_new") instead of the exact erf form
     checkpoint_activations: bool = False
     make_vocab_size_divisible_by: int = 128
     tensor_parallel_size: int = 1  # how many ranks split each layer (--tensor-model-parallel-size)
