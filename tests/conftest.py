@@ -45,3 +45,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(tmp_path_factory):
+    """Tiny checkpoints of every embedding mode and layout, trained with a SentencePiece tokenizer
+    (tests/hf_support.py); shared by the export, import and inference-tool tests."""
+    from tests.hf_support import build_checkpoints
+
+    return build_checkpoints(str(tmp_path_factory.mktemp("trained")))
+
+
+def load_tool(name: str):
+    """tools/NAME.py as a module, so a test can call its main(argv) in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -33,7 +33,7 @@ def token_samples(count: int, seed: int) -> list[dict]:
     return [{"text": stream[i * SEQ: (i + 1) * SEQ + 1]} for i in range(count)]
 
 
-def _body(rank, world_size, runs):
+def _body(rank, world_size, runs, vocab=VOCAB, data=token_samples):
     import torch
 
     from megatron_snm.config import ConfigError, parse_args, resolve
@@ -47,9 +47,9 @@ def _body(rank, world_size, runs):
         run = resolve(parse_args(argv), world_size)
         samples = run.batch.train_iters * run.batch.global_batch_size
         eval_samples = run.eval.eval_iters * run.batch.global_batch_size
-        datasets = (token_samples(samples, 1), token_samples(eval_samples, 2), token_samples(eval_samples, 3))
+        datasets = (data(samples, 1), data(eval_samples, 2), data(eval_samples, 3))
         try:
-            results.append(build_run(run, VOCAB).train(datasets))
+            results.append(build_run(run, vocab).train(datasets))
         except (ConfigError, CheckpointError) as err:  # e.g. a refused checkpoint: returned for the test to inspect
             results.append(err)
         finally:
@@ -57,9 +57,11 @@ def _body(rank, world_size, runs):
     return results
 
 
-def run_configs(world_size: int, runs: list[list[str]]):
-    """Each config's TrainResult (or ConfigError / CheckpointError) as seen by rank 0."""
-    return run_distributed(_body, world_size, runs)[0]
+def run_configs(world_size: int, runs: list[list[str]], vocab: int = VOCAB, data=token_samples):
+    """Each config's TrainResult (or ConfigError / CheckpointError) as seen by rank 0. `data(count,
+    seed)` makes the samples (a module-level function, or a partial of one, so it can be pickled):
+    seed 1 for training, 2 for validation, 3 for test."""
+    return run_distributed(_body, world_size, runs, vocab, data)[0]
 
 
 if __name__ == "__main__":

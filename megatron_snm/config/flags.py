@@ -50,6 +50,8 @@ class ModelArgs:
     hidden_dropout: float = _opt(0.0, "dropout on the residual branches and embedding", type=float)
     attention_dropout: float = _opt(0.0, "dropout on the attention probabilities", type=float)
     layernorm_epsilon: float = _opt(1e-5, "LayerNorm epsilon", type=float)
+    openai_gelu: bool = _opt(False, "GELU's tanh approximation, as GPT-2 (needed to continue an imported GPT-2)",
+                             action="store_true")
     recompute_activations: bool = _opt(False, "recompute attention's core (softmax(QK^T)V) in the backward pass: "
                                        "--recompute-granularity selective", action="store_true")
     recompute_granularity: str | None = _opt(None, "recompute in the backward pass: 'full' (whole blocks, see "
@@ -346,6 +348,15 @@ class Flags:
                 for name, value in dataclasses.asdict(getattr(self, group.name)).items()}
 
 
+def flags_from_dict(values: dict) -> Flags:
+    """Flags from a flat dict such as a checkpoint's recorded `args`: missing flags get their
+    defaults, names this version does not know are ignored."""
+    return Flags(**{group.name: group.default_factory(**{f.name: values[f.name]
+                                                         for f in dataclasses.fields(group.default_factory)
+                                                         if f.name in values})
+                    for group in dataclasses.fields(Flags)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Pre-train a GPT with tensor, pipeline and ZeRO data parallelism (DeepSpeed engine).",
@@ -361,7 +372,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> Flags:
-    values = vars(build_parser().parse_args(argv))
-    return Flags(**{group.name: group.default_factory(**{f.name: values[f.name]
-                                                         for f in dataclasses.fields(group.default_factory)})
-                    for group in dataclasses.fields(Flags)})
+    return flags_from_dict(vars(build_parser().parse_args(argv)))

@@ -92,6 +92,12 @@ class LRScheduleLengths:
     per_sample: int  # units per sample: 1, or --seq-length for tokens
 
 
+def gpt_config_of(flags: Flags, vocab_size: int, tensor_parallel_size: int = 1) -> GPTConfig:
+    """The model config of recorded flags (a checkpoint's): its shape and precision, for a TP size."""
+    dtype = torch.bfloat16 if flags.parallel.bf16 else torch.float16 if flags.parallel.fp16 else torch.float32
+    return _gpt_config(flags.model, vocab_size, tensor_parallel_size, dtype)
+
+
 def _gpt_config(model: ModelArgs, vocab_size: int, tensor_parallel_size: int, params_dtype: torch.dtype) -> GPTConfig:
     values = dataclasses.asdict(model)
     shared = {f.name: values[f.name] for f in dataclasses.fields(GPTConfig) if f.name in values}

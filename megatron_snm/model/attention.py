@@ -71,20 +71,31 @@ class CausalSelfAttention(torch.nn.Module):
             params_dtype=config.params_dtype,
         )
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+             causal: bool = True) -> torch.Tensor:
+        """softmax(QK^T / sqrt(d)) V of this rank's heads (what selective recompute recomputes)."""
         dropout_p = self.dropout_p if self.training else 0.0
         # Attention probabilities are split over TP ranks (by head): their dropout must draw from
         # the per-rank stream.
         rng = get_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
         with rng, attention_kernel(self.backend):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """x [b, s, h]. With `kv_cache` (inference/kv_cache.py) x holds the s tokens after those
+        cached: their keys and values are appended, and they attend to all the cached ones."""
         b, s, _ = x.shape
         qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
+        mask, causal = None, True
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.append(k, v)
+            if past:  # new token i sits at position past + i: it sees keys 0 .. past + i
+                causal = False
+                mask = None if s == 1 else torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
         if self.recompute_core and self.training and torch.is_grad_enabled():
             context = checkpoint(self.core, q, k, v)  # replays the dropout mask exactly
         else:
-            context = self.core(q, k, v)
+            context = self.core(q, k, v, mask, causal)
         return self.dense(context.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))

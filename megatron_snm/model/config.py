@@ -50,6 +50,7 @@ class GPTConfig:
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
     attention_backend: str = "auto"  # PyTorch SDPA kernel (model/attention.py)
+    openai_gelu: bool = False  # GELU's tanh approximation (GPT-2's "gelu_new") instead of the exact erf form
     make_vocab_size_divisible_by: int = 128
     tensor_parallel_size: int = 1  # how many ranks split each layer (--tensor-model-parallel-size)
     params_dtype: torch.dtype = torch.float32

@@ -70,17 +70,19 @@ class GPTEmbedding(torch.nn.Module):
         self.detach_alpha = config.embed_detach_alpha
         self.dropout = torch.nn.Dropout(config.hidden_dropout)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [b, s] -> hidden [b, s, h]"""
+    def forward(self, tokens: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+        """tokens [b, s] at positions position_offset .. + s (an offset when generating with a
+        KV cache) -> hidden [b, s, h]"""
         s = tokens.shape[1]
-        if s > self.max_positions:
-            raise ValueError(f"sequence of {s} tokens is longer than --max-position-embeddings {self.max_positions}")
+        if position_offset + s > self.max_positions:
+            raise ValueError(f"sequence of {position_offset + s} tokens is longer than --max-position-embeddings "
+                             f"{self.max_positions}")
         words = self.word_embeddings(tokens)
         if self.embedding_norm == "scaled":
             words = words * self.scale
         elif self.embedding_norm == "detach":
             words = words * self.detach_alpha + words.detach() * (1.0 - self.detach_alpha)
-        hidden = words + self.position_embeddings[:s]
+        hidden = words + self.position_embeddings[position_offset:position_offset + s]
         if self.embedding_norm == "layernorm":
             hidden = self.norm(hidden)
         return self.dropout(hidden)

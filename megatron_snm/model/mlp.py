@@ -1,4 +1,7 @@
-"""The feed-forward sub-layer: W_1 (column-parallel) -> GELU -> W_2 (row-parallel)."""
+"""The feed-forward sub-layer: W_1 (column-parallel) -> GELU -> W_2 (row-parallel).
+
+GELU is the exact erf form, or with `--openai-gelu` its tanh approximation (GPT-2's, for models
+imported from it)."""
 from __future__ import annotations
 
 import torch
@@ -12,6 +15,7 @@ from megatron_snm.tensor_parallel.layers import ColumnParallelLinear, RowParalle
 class MLP(torch.nn.Module):
     def __init__(self, config: GPTConfig, layer_number: int):
         super().__init__()
+        self.gelu_approximation = "tanh" if config.openai_gelu else "none"
         name = f"layers.{layer_number}.mlp"
         self.fc1 = ColumnParallelLinear(  # W_1
             config.hidden_size, config.ffn_hidden_size,
@@ -25,4 +29,4 @@ class MLP(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu_approximation))

@@ -39,14 +39,15 @@ class TransformerBlock(torch.nn.Module):
         self.mlp = MLP(config, layer_number)
         self.dropout = torch.nn.Dropout(config.hidden_dropout)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.ln_1(x)))
+    def _forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.ln_1(x), kv_cache))
         return x + self.dropout(self.mlp(self.ln_2(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """`kv_cache`: this block's cache when generating (see CausalSelfAttention)."""
         if self.recompute and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, x)
-        return self._forward(x)
+        return self._forward(x, kv_cache)
 
 
 def recompute_plan(config: GPTConfig, blocks: int) -> tuple[list[bool], int]:

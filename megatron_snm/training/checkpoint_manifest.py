@@ -72,9 +72,23 @@ def _problem(directory: str, name: str, expected: dict) -> str | None:
     return None
 
 
-def verify_manifest(directory: str, required: list[str] = ()) -> None:
-    """Raises CheckpointError on every rank if any file of the manifest (or any of `required`) is
-    missing, of another size or changed. A checkpoint without a manifest (written before manifests
+def write_local_manifest(directory: str) -> None:
+    """The manifest of a checkpoint one process wrote alone (tools/convert_checkpoint.py)."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            if name != MANIFEST:
+                path = os.path.join(root, name)
+                files[os.path.relpath(path, directory)] = file_entry(path)
+    with open(os.path.join(directory, MANIFEST), "w") as f:
+        json.dump({"files": files}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_manifest(directory: str, required: list[str] = ()) -> dict:
+    """Returns the manifest's files; raises CheckpointError on every rank if any file of the
+    manifest (or any of `required`) is missing, of another size or changed. A checkpoint without a manifest (written before manifests
     existed) is refused too, since nothing could say it is whole."""
     path = os.path.join(directory, MANIFEST)
     manifest, error = None, None
@@ -98,3 +112,4 @@ def verify_manifest(directory: str, required: list[str] = ()) -> None:
             error = problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
     if error:
         raise CheckpointError(f"refusing to load checkpoint {directory}: {error}")
+    return manifest

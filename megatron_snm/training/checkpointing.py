@@ -351,8 +351,13 @@ def load_checkpoint(engine, load_dir: str, current: dict, iteration: int | None 
     if tag is None:
         return None
     checkpoint_dir = os.path.join(load_dir, tag)
-    verify_manifest(checkpoint_dir, required=[METADATA, rng_file(dist.get_rank())])
+    manifest = verify_manifest(checkpoint_dir, required=[METADATA])
     saved = _read_metadata(checkpoint_dir)
+    if saved.get("weights_only"):
+        return _load_weights_only(engine, load_dir, tag, saved, current)
+    if rng_states and not weights_only and rng_file(dist.get_rank()) not in manifest:
+        raise CheckpointError(f"refusing to load checkpoint {checkpoint_dir}: "
+                              f"{os.path.join(checkpoint_dir, rng_file(dist.get_rank()))} is missing")
     optimizer = optimizer and not weights_only
     check_compatible(saved, current, checkpoint_dir, optimizer=optimizer)
     try:
@@ -364,4 +369,25 @@ def load_checkpoint(engine, load_dir: str, current: dict, iteration: int | None 
         raise CheckpointError(f"DeepSpeed could not load checkpoint {checkpoint_dir}")
     if rng_states and not weights_only:
         _set_rng_state(torch.load(os.path.join(checkpoint_dir, rng_file(dist.get_rank())), weights_only=True))
+    return saved
+
+
+def _load_weights_only(engine, load_dir: str, tag: str, saved: dict, current: dict) -> dict:
+    """A checkpoint of model weights alone (tools/convert_checkpoint.py writes them, e.g. from a
+    Hugging Face model): the run starts from these weights with a fresh optimizer, at iteration 0,
+    under any data-parallel size and ZeRO stage 0-2."""
+    checkpoint_dir = os.path.join(load_dir, tag)
+    if current["parallel"]["zero_stage"] == 3:
+        raise ConfigError(f"checkpoint {checkpoint_dir} holds model weights only, which ZeRO stage 3 cannot start "
+                          "from; use ZeRO stage 0-2 (--zero-stage), or train a few steps and save under ZeRO 0-2 first")
+    layout = dict(saved["parallel"], data_parallel_size=current["parallel"]["data_parallel_size"],
+                  zero_stage=current["parallel"]["zero_stage"])
+    check_compatible(dict(saved, parallel=layout), current, checkpoint_dir)
+    if saved["args"].get("openai_gelu", False) != current["args"].get("openai_gelu", False):
+        raise ConfigError(f"checkpoint {checkpoint_dir} was made for " + ("" if saved["args"].get("openai_gelu") else "no ")
+                          + "--openai-gelu (GELU's tanh approximation, as GPT-2); give the same setting")
+    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_only=True, load_optimizer_states=False,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {checkpoint_dir}")
     return saved

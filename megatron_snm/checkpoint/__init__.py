@@ -1,0 +1,13 @@
+"""Checkpoints as layout-free weights: read any saved layout, write any layout.
+
+    from megatron_snm.checkpoint.read import read_checkpoint        # any TP / PP / ZeRO 0-3 save
+    ckpt = read_checkpoint(save_dir)            # .weights (full tensors, GPTModel's TP=1 names),
+                                                # .metadata (megatron_snm.json), .gpt_config()
+    from megatron_snm.checkpoint.layout import split_for_tensor_parallel, resize_vocabulary
+    local = split_for_tensor_parallel(resize_vocabulary(ckpt.weights, rows), tp_size, tp_rank)
+    from megatron_snm.checkpoint.write import write_checkpoint      # weights-only, for --load
+
+layout.py holds the rules (which dimension TP splits, which DeepSpeed pipeline layer a weight
+belongs to, vocabulary padding); read.py and write.py are the two directions; tokenizer.py finds
+and checks the tokenizer a run recorded.
+"""

@@ -1,0 +1,86 @@
+"""Our checkpoint -> a Hugging Face model directory (`AutoModelForCausalLM.from_pretrained(dir)`).
+
+    embedding_norm  what is written
+    none, detach    GPT2LMHeadModel, tied embeddings (Embed Detach changes only training gradients)
+    scaled          GPT2LMHeadModel, wte = sqrt(d) E and lm_head = E, untied
+    layernorm       GPT2EmbedLNLMHeadModel (modeling_gpt2_embed_ln.py, copied into the directory
+                    and named in config.json's auto_map): load with trust_remote_code=True
+
+The vocabulary is the tokenizer's (the padding rows of the table are cut), so the exported
+logits are ours over the real tokens. Weights go through transformers' own save_pretrained:
+safetensors, sharded with an index above `max_shard_size`; the directory is written under a
+temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+from megatron_snm.checkpoint.read import FullCheckpoint
+from megatron_snm.checkpoint.tokenizer import TokenizerSpec
+from megatron_snm.data.tokenizers import Tokenizer
+from megatron_snm.hf.gpt2_mapping import to_hf_gpt2
+
+
+def gpt2_config(gpt, vocab_size: int, eod: int | None):
+    """The transformers config of model `gpt` (a GPTConfig)."""
+    from transformers import GPT2Config
+
+    from megatron_snm.hf.modeling_gpt2_embed_ln import GPT2EmbedLNConfig
+
+    kind = GPT2EmbedLNConfig if gpt.embedding_norm == "layernorm" else GPT2Config
+    return kind(
+        vocab_size=vocab_size, n_positions=gpt.seq_length, n_embd=gpt.hidden_size, n_layer=gpt.num_layers,
+        n_head=gpt.num_attention_heads, n_inner=gpt.ffn_hidden_size,
+        activation_function="gelu_new" if gpt.openai_gelu else "gelu",  # "gelu" is exact erf GELU, like F.gelu
+        resid_pdrop=gpt.hidden_dropout, embd_pdrop=gpt.hidden_dropout, attn_pdrop=gpt.attention_dropout,
+        layer_norm_epsilon=gpt.layernorm_epsilon, initializer_range=gpt.init_method_std,
+        tie_word_embeddings=gpt.embedding_norm != "scaled",
+        bos_token_id=eod, eos_token_id=eod, pad_token_id=eod,
+    )
+
+
+def export_to_hf(ckpt: FullCheckpoint, output_dir: str, tokenizer: tuple[TokenizerSpec, Tokenizer] | None = None,
+                 dtype: torch.dtype | None = None, max_shard_size: str = "5GB") -> None:
+    """Writes `ckpt` as a transformers model under `output_dir` (with the tokenizer if given).
+    dtype: of the weights written (default: the checkpoint's)."""
+    from transformers import GenerationConfig, GPT2LMHeadModel
+
+    from megatron_snm.hf.modeling_gpt2_embed_ln import GPT2EmbedLNConfig, GPT2EmbedLNLMHeadModel
+    from megatron_snm.hf.tokenizer_files import hf_tokenizer
+
+    spec, tok = tokenizer if tokenizer is not None else (None, None)
+    vocab_size = tok.vocab_size if tok is not None else ckpt.vocab_rows
+    eod = tok.eod if tok is not None else None
+    gpt = ckpt.gpt_config(vocab_size)
+    weights = to_hf_gpt2(ckpt.weights, gpt.num_layers, gpt.num_attention_heads, gpt.hidden_size,
+                         gpt.embedding_norm, vocab_size)
+    dtype = dtype or next(iter(weights.values())).dtype
+    config = gpt2_config(gpt, vocab_size, eod)
+    config.dtype = dtype
+    kind = GPT2EmbedLNLMHeadModel if gpt.embedding_norm == "layernorm" else GPT2LMHeadModel
+    if kind is GPT2EmbedLNLMHeadModel:
+        # save_pretrained then copies modeling_gpt2_embed_ln.py beside the weights and writes auto_map.
+        GPT2EmbedLNConfig.register_for_auto_class()
+        GPT2EmbedLNLMHeadModel.register_for_auto_class("AutoModelForCausalLM")
+    with torch.device("meta"):
+        model = kind(config)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False, assign=True)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight mapping incomplete: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.generation_config = GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod,
+                                               max_length=gpt.seq_length, do_sample=False)
+
+    tmp = output_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    if tok is not None:
+        hf_tokenizer(spec, tok, model_max_length=gpt.seq_length).save_pretrained(tmp)
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)

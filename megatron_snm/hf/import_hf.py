@@ -1,0 +1,156 @@
+"""A Hugging Face GPT-2 directory -> our checkpoint layout for a chosen TP/PP (weights only).
+
+    import_from_hf("gpt2/", "ckpt/", tensor_parallel=2, pipeline_parallel=1)
+    # then: pretrain_gpt.py --load ckpt/ --save run/ --tensor-model-parallel-size 2 ... (same shape flags)
+
+Reads `GPT2LMHeadModel` directories (safetensors or pytorch_model.bin, sharded or not; never runs
+code from the directory) and our own exports (the Embed LN class, the untied Scaled Embed
+form). GPT-2's GELU is the tanh approximation, recorded as `--openai-gelu`. The tokenizer files
+beside the model are copied into CKPT/tokenizer/ and recorded as the run's tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import torch
+
+from megatron_snm.checkpoint.read import CheckpointError
+from megatron_snm.checkpoint.write import write_checkpoint
+from megatron_snm.config import flags_from_dict
+from megatron_snm.model.config import GPTConfig
+from megatron_snm.training.checkpointing import LATEST
+from megatron_snm.hf.gpt2_mapping import HF_INPUT_EMBEDDINGS, HF_OUTPUT_LAYER, from_hf_gpt2
+
+_ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu": False}  # -> --openai-gelu
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _read_hf_weights(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    def load(name: str) -> dict:
+        path = os.path.join(directory, name)
+        if name.endswith(".safetensors"):
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if os.path.isfile(os.path.join(directory, single)):
+            return load(single)
+        if os.path.isfile(os.path.join(directory, index)):
+            with open(os.path.join(directory, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            weights = {}
+            for shard in shards:
+                weights.update(load(shard))
+            return weights
+    raise CheckpointError(f"{directory}: no model.safetensors, pytorch_model.bin or their .index.json")
+
+
+def _canonical(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's names (OpenAI's original files lack the `transformer.` prefix), without
+    the attention-mask buffers old files carry."""
+    out = {}
+    for name, tensor in weights.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        out[name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name] = tensor
+    return out
+
+
+def _embedding_norm(config, weights: dict[str, torch.Tensor], directory: str) -> str:
+    if config.model_type == "gpt2_embed_ln":
+        return "layernorm"
+    if HF_OUTPUT_LAYER not in weights or weights[HF_OUTPUT_LAYER] is weights[HF_INPUT_EMBEDDINGS] or \
+            torch.equal(weights[HF_OUTPUT_LAYER], weights[HF_INPUT_EMBEDDINGS]):
+        return "none"
+    scaled = weights[HF_OUTPUT_LAYER].float() * math.sqrt(config.n_embd)
+    if torch.allclose(scaled, weights[HF_INPUT_EMBEDDINGS].float(), rtol=1e-3, atol=1e-6):
+        return "scaled"
+    raise CheckpointError(f"{directory}: lm_head is not tied to the input embedding (nor sqrt(d) times it); "
+                          "our GPT ties its output layer, so this model cannot be imported")
+
+
+def _check_supported(config, directory: str) -> None:
+    if config.activation_function not in _ACTIVATIONS:
+        raise CheckpointError(f"{directory}/config.json: activation_function {config.activation_function!r} is not "
+                              f"one of {sorted(_ACTIVATIONS)}")
+    for option in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if getattr(config, option, False):
+            raise CheckpointError(f"{directory}/config.json: {option} is set; our attention has no such variant")
+    if not getattr(config, "scale_attn_weights", True):
+        raise CheckpointError(f"{directory}/config.json: scale_attn_weights is false; our attention scales by 1/sqrt(d_head)")
+
+
+def _copy_tokenizer(directory: str, save_dir: str, vocab_size: int) -> dict:
+    """Copies the tokenizer files and returns the tokenizer flags that name them (empty: none found)."""
+    present = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(directory, f))]
+    if not present:
+        return {}
+    target = os.path.abspath(os.path.join(save_dir, "tokenizer"))
+    os.makedirs(target, exist_ok=True)
+    for f in present:
+        shutil.copyfile(os.path.join(directory, f), os.path.join(target, f))
+    if "vocab.json" in present and "merges.txt" in present:
+        flags = dict(tokenizer_type="GPT2BPETokenizer", vocab_file=os.path.join(target, "vocab.json"),
+                     merge_file=os.path.join(target, "merges.txt"))
+    elif "tokenizer.json" in present:
+        flags = dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=target)
+    else:
+        return {}
+    from megatron_snm.checkpoint.tokenizer import TokenizerSpec
+
+    tokens = TokenizerSpec(**flags).build().vocab_size
+    if tokens > vocab_size:
+        raise CheckpointError(f"{directory}: the tokenizer has {tokens} tokens but the model's vocab_size is {vocab_size}")
+    return flags
+
+
+def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> str:
+    """Writes the GPT-2 in `directory` as our weights-only checkpoint; returns the iter directory."""
+    from transformers import GPT2Config
+
+    from megatron_snm.hf.modeling_gpt2_embed_ln import GPT2EmbedLNConfig
+
+    config_file = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{config_file}: no such file (give a Hugging Face model directory)")
+    with open(config_file) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in ("gpt2", "gpt2_embed_ln"):
+        raise CheckpointError(f"{config_file}: model_type {model_type!r}; only GPT-2 (GPT2LMHeadModel) and our "
+                              "Embed LN export can be imported")
+    # Our Embed LN export is read with this package's config class, never with the directory's code.
+    config = (GPT2EmbedLNConfig if model_type == "gpt2_embed_ln" else GPT2Config).from_pretrained(directory)
+    _check_supported(config, directory)
+    if os.path.exists(os.path.join(save_dir, LATEST)):
+        raise CheckpointError(f"--save {save_dir} already holds a checkpoint ({LATEST}); import into a new directory")
+    ffn = config.n_inner or 4 * config.n_embd
+    shape = dict(num_layers=config.n_layer, hidden_size=config.n_embd, num_attention_heads=config.n_head,
+                 ffn_hidden_size=ffn, seq_length=config.n_positions)
+    try:
+        GPTConfig(**shape, vocab_size=config.vocab_size, tensor_parallel_size=tensor_parallel).validate()
+    except ValueError as err:
+        raise CheckpointError(f"{directory}: {err}") from None
+    if pipeline_parallel > config.n_layer:
+        raise CheckpointError(f"--pipeline-model-parallel-size {pipeline_parallel} exceeds the model's {config.n_layer} layers")
+    hf = _canonical(_read_hf_weights(directory))
+    embedding_norm = _embedding_norm(config, hf, directory)
+    weights = from_hf_gpt2(hf, config.n_layer, config.n_head)
+    if embedding_norm == "scaled":
+        weights["embedding.word_embeddings.weight"] = hf[HF_OUTPUT_LAYER].contiguous()
+    args = dict(shape, embedding_norm=embedding_norm,
+                openai_gelu=_ACTIVATIONS[config.activation_function], layernorm_epsilon=config.layer_norm_epsilon,
+                init_method_std=config.initializer_range, hidden_dropout=config.resid_pdrop,
+                attention_dropout=config.attn_pdrop, tensor_model_parallel_size=tensor_parallel,
+                pipeline_model_parallel_size=pipeline_parallel, zero_stage=0,
+                bf16=weights["embedding.word_embeddings.weight"].dtype == torch.bfloat16,
+                fp16=weights["embedding.word_embeddings.weight"].dtype == torch.float16,
+                **_copy_tokenizer(directory, save_dir, config.vocab_size))
+    metadata = dict(args=flags_from_dict(args).as_dict(), imported_from=os.path.abspath(directory),
+                    model_shape=dict(shape, embedding_norm=embedding_norm))
+    return write_checkpoint(save_dir, weights, metadata, tensor_parallel, pipeline_parallel, vocab_size=config.vocab_size)

@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Converts between our checkpoints and Hugging Face `transformers` GPT-2 directories.
+
+    python tools/convert_checkpoint.py --to hf --load CKPT_DIR --output HF_DIR
+    python tools/convert_checkpoint.py --from hf --input HF_DIR --save CKPT_DIR \
+        [--tensor-model-parallel-size T --pipeline-model-parallel-size P]
+
+--to hf reads a checkpoint of any layout (TP, PP, ZeRO 0-3) and writes config.json, safetensors
+weights (sharded with an index above --max-shard-size), the tokenizer and generation_config.json;
+`--embedding-norm layernorm` models also get their model class (load with trust_remote_code=True).
+--from hf writes a weights-only checkpoint for the given layout that `pretrain_gpt.py --load`
+starts from (fresh optimizer, iteration 0; pass --openai-gelu, GPT-2's GELU).
+Exit status 2 on bad input, with one line saying what is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from megatron_snm.checkpoint.read import CheckpointError, read_checkpoint
+from megatron_snm.checkpoint.tokenizer import checkpoint_tokenizer
+from megatron_snm.inference.cli import DTYPES, run_tool
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=("hf",), help="export our checkpoint (--load) to --output")
+    direction.add_argument("--from", dest="from_", choices=("hf",), help="import --input into --save")
+    p.add_argument("--load", help="--to hf: our checkpoint directory")
+    p.add_argument("--output", help="--to hf: the Hugging Face directory to write")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="--to hf: dtype of the weights (default: the checkpoint's)")
+    p.add_argument("--max-shard-size", default="5GB", help="--to hf: safetensors shard size (default 5GB)")
+    p.add_argument("--input", help="--from hf: a GPT2LMHeadModel directory")
+    p.add_argument("--save", help="--from hf: our checkpoint directory to write")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    for flag in ("--tokenizer-type", "--vocab-file", "--merge-file", "--tokenizer-model"):
+        p.add_argument(flag, help="--to hf: override the tokenizer the run recorded")
+    args = p.parse_args(argv)
+    needed = ("load", "output") if args.to else ("input", "save")
+    for name in needed:
+        if getattr(args, name) is None:
+            p.error(f"--{'to' if args.to else 'from'} hf needs --{name}")
+    return args
+
+
+def export(args) -> None:
+    from megatron_snm.hf.export import export_to_hf
+
+    if os.path.isdir(args.output) and os.listdir(args.output):
+        raise ValueError(f"--output {args.output} exists and is not empty; remove it or choose another directory")
+    start = time.perf_counter()
+    try:
+        ckpt = read_checkpoint(args.load)
+        tokenizer = checkpoint_tokenizer(ckpt, tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
+                                         merge_file=args.merge_file, tokenizer_model=args.tokenizer_model)
+    except CheckpointError as err:
+        raise ValueError(str(err)) from None
+    if tokenizer is None:
+        print(f"convert_checkpoint.py: warning: {args.load} records no tokenizer; writing the model without "
+              "tokenizer files (give --tokenizer-type and its files to include them)", file=sys.stderr)
+    export_to_hf(ckpt, args.output, tokenizer, DTYPES[args.dtype] if args.dtype else None, args.max_shard_size)
+    mode = ckpt.gpt_config().embedding_norm
+    print(f"convert_checkpoint.py: wrote {args.output} from {ckpt.directory} (iteration {ckpt.iteration}, "
+          f"embedding norm {mode}) in {time.perf_counter() - start:.1f} s"
+          + ("; load it with trust_remote_code=True" if mode == "layernorm" else ""))
+
+
+def import_(args) -> None:
+    from megatron_snm.hf.import_hf import import_from_hf
+
+    start = time.perf_counter()
+    try:
+        path = import_from_hf(args.input, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    except CheckpointError as err:
+        raise ValueError(str(err)) from None
+    print(f"convert_checkpoint.py: wrote {path} (TP {args.tensor_model_parallel_size}, PP "
+          f"{args.pipeline_model_parallel_size}) from {args.input} in {time.perf_counter() - start:.1f} s")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_tool("convert_checkpoint.py", lambda: export(args) if args.to else import_(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
