@@ -112,7 +112,7 @@ def curves(runs: list[Run], series: str, rules: SpikeRules, path: Path) -> Path:
                     linestyle="-" if run.axes["seed"] == min(r.axes["seed"] for r in runs) else ":",
                     label=_label(run, seeds))
             factor = rules.loss_factor if series == "loss" else rules.grad_factor
-            marked = spikes(values, factor, rules.window)
+            marked = spikes(values, factor, rules.window, rules.min_history)
             ax.scatter(marked, [values[s] for s in marked], color=colour, marker="x", s=30, zorder=3)
             for step in run.history.nonfinite_steps:
                 ax.axvline(step, color=colour, alpha=0.3, linewidth=0.8)

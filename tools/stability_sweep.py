@@ -4,7 +4,8 @@ Runs the product of the grid axes (--embedding-norm x --lr x --seed x --sigma x 
 --lr-warmup-iters x --adam-beta2 x --clip-grad) as short pre-training runs of `pretrain_gpt.py`
 itself, one process each (the same engine, flags and logs users get), --jobs at a time, with a
 progress bar and ETA over the grid. Resumable: a run whose result.json exists is not run again
-(one with a changed command is rerun). Each run keeps DIR/runs/NAME/{command.txt, train.log,
+(one with a changed command is rerun; a finished one is judged again under the current spike
+rules). Each run keeps DIR/runs/NAME/{command.txt, train.log,
 tensorboard/, result.json}; the sweep writes DIR/summary.json (a list, one object per run) and
 DIR/summary.csv after every run.
 
@@ -14,7 +15,7 @@ DIR/summary.csv after every run.
     python tools/stability_sweep.py ... --quick    # a 4-run grid of tiny models, ~1 minute
 
 Rules (megatron_snm/training/run_history.py): a loss spike is a step whose training loss exceeds
---spike-factor (1.5) x the mean of the previous --spike-window (20) steps; a grad-norm spike the
+--spike-factor (1.5) x the mean of the previous --spike-window (20) steps (at least 5); a grad-norm spike the
 same for the global gradient norm with --grad-spike-factor (4); a run diverged when a loss or
 gradient norm was non-finite, the trainer stopped it, or its final loss (mean of the last window)
 is above its first step's. The largest gradient norm is attributed to the embedding or the blocks
@@ -58,7 +59,8 @@ QUICK = dict(embedding_norm=["none", "layernorm"], lr=[3e-3, 1.0], clip_grad=[0.
 
 SUMMARY_FIELDS = ["name", "embedding_norm", "lr", "seed", "sigma", "num_layers", "lr_warmup_iters", "adam_beta2",
                   "clip_grad", "status", "diverged", "diverged_reason", "loss_spikes", "grad_norm_spikes",
-                  "max_grad_norm", "max_grad_norm_step", "max_grad_norm_source", "max_captured_embedding_grad_share",
+                  "max_grad_norm", "max_grad_norm_step", "max_captured_grad_norm", "max_captured_grad_norm_step",
+                  "max_grad_norm_source", "max_captured_embedding_grad_share",
                   "mean_embedding_grad_share", "first_loss", "final_train_loss", "best_valid_loss", "best_valid_ppl",
                   "final_valid_loss", "final_valid_ppl", "tokens_per_s", "wall_s"]
 
@@ -240,8 +242,8 @@ def main(argv=None) -> int:
         run_dir = args.output_dir / "runs" / point.name
         cmd = command(args, point, run_dir)
         done = finished(run_dir, cmd)
-        if done is not None:
-            results[point.name] = done
+        if done is not None:  # judged again, under this invocation's spike rules
+            results[point.name] = collect(args, point, run_dir, cmd, done["exit_status"], done["wall_s"])
         else:
             pending.append((point, run_dir, cmd))
     print(f"{len(points)} runs in the grid: {len(results)} already finished, {len(pending)} to run, "

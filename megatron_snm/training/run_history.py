@@ -11,7 +11,9 @@ validation lines are read from the log.
 
 The rules, stated once (tools/stability_sweep.py and tools/plot_stability.py use them):
 - loss spike: a step whose training loss exceeds `loss_factor` x the mean of the previous `window`
-  finite losses (counted from step window + 1 on);
+  finite losses (the previous ones only, as long as there are at least `min_history`: the early
+  steps' spikes, where small models spike most, count too; the falling loss of early training
+  keeps that mean above the current loss, so the fall itself is no spike);
 - grad-norm spike: the same for the global gradient norm, with `grad_factor`;
 - diverged: a non-finite loss or gradient norm at any step, the trainer stopping the run (exit
   status 3, too many skipped steps in a row), or the mean training loss of the last `window` steps
@@ -35,6 +37,7 @@ class SpikeRules:
     loss_factor: float = 1.5
     grad_factor: float = 4.0
     window: int = 20
+    min_history: int = 5
 
 
 @dataclass
@@ -88,14 +91,15 @@ class RunHistory:
         self.stability = dict(sorted(self.stability.items()))
 
 
-def spikes(series: dict[int, float], factor: float, window: int) -> list[int]:
-    """Steps whose value exceeds factor x the mean of the previous `window` finite values."""
+def spikes(series: dict[int, float], factor: float, window: int, min_history: int = 5) -> list[int]:
+    """Steps whose value exceeds factor x the mean of the previous `window` (at least `min_history`)
+    finite values."""
     recent: list[float] = []
     found = []
     for step, value in series.items():
         if not math.isfinite(value):
             continue
-        if len(recent) == window and value > factor * sum(recent) / window:
+        if len(recent) >= min_history and value > factor * sum(recent) / len(recent):
             found.append(step)
         recent = (recent + [value])[-window:]
     return found
@@ -143,15 +147,16 @@ def stability_verdict(history: RunHistory, rules: SpikeRules, exit_status: int |
     shares = [gradient_attribution(f)["embedding_share"] for f in captured.values()]
     shares = [s for s in shares if s is not None]
     speed = history.tokens_per_s[1:] or history.tokens_per_s  # the first interval includes start-up
+    loss_spikes = spikes(history.loss, rules.loss_factor, rules.window, rules.min_history)
+    grad_spikes = spikes(history.grad_norm, rules.grad_factor, rules.window, rules.min_history)
     return dict(
         steps=len(history.loss), diverged=bool(reasons), diverged_reason="; ".join(reasons) or None,
-        loss_spikes=len(spikes(history.loss, rules.loss_factor, rules.window)),
-        loss_spike_steps=spikes(history.loss, rules.loss_factor, rules.window),
-        grad_norm_spikes=len(spikes(history.grad_norm, rules.grad_factor, rules.window)),
-        grad_norm_spike_steps=spikes(history.grad_norm, rules.grad_factor, rules.window),
+        loss_spikes=len(loss_spikes), loss_spike_steps=loss_spikes,
+        grad_norm_spikes=len(grad_spikes), grad_norm_spike_steps=grad_spikes,
         first_loss=first, final_train_loss=final_loss,
         max_grad_norm=norms[max_step] if max_step is not None else None, max_grad_norm_step=max_step,
         max_grad_norm_source=attribution["source"], max_captured_grad_norm_step=at,
+        max_captured_grad_norm=norms[at] if at is not None else None,
         max_captured_embedding_grad_share=attribution["embedding_share"],
         max_captured_largest_block=attribution["largest_block"],
         mean_embedding_grad_share=sum(shares) / len(shares) if shares else None,
