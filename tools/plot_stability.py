@@ -90,9 +90,9 @@ def _label(run: Run, seeds: bool) -> str:
     return run.axes["embedding_norm"] + (f" seed {run.axes['seed']}" if seeds else "")
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, dpi: int = DPI) -> Path:
     tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=DPI)
+    fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, path)
     plt.close(fig)
     return path
@@ -168,7 +168,7 @@ def monitor(runs: list[Run], lr: float, path: Path) -> Path | None:
         chosen.setdefault(run.axes["embedding_norm"], run)
     if not chosen:
         return None
-    fig, axes = plt.subplots(len(chosen), 3, figsize=(13, 2.7 * len(chosen)), squeeze=False)
+    fig, axes = plt.subplots(len(chosen), 3, figsize=(12, 2.5 * len(chosen)), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for row, (method, run) in zip(axes, sorted(chosen.items())):
         steps = list(run.history.stability)
@@ -201,7 +201,7 @@ def monitor(runs: list[Run], lr: float, path: Path) -> Path | None:
         ax.set_xlabel("step (colour: block, dark = shallow)")
     fig.suptitle(f"{runs[0].group}: stability monitor over training", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, dpi=64)  # 9 panels of many lines: keeps the PNG under ~200 KB
 
 
 def plot_all(runs: list[Run], output_dir: Path, rules: SpikeRules, monitor_lrs: list[float] | None) -> list[Path]:

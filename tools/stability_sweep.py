@@ -45,9 +45,10 @@ from megatron_snm.training.run_history import RunHistory, SpikeRules, stability_
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain_gpt.py"
 
-# The default grid: 12 runs of a d=128, 6-layer model that finish in about 25 minutes on 2 shared
-# CPU cores. sigma is the 1.7B model's 0.0132 rather than small init's sqrt(2/(5d)) = 0.056 at d=128,
-# so the embedding's std (and the shallow LayerNorms' 1/std amplification) is that of a large model.
+# The default grid: 12 runs of a d=128, 6-layer model, 25-60 minutes on the 2-core CI machine
+# (depending on who else uses it). sigma is the 1.7B model's 0.0132 rather than small init's
+# sqrt(2/(5d)) = 0.056 at d=128, so the embedding's std (and the shallow LayerNorms' 1/std
+# amplification) is that of a large model.
 DEFAULTS = dict(embedding_norm=["none", "layernorm", "scaled"], lr=[1e-3, 3e-3, 1e-2, 3e-2], seed=[1],
                 sigma=["0.0132"], num_layers=[6], lr_warmup_iters=[10], adam_beta2=[0.999], clip_grad=[1.0],
                 hidden_size=128, seq_length=128, batch_size=8, train_iters=250, eval_interval=50, eval_iters=8,
