@@ -102,7 +102,7 @@ def curves(runs: list[Run], series: str, rules: SpikeRules, path: Path) -> Path:
     """A panel per learning rate, a line per method (and seed); spikes marked with x."""
     lrs = sorted({r.axes["lr"] for r in runs})
     seeds = len({r.axes["seed"] for r in runs}) > 1
-    fig, axes = plt.subplots(1, len(lrs), figsize=(3.6 * len(lrs), 3.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(lrs), figsize=(max(6.0, 3.6 * len(lrs)), 3.2), sharey=True, squeeze=False)
     for ax, lr in zip(axes[0], lrs):
         for run in sorted((r for r in runs if r.axes["lr"] == lr), key=lambda r: (r.axes["embedding_norm"], r.axes["seed"])):
             values = run.history.loss if series == "loss" else run.history.grad_norm
