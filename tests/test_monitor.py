@@ -93,3 +93,20 @@ def test_off_means_no_hooks_and_checkpointing_gives_the_same_figures():
     assert ckpt.keys() == plain.keys()
     for key in plain:
         assert abs(ckpt[key] - plain[key]) <= 1e-4 * abs(plain[key]), key
+
+
+def test_grad_norms_of_embedding_blocks_and_final_norm_make_up_the_global_norm():
+    """The per-module gradient norms partition the model's parameters, so their squares add up to
+    the global gradient norm squared: a spike in the global norm can be attributed."""
+    model = GPTModel(GPTConfig(**SHAPE, embedding_norm="layernorm"))
+    tokens, labels = _batch()
+    monitor = StabilityMonitor(model)
+    with monitor.capture():
+        model(tokens, labels).mean().backward()
+    f = monitor.figures()
+    parts = [v for k, v in f.items() if k.startswith("grad_norm/")]
+    assert len(parts) == 12 + 2 and {"grad_norm/embedding", "grad_norm/final_norm"} <= f.keys()
+    global_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+    assert abs(sum(v * v for v in parts) ** 0.5 / global_norm - 1) < 1e-5
+    table = model.embedding.word_embeddings.weight.grad.norm().item()
+    assert table <= f["grad_norm/embedding"] and f["grad_norm/final_norm"] > 0

@@ -84,7 +84,7 @@ def test_single_process(tmp_path, injected, capfd):
     # step (--log-stability-interval 1) the spike's own figures are in its line.
     spike_lines = [part.splitlines()[0] for part in out.split(" loss spike at iteration 8: lm loss")[1:]]
     assert spike_lines[0].endswith("; stability monitor figures follow at the next step")
-    assert "; stability monitor: grad_norm/layer_01=" in spike_lines[1]
+    assert "; stability monitor: grad_norm/embedding=" in spike_lines[1]
     assert runs[1].skipped == [4] and runs[1].spikes == [8]
     assert not same_state(keep, 7, 8)
 

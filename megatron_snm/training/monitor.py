@@ -4,7 +4,9 @@
 2. LayerNorm gradient amplification: for each LayerNorm, the norm of the gradient arriving at its
    output and of the gradient it sends to its input; their ratio is ~1/std(input), so LayerNorms
    reading a small-std residual stream (shallow layers with a small-std embedding) blow the
-   gradient up. Also each block's parameter-gradient norm.
+   gradient up. Also the parameter-gradient norm of the embedding (its table, tied to the output
+   layer, with the position table and Embed LN), of each block and of the final LayerNorm, so a
+   spike in the global norm can be attributed.
 
     monitor = StabilityMonitor(model)      # any module containing our blocks/LayerNorms
     with monitor.capture():                # hooks exist only inside; nothing is registered otherwise
@@ -44,7 +46,7 @@ class StabilityMonitor:
         self.model = model
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
-        self._grad_sq: dict[tuple[str, bool], float] = defaultdict(float)  # (block, tp-split) -> sum of squares
+        self._grad_sq: dict[tuple[str, bool], float] = defaultdict(float)  # (module, tp-split) -> sum of squares
         self._handles: list = []
 
     def _record(self, key: str, value: torch.Tensor) -> None:
@@ -65,14 +67,15 @@ class StabilityMonitor:
                 yield f"{name}.ln_1", module.ln_1
                 yield f"{name}.ln_2", module.ln_2
             elif isinstance(module, FinalLayerNorm):
-                yield "final_norm", module.norm
+                yield "final_norm", module  # its parameters' gradient norm
+                yield "final_norm", module.norm  # its LayerNorm figures
 
     def _hooks(self, name: str, module: torch.nn.Module):
         if isinstance(module, (GPTEmbedding, TransformerBlock)):
             def residual_std(mod, inputs, output):
                 self._record(f"residual_std/{name}", output.detach().float().std())
             yield module.register_forward_hook(residual_std)
-        if isinstance(module, TransformerBlock):
+        if isinstance(module, (GPTEmbedding, TransformerBlock, FinalLayerNorm)):
             for param in module.parameters():
                 key = (name, is_tensor_parallel(param))
                 def grad_sq(grad, key=key):
@@ -111,13 +114,13 @@ class StabilityMonitor:
         for key in [k for k in figures if k.startswith("ln_grad_in/")]:
             name = key[len("ln_grad_in/"):]
             figures[f"ln_amplification/{name}"] = figures[key] / max(figures[f"ln_grad_out/{name}"], 1e-30)
-        blocks = sorted({block for block, _ in self._grad_sq})
-        if blocks:
-            split = torch.tensor([self._grad_sq[(b, True)] for b in blocks], dtype=torch.float64)
+        owners = sorted({owner for owner, _ in self._grad_sq})
+        if owners:
+            split = torch.tensor([self._grad_sq[(o, True)] for o in owners], dtype=torch.float64)
             if state.get_tensor_model_parallel_world_size() > 1:
                 group = state.get_tensor_model_parallel_group()
                 split = split.to(state.collective_device(group))
                 dist.all_reduce(split, group=group)
-            for block, split_sq in zip(blocks, split.tolist()):
-                figures[f"grad_norm/{block}"] = (split_sq + self._grad_sq[(block, False)]) ** 0.5
+            for owner, split_sq in zip(owners, split.tolist()):
+                figures[f"grad_norm/{owner}"] = (split_sq + self._grad_sq[(owner, False)]) ** 0.5
         return dict(sorted(figures.items()))

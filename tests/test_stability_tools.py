@@ -1,0 +1,115 @@
+"""The stability tools end to end: the at-init tool's LayerNorm amplification agrees with 1/std(x),
+and a --quick sweep through pretrain_gpt.py tells a diverging run from a sane one, resumes, and
+its plots are written as PNGs."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+
+def run_tool(*args, check=True):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if check and proc.returncode:
+        pytest.fail(f"{args[0]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory, sample_dir):
+    out = tmp_path_factory.mktemp("stability")
+    train = sample_dir / "c4-train.00000-of-00001.json.gz"
+    run_tool("tools/train_tokenizer.py", "--input", train, "--model-prefix", out / "tok", "--vocab-size", "500")
+    run_tool("tools/preprocess_data.py", "--input", train, "--output-prefix", out / "c4", "--tokenizer-type",
+             "SentencePieceTokenizer", "--tokenizer-model", out / "tok.model", "--append-eod")
+    return out
+
+
+def test_at_init_layernorm_amplification_is_one_over_input_std(sample_data, tmp_path):
+    out = run_tool("tools/stability_at_init.py", "--hidden-size", "64", "128", "--num-layers", "2", "4",
+                   "--embedding-norm", "none", "layernorm", "scaled", "detach", "--scaled-init", "on", "off",
+                   "--sigma", "small", "0.0132", "--data-path", sample_data / "c4_text_document",
+                   "--vocab-size", "500", "--batch-size", "2", "--seq-length", "64", "--output-dir", tmp_path).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert len(summary["results"]) == 2 * 2 * 4 * 2 * 2
+    for r in summary["results"]:
+        s = r["setting"]
+        if s["scaled_init"]:  # the product's init: 1/std(x) of the whole input within 10% on every row
+            assert all(row["rel_error"] < 0.10 for row in r["layer_norms"]), s
+        for row in r["layer_norms"]:
+            # Exactly: 1/std_t token by token, times the share of the gradient LayerNorm's backward
+            # keeps (it removes g's mean and its component along the normalised input).
+            assert row["measured"] == pytest.approx(row["per_token"] * row["projection_kept"], rel=0.01), (s, row)
+            # Token by token 1/std_t holds where 1/std of the whole input may not (with plain init the
+            # first block's attention output, unaveraged at early positions, spreads the tokens' stds);
+            # only the final LayerNorm's gradient, through the tied output layer, leans towards x.
+            if row["name"] != "final_norm":
+                assert row["projection_kept"] > 0.95, (s, row)
+        assert max(r["residual_rel_error"]) < 0.10, s  # var_n = var_0 + sum of the sub-layers' variances
+        first = r["layer_norms"][0]
+        if s["embedding_norm"] == "layernorm":  # Embed LN reads E + P (std sqrt(2) sigma) ...
+            assert first["name"] == "embedding.norm" and first["measured"] > 0.6 / s["sigma_value"]
+            assert r["residual_std"][0] == pytest.approx(1.0, abs=0.02)  # ... and hands the blocks std 1
+        else:
+            assert first["name"] == "layer_01.ln_1"
+        assert r["residual_std_formula"][0] == pytest.approx(r["residual_std"][0], rel=0.1)
+    assert sorted(p.rsplit("/", 1)[1] for p in summary["plots"]) == [
+        "at_init_d128_L2.png", "at_init_d128_L4.png", "at_init_d64_L2.png", "at_init_d64_L4.png"]
+    for path in summary["plots"]:
+        Image.open(path).verify()
+
+
+def test_at_init_refuses_bad_flags_in_one_line():
+    proc = run_tool("tools/stability_at_init.py", "--hidden-size", "64", "--num-layers", "2", "--sigma", "big",
+                    check=False)
+    assert proc.returncode == 2 and "--sigma: 'big' is neither 'small' nor a positive number" in proc.stderr
+
+
+def test_quick_sweep_reports_divergence_resumes_and_plots(sample_data, tmp_path):
+    data = ["--data-path", sample_data / "c4_text_document", "--tokenizer-type", "SentencePieceTokenizer",
+            "--tokenizer-model", sample_data / "tok.model"]
+    sweep = tmp_path / "sweep"
+    run_tool("tools/stability_sweep.py", *data, "--output-dir", sweep, "--quick")
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert len(summary) == 4 and {(r["embedding_norm"], r["lr"]) for r in summary} == {
+        ("none", 3e-3), ("none", 1.0), ("layernorm", 3e-3), ("layernorm", 1.0)}
+    for r in summary:
+        assert r["status"] == "done" and r["steps"] == 30, r
+        assert r["max_grad_norm"] > 0 and r["max_grad_norm_source"] in ("embedding", "blocks")
+        assert 0 < r["mean_embedding_grad_share"] < 1 and r["tokens_per_s"] > 0
+        assert isinstance(r["loss_spikes"], int) and isinstance(r["grad_norm_spikes"], int)
+        assert (sweep / "runs" / r["name"] / "tensorboard").is_dir()
+        if r["lr"] == 1.0:  # Adam at lr 1 without clipping: deliberately unstable
+            assert r["diverged"], r
+        else:
+            assert not r["diverged"] and r["final_train_loss"] < r["first_loss"], r
+            assert r["best_valid_ppl"] <= r["final_valid_ppl"] < math.exp(r["first_loss"])
+    csv_lines = (sweep / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("name,embedding_norm,lr,seed,")
+
+    again = run_tool("tools/stability_sweep.py", *data, "--output-dir", sweep, "--quick").stdout
+    assert "4 runs in the grid: 4 already finished, 0 to run" in again
+    assert json.loads((sweep / "summary.json").read_text()) == summary
+
+    out = run_tool("tools/plot_stability.py", sweep, "--output-dir", tmp_path / "png").stdout
+    written = sorted(p.name for p in (tmp_path / "png").iterdir())
+    group = "sigmasmall_L2_wu0_b20.999_clip0"
+    assert written == sorted(f"{group}-{kind}.png" for kind in ("loss", "grad_norm", "valid_ppl_vs_lr", "monitor_lr1"))
+    for name in written:
+        with Image.open(tmp_path / "png" / name) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+        assert f"wrote {tmp_path / 'png' / name}" in out
+
+
+def test_sweep_refuses_a_bad_run_configuration(sample_data, tmp_path):
+    proc = run_tool("tools/stability_sweep.py", "--data-path", tmp_path / "missing", "--tokenizer-type",
+                    "SentencePieceTokenizer", "--tokenizer-model", sample_data / "tok.model", "--output-dir",
+                    tmp_path / "sweep", "--quick", check=False)
+    assert proc.returncode == 2 and "was refused (exit status 2)" in proc.stderr
+    assert "missing.bin does not exist" in proc.stderr
