@@ -194,12 +194,18 @@ def test_a_worker_killed_at_20_random_moments_always_ends_the_run_within_seconds
     preprocess("--input", *inputs, "--output-prefix", reference, *gpt2_args(gpt2_files), "--chunk-bytes", 20000)
     tokenizer = build_tokenizer("GPT2BPETokenizer", *gpt2_files)  # loaded once, not per trial
     monkeypatch.setattr(preprocess_data, "build_tokenizer", lambda *args: tokenizer)
+    # Kill moments are drawn within the time an undisturbed run takes here (the machine's load
+    # changes it), so that most kills land mid-run.
+    started = time.monotonic()
+    preprocess("--input", *inputs, "--output-prefix", tmp_path / "timed", *gpt2_args(gpt2_files), "--workers", 2,
+               "--chunk-bytes", 20000)
+    span = time.monotonic() - started
     outcomes = []
     for trial in range(20):
         out = tmp_path / f"trial{trial}"
         out.mkdir()
         stop = threading.Event()
-        thread, record = kill_a_worker_later(rng, (0, 0.4), stop)
+        thread, record = kill_a_worker_later(rng, (0, 0.6 * span), stop)
         try:
             preprocess("--input", *inputs, "--output-prefix", out / "c4", *gpt2_args(gpt2_files), "--workers", 2,
                        "--chunk-bytes", 20000)

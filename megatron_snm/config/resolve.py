@@ -95,7 +95,7 @@ class LRScheduleLengths:
 def gpt_config_of(flags: Flags, vocab_size: int, tensor_parallel_size: int = 1) -> GPTConfig:
     """The model config of recorded flags (a checkpoint's): its shape and precision, for a TP size."""
     dtype = torch.bfloat16 if flags.parallel.bf16 else torch.float16 if flags.parallel.fp16 else torch.float32
-    return _gpt_config(flags.model, vocab_size, tensor_parallel_size, dtype)
+    return _gpt_config(_model_defaults(flags.model), vocab_size, tensor_parallel_size, dtype)
 
 
 def _gpt_config(model: ModelArgs, vocab_size: int, tensor_parallel_size: int, params_dtype: torch.dtype) -> GPTConfig:
@@ -254,6 +254,18 @@ def _lr_schedule(optim: OptimizerArgs, batch: BatchArgs, schedule_samples: int, 
     return optim, LRScheduleLengths("tokens" if tokens else "samples", warmup, decay, per_sample)
 
 
+def _model_defaults(model: ModelArgs) -> ModelArgs:
+    """The model flags with the preset, the recompute aliases and the position table's size resolved."""
+    model = _model(model)
+    if model.embed_layernorm and model.embedding_norm != "layernorm":
+        raise ConfigError(f"--embed-layernorm (BLOOM's name of --embedding-norm layernorm) conflicts with "
+                          f"--embedding-norm {model.embedding_norm}")
+    model = _recompute(model)
+    if model.max_position_embeddings is None:
+        model = dataclasses.replace(model, max_position_embeddings=model.seq_length)
+    return model
+
+
 def _positive(**flags: int | None) -> None:
     for name, value in flags.items():
         if value is not None and value < 1:
@@ -289,15 +301,8 @@ def _numbers(optim: OptimizerArgs, spike: SpikeArgs, evaluation: EvalArgs, data:
 def resolve(flags: Flags, world_size: int) -> RunConfig:
     """Checks every rule that needs no process group and fills the derived values. Raises ConfigError."""
     notes = _compat(flags.compat)
-    model, parallel, batch, optim = _model(flags.model), flags.parallel, flags.batch, flags.optim
+    model, parallel, batch, optim = _model_defaults(flags.model), flags.parallel, flags.batch, flags.optim
     _numbers(optim, flags.spike, flags.eval, flags.data)
-    if model.embed_layernorm:
-        if model.embedding_norm != "layernorm":
-            raise ConfigError(f"--embed-layernorm (BLOOM's name of --embedding-norm layernorm) conflicts with "
-                              f"--embedding-norm {model.embedding_norm}")
-    model = _recompute(model)
-    if model.max_position_embeddings is None:
-        model = dataclasses.replace(model, max_position_embeddings=model.seq_length)
     try:
         dims = ParallelDims.of_world(world_size, parallel.tensor_model_parallel_size,
                                      parallel.pipeline_model_parallel_size)
