@@ -21,13 +21,14 @@ import torch.distributed as dist
 
 from megatron_snm.config import Config
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.model.gpt import GPTModel, gpt_loss
+from megatron_snm.model.gpt import gpt_loss
 from megatron_snm.model.monitor import StabilityMonitor
 from megatron_snm.parallel import random as tp_random
 from megatron_snm.parallel import state
 from megatron_snm.training.checkpointing import SafeCheckpointEngine
 from megatron_snm.training.optimizer import GatedAdamW, param_groups
 from megatron_snm.training.spikes import SpikePolicy, Verdict
+from megatron_snm.training.zero3 import apply_stage3_defaults, build_gpt_model
 
 # Test hook: "ITER:FACTOR,..." multiplies the training loss of those iterations (nan, or e.g. 50
 # for a spike), so tests can exercise the skip and spike paths.
@@ -69,6 +70,7 @@ class TrainEngine:
         self.verdict: Verdict | None = None
         self._inject = _injected_factors()
         tp_random.model_parallel_seed(cfg.seed)
+        self.ds_config = ds_config = apply_stage3_defaults(ds_config, gpt_config, cfg.tensor_model_parallel_size)
         module = self._build_module()
         # Under ZeRO-0 in fp32 DeepSpeed hands the gradients straight to our optimizer without
         # measuring their norm; there the optimizer measures and clips (see GatedAdamW).
@@ -153,7 +155,7 @@ class DenseEngine(TrainEngine):
     """PP = 1: the whole model on each rank (split over TP), DeepSpeed engine, ZeRO 0-3."""
 
     def _build_module(self):
-        return GPTModel(self.gpt_config)
+        return build_gpt_model(self.gpt_config, self.ds_config, self._mpu())  # under ZeRO-3 partitioned as it is built
 
     def _mpu(self):
         return _StateMPU

@@ -1,0 +1,107 @@
+"""What a training run's process really allocates: the figure the estimate (memory_estimate.py) is
+held against.
+
+    with PeakMemory() as peak:
+        ...build the engine, train a few steps...
+    peak.tracked_bytes   # high-water mark of torch's live allocations since entering
+    peak.rss_bytes       # high-water mark of the resident set above what it was on entering
+
+`tracked_bytes` replays every allocation and free that torch's CPU allocator reports to the
+profiler (`profile_memory=True`: each tensor, DeepSpeed's buffers and our C++ extensions' outputs
+included, sized as allocated, so an untouched `torch.empty` bucket counts as it would on a GPU) and
+takes the maximum of the running sum: the same quantity as `torch.cuda.max_memory_allocated` on a
+GPU. `rss_bytes` is the operating system's view (Linux VmHWM, reset on entering through
+/proc/self/clear_refs): it adds the allocator's and the libraries' own memory and leaves out pages
+never touched.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+class PeakMemory:
+    """Peak of this process's torch allocations (and resident set) inside the `with` block."""
+
+    def __init__(self):
+        self.tracked_bytes = 0
+        self.rss_bytes = 0
+
+    def __enter__(self) -> "PeakMemory":
+        self._rss_at_start = _status_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
+        self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._profiler.__exit__(*exc)
+        self.rss_bytes = (_status_kib("VmHWM") - self._rss_at_start) * 1024
+        events = sorted((e.start_ns(), e.nbytes()) for e in self._profiler.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        self.tracked_bytes = peak
+
+
+def random_micro_batches(vocab_size: int, seq_length: int, micro_batch_size: int, seed: int):
+    """Endless (tokens, labels) micro-batches of uniform random tokens, the same on every rank for a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        text = torch.randint(0, vocab_size, (micro_batch_size, seq_length + 1), generator=generator)
+        yield text[:, :-1].contiguous(), text[:, 1:].contiguous()
+
+
+def measure_training(cfg, gpt_config, ds_config: dict, steps: int, seed: int = 0) -> dict:
+    """Builds the training engine (training/engine.py) and runs `steps` global batches on random
+    tokens inside PeakMemory. Needs torch.distributed and parallel/state.py's groups. Returns the
+    peaks and each step's loss."""
+    from megatron_snm.parallel import state
+    from megatron_snm.training.engine import build_train_engine
+    from megatron_snm.training.spikes import SpikePolicy
+
+    # Every data-parallel rank draws its own micro-batches; TP and PP peers draw the same ones.
+    batches = random_micro_batches(gpt_config.vocab_size, cfg.seq_length, cfg.micro_batch_size,
+                                   seed + state.get_data_parallel_rank())
+    with PeakMemory() as peak:
+        engine = build_train_engine(cfg, gpt_config, ds_config, SpikePolicy(0.0, 1, False, 0))
+        engine.set_lr(cfg.lr)
+        losses = [engine.train_step(batches)[0].loss for _ in range(steps)]
+    del engine
+    return dict(tracked_bytes=peak.tracked_bytes, rss_bytes=peak.rss_bytes, losses=losses)
+
+
+def measure_run(argv: list[str], vocab_size: int, steps: int, seed: int = 0) -> dict:
+    """One rank's measured peaks next to the estimate for its pipeline stage, for pretrain_gpt.py's
+    flags `argv`. Needs torch.distributed initialised; sets up and tears down parallel/state.py's groups."""
+    import torch.distributed as dist
+
+    from megatron_snm.config import parse_args
+    from megatron_snm.parallel import state
+    from megatron_snm.training import memory_estimate
+    from megatron_snm.training.zero3 import apply_stage3_defaults
+
+    world = dist.get_world_size()
+    cfg = parse_args(argv)
+    cfg.validate(world)
+    gpt_config = cfg.gpt_config(vocab_size)
+    ds_config = cfg.build_deepspeed_config(world)
+    estimate = memory_estimate.estimate_memory(memory_estimate.plan_from_config(
+        cfg, world, vocab_size, apply_stage3_defaults(ds_config, gpt_config, cfg.tensor_model_parallel_size)))
+    state.initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+    try:
+        stage = state.get_pipeline_model_parallel_rank()
+        measured = measure_training(cfg, gpt_config, ds_config, steps, seed)
+    finally:
+        state.destroy_model_parallel()
+    return dict(measured, rank=dist.get_rank(), stage=stage, estimated_bytes=estimate.stages[stage].peak_bytes)
