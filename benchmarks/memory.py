@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         with open(small_buckets, "w") as f:
             json.dump({"zero_optimization": {"reduce_bucket_size": 1_000_000}}, f)
         if args.preset:
-            configs = {f"350m zero{z} dp2": (2, PRESET_350M + ["--zero-stage", str(z)]) for z in (1, 3)}
+            configs = {f"350m zero{z} dp2": (2, PRESET_350M + ["--zero-stage", str(z)]) for z in (3, 1)}
         else:
             configs = small_configs(small_buckets)
             if args.only:

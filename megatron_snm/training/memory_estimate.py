@@ -14,9 +14,11 @@ slice; the last stage of a pipeline holds the tied embedding again), w the param
   partition even when the weights are fp32) and under bf16/fp16; none under ZeRO-0 fp32 or
   ZeRO-3 fp32 (whose partition is its own master).
 - Adam states (exp_avg, exp_avg_sq): 8 P, over DP from ZeRO-1 on.
-- gradients: w P held whole until reduced (ZeRO-0/1); ZeRO-2/3 reduce bucket by bucket during the
-  backward pass into a w P / DP partition buffer; ZeRO-1/2 also build the fp32 gradient partition
-  (4 P / DP) at the optimizer step.
+- gradients: w P held whole until reduced (ZeRO-0/1): present through the backward pass only when
+  an earlier micro-batch made them (gradient accumulation, pipelines), otherwise they grow while the
+  activations shrink and count at the optimizer step; ZeRO-2/3 reduce bucket by bucket during the
+  backward pass into a w P / DP partition buffer (ZeRO-3 holds a gathered parameter's whole
+  gradient until it is reduced); ZeRO-1/2 build the fp32 gradient partition (4 P / DP) at the step.
 - communication buckets, from the DeepSpeed JSON (DeepSpeed's defaults otherwise): ZeRO-1/2/3's
   reduce bucket (reduce_bucket_size elements, twice with overlap_comm under ZeRO-1/2; ZeRO-1
   stages it in fp32), ZeRO-0's flattened gradients for the data-parallel all-reduce.
@@ -206,10 +208,14 @@ def activation_bytes_per_block(plan: MemoryPlan, granularity: str | None = None)
 
 
 def output_bytes(plan: MemoryPlan) -> int:
-    """Logits and cross entropy on the last stage for one micro-batch (tensor_parallel/cross_entropy.py)."""
+    """Logits and cross entropy on the last stage at their peak, the start of the backward pass
+    (tensor_parallel/cross_entropy.py): the fp32 softmax it saved and the gradient made from it,
+    with the w-byte copy of that gradient when the logits are not fp32. DeepSpeed's pipeline engine
+    also keeps the stage's output, the logits themselves, until that micro-batch's backward pass."""
     tokens_vocab = plan.seq_length * plan.micro_batch_size * plan.padded_vocab_size // plan.tensor_parallel
     e = _DTYPE_BYTES[plan.precision]
-    return 8 * tokens_vocab + (e * tokens_vocab if e != 4 else 0)
+    held_logits = e * tokens_vocab if plan.pipeline_parallel > 1 else 0
+    return 8 * tokens_vocab + (e * tokens_vocab if e != 4 else 0) + held_logits
 
 
 def in_flight_micro_batches(plan: MemoryPlan, stage: int) -> int:
@@ -251,6 +257,16 @@ def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
     backward = stage_activation_bytes(plan, stage)
     step: dict[str, int] = {}
     gradients_whole = w * params
+    # ZeRO-0/1 keep whole gradients; they are already there when a backward pass starts if an
+    # earlier micro-batch of the step made them (accumulation, or any pipeline), and each new
+    # gradient is then a transient beside the one it is added to.
+    # That transient meets the most activations at the first gradient of the backward pass: the
+    # output layer's (the embedding table) on the last stage, a block's W_1/W_2 elsewhere.
+    grads_before_backward = plan.gradient_accumulation_steps > 1 or plan.pipeline_parallel > 1
+    first_gradient = _largest_module(plan, modules) if stage == plan.pipeline_parallel - 1 else \
+        plan.ffn_hidden_size * plan.hidden_size // plan.tensor_parallel
+    accumulating = {"gradients": gradients_whole,
+                    "gradient_being_accumulated": w * first_gradient} if grads_before_backward else {}
 
     if zero == 0:
         persistent["weights"] = w * params
@@ -258,7 +274,7 @@ def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
             persistent["fp32_master_weights"] = 4 * (part if plan.precision == "bf16" else params)
             persistent["fp32_gradients"] = 4 * params
         persistent["optimizer_states"] = 8 * (part if plan.precision == "bf16" else params)
-        backward["gradients"] = gradients_whole
+        backward.update(accumulating)
         step["gradients"] = gradients_whole
         if dp > 1:
             step["allreduce_flat_gradients"] = w * min(params, ZERO0_ALLREDUCE_BUCKET)
@@ -273,7 +289,7 @@ def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
             buckets = (2 if overlap else 1) * int(plan.zero_setting("reduce_bucket_size"))
             backward["reduce_bucket"] = bucket_dtype * buckets
         if zero == 1:
-            backward["gradients"] = gradients_whole
+            backward.update(accumulating)
             step["gradients"] = gradients_whole
         else:
             persistent["gradient_partition"] = w * part

@@ -16,6 +16,7 @@ never touched.
 """
 from __future__ import annotations
 
+import gc
 import re
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class PeakMemory:
         self.rss_bytes = 0
 
     def __enter__(self) -> "PeakMemory":
+        gc.collect()  # what earlier work left to the garbage collector must not be freed inside the window
         self._rss_at_start = _status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
         self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
