@@ -21,6 +21,7 @@ from megatron_snm.data.gpt_dataset import parse_data_path
 from megatron_snm.data.tokenizers import build_tokenizer
 from megatron_snm.parallel import distributed, state
 from megatron_snm.training.loop import pretrain
+from megatron_snm.training.memory_estimate import startup_estimate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file, cfg.merge_file, cfg.tokenizer_model)
         gpt_config = cfg.gpt_config(tokenizer.vocab_size)
         ds_config = cfg.build_deepspeed_config(env.world_size)
+        memory_estimate = startup_estimate(cfg, env.world_size, tokenizer.vocab_size, ds_config)  # --device-memory
     except (ConfigError, ValueError, OSError) as err:
         print(f"pretrain_gpt.py: error: {err}", file=sys.stderr)
         return 2
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     # Our own log lines (which LayerNorm backend, dataset index builds) on rank 0; warnings everywhere.
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
+    logging.getLogger("megatron_snm").info(memory_estimate)
     distributed.initialize(env, cpu_shm_comm=cfg.cpu_shm_comm)
     state.initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     samples = cfg.global_batch_size

@@ -158,3 +158,17 @@ def test_startup_estimate_fails_before_work_naming_what_to_change():
     cfg = parse_args(["--model-size", "1.7b", "--train-iters", "1", "--zero-stage", "1", "--device-memory", "80GB"])
     cfg.validate(8)
     assert startup_estimate(cfg, 8, 50257, cfg.build_deepspeed_config(8)).startswith("estimated memory per rank: ")
+
+
+def test_pretrain_gpt_refuses_a_run_that_does_not_fit(tmp_path, gpt2_files):
+    vocab, merges = gpt2_files
+    for suffix in (".bin", ".idx"):  # only their existence is checked before the estimate
+        (tmp_path / f"c4_text_document{suffix}").write_bytes(b"")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "pretrain_gpt.py", "--model-size", "350m", "--train-iters", "1",
+                          "--data-path", str(tmp_path / "c4_text_document"), "--tokenizer-type", "GPT2BPETokenizer",
+                          "--vocab-file", str(vocab), "--merge-file", str(merges), "--device-memory", "4GiB"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    error = [line for line in out.stderr.splitlines() if line.startswith("pretrain_gpt.py: error:")]
+    assert len(error) == 1 and "--device-memory 4.00 GiB" in error[0] and "try" in error[0], out.stderr[-2000:]

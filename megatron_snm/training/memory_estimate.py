@@ -20,8 +20,8 @@ slice; the last stage of a pipeline holds the tied embedding again), w the param
   backward pass into a w P / DP partition buffer (ZeRO-3 holds a gathered parameter's whole
   gradient until it is reduced); ZeRO-1/2 build the fp32 gradient partition (4 P / DP) at the step.
 - communication buckets, from the DeepSpeed JSON (DeepSpeed's defaults otherwise): ZeRO-1/2/3's
-  reduce bucket (reduce_bucket_size elements, twice with overlap_comm under ZeRO-1/2; ZeRO-1
-  stages it in fp32), ZeRO-0's flattened gradients for the data-parallel all-reduce.
+  reduce bucket (reduce_bucket_size elements of the gradients' dtype, twice with overlap_comm under
+  ZeRO-1/2), ZeRO-0's flattened gradients for the data-parallel all-reduce.
 - ZeRO-3's gathered parameters: the largest module plus up to stage3_max_live_parameters
   (what stage3_prefetch_bucket_size and stage3_max_reuse_distance keep gathered), at most the stage.
 - activations per micro-batch, from what autograd saves in our blocks (model/transformer.py), in
@@ -285,9 +285,8 @@ def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
         overlap = plan.zero_setting("overlap_comm")
         overlap = (zero == 2) if overlap is None else bool(overlap)  # DeepSpeed: on by default from stage 2
         if plan.zero_setting("contiguous_gradients") or plan.pipeline_parallel > 1:
-            bucket_dtype = 4 if zero == 1 else w
             buckets = (2 if overlap else 1) * int(plan.zero_setting("reduce_bucket_size"))
-            backward["reduce_bucket"] = bucket_dtype * buckets
+            backward["reduce_bucket"] = w * buckets  # in the gradient accumulation dtype, the weights' by default
         if zero == 1:
             backward.update(accumulating)
             step["gradients"] = gradients_whole
@@ -434,9 +433,12 @@ def check_fits(estimate: MemoryEstimate, device_bytes: int) -> None:
 
 def startup_estimate(cfg, world_size: int, vocab_size: int, ds_config: dict) -> str:
     """The one line a training run prints at its start; raises ConfigError (before any process
-    group exists) when `--device-memory` is set and the estimate exceeds it."""
+    group exists) when `--device-memory` is set and the estimate exceeds it. `ds_config` is
+    cfg.build_deepspeed_config's; the stage-3 defaults the engine adds are applied here too."""
     from megatron_snm.config import ConfigError
+    from megatron_snm.training.zero3 import apply_stage3_defaults
 
+    ds_config = apply_stage3_defaults(ds_config, cfg.gpt_config(vocab_size), cfg.tensor_model_parallel_size)
     estimate = estimate_memory(plan_from_config(cfg, world_size, vocab_size, ds_config))
     device_memory = getattr(cfg, "device_memory", None)
     if device_memory:
