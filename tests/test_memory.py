@@ -20,14 +20,16 @@ VOCAB = 4000
 STEPS = 3
 
 
-def _small_bucket_json(tmp_path) -> str:
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 100_000}}))
-    return str(path)
+def _json(tmp_path, name: str, zero: dict) -> list[str]:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    return ["--deepspeed_config", str(path)]
 
 
-def layouts(bucket_json: str) -> dict[str, list[str]]:
-    small_bucket = ["--deepspeed_config", bucket_json]
+def layouts(tmp_path) -> dict[str, list[str]]:
+    """DeepSpeed's 2 GB default reduce bucket would dwarf these models under ZeRO-1/2: a small one."""
+    small_bucket = _json(tmp_path, "small_bucket", {"reduce_bucket_size": 100_000})
+    cpu = {"device": "cpu"}
     return {
         "zero0": SHAPE + ["--zero-stage", "0"],
         "zero1": SHAPE + ["--zero-stage", "1"] + small_bucket,
@@ -36,6 +38,10 @@ def layouts(bucket_json: str) -> dict[str, list[str]]:
         "tp2": SHAPE + ["--tensor-model-parallel-size", "2"],
         "pp2": SHAPE + ["--pipeline-model-parallel-size", "2", "--global-batch-size", "4"],
         "zero0-full-recompute": SHAPE + ["--zero-stage", "0", "--checkpoint-activations"],
+        "zero2-offload-optimizer": SHAPE + _json(tmp_path, "z2_offload", {
+            "stage": 2, "reduce_bucket_size": 100_000, "offload_optimizer": cpu}),
+        "zero3-offload-optimizer-and-parameters": SHAPE + _json(tmp_path, "z3_offload", {
+            "stage": 3, "offload_optimizer": cpu, "offload_param": cpu}),
     }
 
 
@@ -52,29 +58,26 @@ def _measure_all(rank, world_size, runs):
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    runs = layouts(_small_bucket_json(tmp_path_factory.mktemp("ds")))
+    runs = layouts(tmp_path_factory.mktemp("ds"))
     return run_distributed(_measure_all, 2, runs, timeout=600)
 
 
-@pytest.mark.parametrize("layout", ["zero0", "zero1", "zero2", "zero3", "tp2", "pp2", "zero0-full-recompute"])
+@pytest.mark.parametrize("layout", ["zero0", "zero1", "zero2", "zero3", "tp2", "pp2", "zero0-full-recompute",
+                                    "zero2-offload-optimizer", "zero3-offload-optimizer-and-parameters"])
 def test_estimate_within_20_percent_of_measured_peak(measured, layout):
     for rank in measured:
         r = rank[layout]
         assert r["tracked_bytes"] == pytest.approx(r["estimated_bytes"], rel=0.2), (layout, r)
 
 
-def test_zero3_losses_equal_zero1(measured):
+@pytest.mark.parametrize("layout", ["zero0", "zero2", "zero3", "zero2-offload-optimizer",
+                                    "zero3-offload-optimizer-and-parameters"])
+def test_losses_equal_zero1(measured, layout):
     for rank in measured:
-        assert rank["zero3"]["losses"] == pytest.approx(rank["zero1"]["losses"], rel=1e-5)
-        assert rank["zero3"]["losses"] == pytest.approx(rank["zero0"]["losses"], rel=1e-5)
+        assert rank[layout]["losses"] == pytest.approx(rank["zero1"]["losses"], rel=1e-5)
 
 
-def test_zero3_saves_memory(measured):
-    for rank in measured:
-        assert rank["zero3"]["tracked_bytes"] < 0.8 * rank["zero0"]["tracked_bytes"]
-
-
-def _build_zero3(rank, world_size, argv):
+def _build_zero3(rank, world_size, argv, vocab_size):
     import deepspeed
     import torch
 
@@ -84,15 +87,15 @@ def _build_zero3(rank, world_size, argv):
     from megatron_snm.parallel import random as tp_random
     from megatron_snm.training.engine import _StateMPU
     from megatron_snm.training.memory_measure import PeakMemory
-    from megatron_snm.training.zero3 import apply_stage3_defaults, build_gpt_model
+    from megatron_snm.training.zero3 import apply_zero_defaults, build_gpt_model
 
     torch.set_num_threads(1)
     distributed.initialize(distributed.discover())
     cfg = parse_args(argv)
     cfg.validate(world_size)
     state.initialize_model_parallel(1, 1)
-    gpt_config = cfg.gpt_config(VOCAB)
-    ds_config = apply_stage3_defaults(cfg.build_deepspeed_config(world_size), gpt_config, 1)
+    gpt_config = cfg.gpt_config(vocab_size)
+    ds_config = apply_zero_defaults(cfg.build_deepspeed_config(world_size), gpt_config, 1)
     tp_random.model_parallel_seed(cfg.seed)
     with PeakMemory() as build_peak:
         model = build_gpt_model(gpt_config, ds_config, _StateMPU)
@@ -108,13 +111,16 @@ def _build_zero3(rank, world_size, argv):
 
 
 def test_zero3_is_partitioned_from_construction_with_zero0_weights():
-    ranks = run_distributed(_build_zero3, 2, SHAPE + ["--zero-stage", "3"])
+    # Blocks outweigh the embedding here, so "never the whole model" is visible in the build's peak.
+    ranks = run_distributed(_build_zero3, 2, SHAPE + ["--zero-stage", "3", "--num-layers", "8"], 256)
     for r in ranks:
         assert all(r["same"].values()), [name for name, same in r["same"].items() if not same]
         big = [name for name, n in r["whole"].items() if n > 128]  # above the persistence threshold (hidden size)
         assert big and all(r["partition_numel"][name] == -(-r["whole"][name] // 2) for name in big)
-        # No rank held the whole model: the build's peak is the rank's half plus one weight drawn whole.
-        assert r["build_peak"] < 0.75 * r["model_bytes"], r
+        # The build held this rank's half and a few weights whole at a time (a weight's fp32 draw,
+        # the parameter before partitioning and its new partition), never the whole model.
+        largest = 4 * max(r["whole"].values())
+        assert r["build_peak"] <= r["model_bytes"] / 2 + 6 * largest < 0.75 * r["model_bytes"], r
 
 
 # --- the tool and the training start's check ---------------------------------------------------------

@@ -15,7 +15,7 @@ import sys
 
 from megatron_snm.config import ConfigError, build_parser, parse_args
 from megatron_snm.training import memory_estimate as mem
-from megatron_snm.training.zero3 import apply_stage3_defaults
+from megatron_snm.training.zero3 import apply_zero_defaults
 
 GPT2_VOCAB = 50257
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.train_iters = 1  # the length of training does not change the memory
         cfg.validate(own.world_size)
         vocab_size = _vocab_size(cfg, own.vocab_size)
-        ds_config = apply_stage3_defaults(cfg.build_deepspeed_config(own.world_size), cfg.gpt_config(vocab_size),
+        ds_config = apply_zero_defaults(cfg.build_deepspeed_config(own.world_size), cfg.gpt_config(vocab_size),
                                           cfg.tensor_model_parallel_size)
         estimate = mem.estimate_memory(mem.plan_from_config(cfg, own.world_size, vocab_size, ds_config))
         device = mem.parse_bytes(cfg.device_memory) if cfg.device_memory else None

@@ -28,7 +28,7 @@ from megatron_snm.parallel import state
 from megatron_snm.training.checkpointing import SafeCheckpointEngine
 from megatron_snm.training.optimizer import GatedAdamW, param_groups
 from megatron_snm.training.spikes import SpikePolicy, Verdict
-from megatron_snm.training.zero3 import apply_stage3_defaults, build_gpt_model
+from megatron_snm.training.zero3 import apply_zero_defaults, build_gpt_model
 
 # Test hook: "ITER:FACTOR,..." multiplies the training loss of those iterations (nan, or e.g. 50
 # for a spike), so tests can exercise the skip and spike paths.
@@ -70,7 +70,7 @@ class TrainEngine:
         self.verdict: Verdict | None = None
         self._inject = _injected_factors()
         tp_random.model_parallel_seed(cfg.seed)
-        self.ds_config = ds_config = apply_stage3_defaults(ds_config, gpt_config, cfg.tensor_model_parallel_size)
+        self.ds_config = ds_config = apply_zero_defaults(ds_config, gpt_config, cfg.tensor_model_parallel_size)
         module = self._build_module()
         # Under ZeRO-0 in fp32 DeepSpeed hands the gradients straight to our optimizer without
         # measuring their norm; there the optimizer measures and clips (see GatedAdamW).

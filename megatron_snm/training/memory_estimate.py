@@ -10,9 +10,8 @@ slice; the last stage of a pipeline holds the tied embedding again), w the param
 
 - weights: w P; under ZeRO-3 w P / DP plus the parameters too small to partition
   (stage3_param_persistence_threshold) plus the gathered working set (below).
-- fp32 master weights: 4 P / DP under ZeRO-1/2 (DeepSpeed keeps an fp32 copy of each rank's
-  partition even when the weights are fp32) and under bf16/fp16; none under ZeRO-0 fp32 or
-  ZeRO-3 fp32 (whose partition is its own master).
+- fp32 master weights: 4 P / DP under ZeRO-1/2/3 (DeepSpeed keeps an fp32 copy of each rank's
+  partition even when the weights are fp32) and under bf16/fp16; none under ZeRO-0 fp32.
 - Adam states (exp_avg, exp_avg_sq): 8 P, over DP from ZeRO-1 on.
 - gradients: w P held whole until reduced (ZeRO-0/1): present through the backward pass only when
   an earlier micro-batch made them (gradient accumulation, pipelines), otherwise they grow while the
@@ -37,6 +36,8 @@ slice; the last stage of a pipeline holds the tied embedding again), w the param
 - logits and cross entropy on the last stage: the fp32 softmax that cross entropy saves plus its
   transient (the shifted fp32 logits in forward, the gradient in backward): 8 s b V / TP bytes,
   and the w-byte logits themselves when they are not already fp32.
+- offload (`offload_optimizer`, `offload_param` with device cpu/nvme): Adam states, fp32 masters and
+  gradient partitions (and ZeRO-3's weight partition) move to host memory, reported apart.
 - pipeline in flight: DeepSpeed's 1F1B keeps max(2, min(PP - stage, micro-batches)) micro-batches'
   activations on a stage, so the first stage holds PP of them, the last one (or two).
 
@@ -103,6 +104,11 @@ class StageMemory:
     persistent: dict[str, int]
     backward_pass: dict[str, int]
     optimizer_step: dict[str, int]
+    offloaded: dict[str, int] = field(default_factory=dict)  # in host memory (offload_optimizer / offload_param)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.offloaded.values())
 
     @property
     def peak_bytes(self) -> int:
@@ -282,8 +288,7 @@ def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
         persistent["weights"] = w * params
         persistent["fp32_master_weights"] = 4 * part
         persistent["optimizer_states"] = 8 * part
-        overlap = plan.zero_setting("overlap_comm")
-        overlap = (zero == 2) if overlap is None else bool(overlap)  # DeepSpeed: on by default from stage 2
+        overlap = bool(plan.zero_setting("overlap_comm"))  # DeepSpeed's default: on for stage 3 only
         if plan.zero_setting("contiguous_gradients") or plan.pipeline_parallel > 1:
             buckets = (2 if overlap else 1) * int(plan.zero_setting("reduce_bucket_size"))
             backward["reduce_bucket"] = w * buckets  # in the gradient accumulation dtype, the weights' by default
@@ -298,8 +303,9 @@ def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
         threshold = int(plan.zero_setting("stage3_param_persistence_threshold"))
         small = _small_parameters(plan, modules, threshold)
         persistent["weights"] = w * (math.ceil((params - small) / dp) + small)
-        if mixed:
-            persistent["fp32_master_weights"] = 4 * part
+        # DeepSpeed (0.19) shares the partition as the fp32 master only when its device compares
+        # equal to the optimizer's device name, a torch.device against a str: never, so it clones.
+        persistent["fp32_master_weights"] = 4 * part
         persistent["optimizer_states"] = 8 * part
         persistent["gradient_partition"] = w * part
         if plan.zero_setting("contiguous_gradients"):
@@ -311,9 +317,24 @@ def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
         backward["unreduced_gradient"] = w * _largest_module(plan, modules)
         step["gathered_parameters"] = 0
 
-    return StageMemory(stage=stage, parameters=params, layers=blocks_per_stage(plan.num_layers,
+    offloaded = {}
+    if _offload_device(plan.zero.get("offload_optimizer")):  # the optimizer's fp32 side lives in host memory
+        for name in ("optimizer_states", "fp32_master_weights"):
+            if name in persistent:
+                offloaded[name] = persistent.pop(name)
+        if "fp32_gradient_partition" in step:
+            offloaded["fp32_gradient_partition"] = step.pop("fp32_gradient_partition")
+        if zero == 3:
+            offloaded["gradient_partition"] = persistent.pop("gradient_partition")
+    if zero == 3 and _offload_device(plan.zero.get("offload_param")):
+        offloaded["weights"] = persistent.pop("weights")
+    return StageMemory(stage=stage, parameters=params, offloaded=offloaded, layers=blocks_per_stage(plan.num_layers,
                        plan.pipeline_parallel)[stage], in_flight=in_flight_micro_batches(plan, stage),
                        persistent=persistent, backward_pass=_drop_zeros(backward), optimizer_step=_drop_zeros(step))
+
+
+def _offload_device(section: dict | None) -> bool:
+    return bool(section) and section.get("device", "none") in ("cpu", "nvme")
 
 
 def _drop_zeros(parts: dict[str, int]) -> dict[str, int]:
@@ -387,6 +408,9 @@ def format_table(estimate: MemoryEstimate) -> str:
             lines.append(f"  {title:<15} {human(sum(parts.values())):>12}")
             lines += [f"    {name:<30} {human(value):>12}" for name, value in parts.items()]
         lines.append(f"  {'peak':<15} {human(stage.peak_bytes):>12}")
+        if stage.offloaded:
+            lines.append(f"  {'host (offload)':<15} {human(stage.host_bytes):>12}")
+            lines += [f"    {name:<30} {human(value):>12}" for name, value in stage.offloaded.items()]
     return "\n".join(lines)
 
 
@@ -436,9 +460,9 @@ def startup_estimate(cfg, world_size: int, vocab_size: int, ds_config: dict) -> 
     group exists) when `--device-memory` is set and the estimate exceeds it. `ds_config` is
     cfg.build_deepspeed_config's; the stage-3 defaults the engine adds are applied here too."""
     from megatron_snm.config import ConfigError
-    from megatron_snm.training.zero3 import apply_stage3_defaults
+    from megatron_snm.training.zero3 import apply_zero_defaults
 
-    ds_config = apply_stage3_defaults(ds_config, cfg.gpt_config(vocab_size), cfg.tensor_model_parallel_size)
+    ds_config = apply_zero_defaults(ds_config, cfg.gpt_config(vocab_size), cfg.tensor_model_parallel_size)
     estimate = estimate_memory(plan_from_config(cfg, world_size, vocab_size, ds_config))
     device_memory = getattr(cfg, "device_memory", None)
     if device_memory:

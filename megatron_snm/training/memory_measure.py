@@ -10,7 +10,9 @@ held against.
 profiler (`profile_memory=True`: each tensor, DeepSpeed's buffers and our C++ extensions' outputs
 included, sized as allocated, so an untouched `torch.empty` bucket counts as it would on a GPU) and
 takes the maximum of the running sum: the same quantity as `torch.cuda.max_memory_allocated` on a
-GPU. `rss_bytes` is the operating system's view (Linux VmHWM, reset on entering through
+GPU. The profiler sees the allocations and frees of the thread that entered only: a tensor
+allocated here and freed on another thread (e.g. the last reference held by a gloo worker) stays
+counted, so `tracked_bytes` can only err high. `rss_bytes` is the operating system's view (Linux VmHWM, reset on entering through
 /proc/self/clear_refs): it adds the allocator's and the libraries' own memory and leaves out pages
 never touched.
 """
@@ -91,7 +93,7 @@ def measure_run(argv: list[str], vocab_size: int, steps: int, seed: int = 0) -> 
     from megatron_snm.config import parse_args
     from megatron_snm.parallel import state
     from megatron_snm.training import memory_estimate
-    from megatron_snm.training.zero3 import apply_stage3_defaults
+    from megatron_snm.training.zero3 import apply_zero_defaults
 
     world = dist.get_world_size()
     cfg = parse_args(argv)
@@ -99,11 +101,13 @@ def measure_run(argv: list[str], vocab_size: int, steps: int, seed: int = 0) -> 
     gpt_config = cfg.gpt_config(vocab_size)
     ds_config = cfg.build_deepspeed_config(world)
     estimate = memory_estimate.estimate_memory(memory_estimate.plan_from_config(
-        cfg, world, vocab_size, apply_stage3_defaults(ds_config, gpt_config, cfg.tensor_model_parallel_size)))
+        cfg, world, vocab_size, apply_zero_defaults(ds_config, gpt_config, cfg.tensor_model_parallel_size)))
     state.initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
     try:
         stage = state.get_pipeline_model_parallel_rank()
         measured = measure_training(cfg, gpt_config, ds_config, steps, seed)
     finally:
         state.destroy_model_parallel()
-    return dict(measured, rank=dist.get_rank(), stage=stage, estimated_bytes=estimate.stages[stage].peak_bytes)
+    # On a CPU the device is the host: what an offload moves to host memory is in the same process.
+    estimated = estimate.stages[stage].peak_bytes + estimate.stages[stage].host_bytes
+    return dict(measured, rank=dist.get_rank(), stage=stage, estimated_bytes=estimated)

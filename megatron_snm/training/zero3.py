@@ -1,7 +1,7 @@
 """ZeRO-3 that saves what it promises: the model built partitioned, stage-3 settings sized to it.
 
-    ds_config = apply_stage3_defaults(ds_config, gpt_config, tensor_parallel)
-    module = build_gpt_model(gpt_config, ds_config)
+    ds_config = apply_zero_defaults(ds_config, gpt_config, tensor_parallel)   # what the JSON leaves open
+    module = build_gpt_model(gpt_config, ds_config, mpu)
 
 Built whole and partitioned afterwards, a model needs its full size on every rank first (52 GB of
 fp32 at 13B). Under ZeRO-3 `build_gpt_model` constructs it inside DeepSpeed's `zero.Init`, which
@@ -13,7 +13,7 @@ zero.Init is told not to change dtypes (our layers set them) and the init draws 
 
 DeepSpeed's stage-3 defaults are sized for no model in particular: stage3_max_live_parameters and
 stage3_max_reuse_distance of 1e9 keep every parameter of a model below a billion gathered after
-its first use, and reduce_bucket_size 5e8 allocates a 2 GB fp32 bucket. `apply_stage3_defaults`
+its first use, and reduce_bucket_size 5e8 allocates a 2 GB fp32 bucket. `apply_zero_defaults`
 sizes them to one Transformer block instead (what one layer's forward needs, plus one block
 prefetched); a key the DeepSpeed JSON sets wins.
 """
@@ -44,13 +44,17 @@ def stage3_settings(gpt_config: GPTConfig, tensor_parallel: int) -> dict:
     )
 
 
-def apply_stage3_defaults(ds_config: dict, gpt_config: GPTConfig, tensor_parallel: int) -> dict:
-    """A copy of ds_config whose ZeRO-3 section has the model-sized settings where the JSON has none;
-    other stages are returned unchanged."""
+def apply_zero_defaults(ds_config: dict, gpt_config: GPTConfig, tensor_parallel: int) -> dict:
+    """A copy of ds_config with, where the JSON sets none, the model-sized stage-3 settings (ZeRO-3),
+    and with an offload section DeepSpeed told to keep our optimizer (GatedAdamW, training/optimizer.py:
+    its update gate is what skips spiky steps) instead of demanding its own CPU Adam."""
     zero = ds_config.get("zero_optimization", {})
-    if zero.get("stage") != 3:
-        return ds_config
-    return dict(ds_config, zero_optimization={**stage3_settings(gpt_config, tensor_parallel), **zero})
+    ds_config = dict(ds_config)
+    if zero.get("stage") == 3:
+        ds_config["zero_optimization"] = {**stage3_settings(gpt_config, tensor_parallel), **zero}
+    if zero.get("offload_optimizer") or zero.get("offload_param"):
+        ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return ds_config
 
 
 def build_gpt_model(gpt_config: GPTConfig, ds_config: dict, mpu) -> torch.nn.Module:
