@@ -10,10 +10,11 @@ last one JSON object: `per_rank_bytes` (the largest over ranks), `stages`, and w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
-from megatron_snm.config import ConfigError, build_parser, parse_args
+from megatron_snm.config import Config, ConfigError, parse_args
 from megatron_snm.training import memory_estimate as mem
 from megatron_snm.training.zero3 import apply_zero_defaults
 
@@ -26,7 +27,7 @@ def _own_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab-size", type=int, default=None,
                         help=f"the tokenizer's vocabulary (default: --tokenizer-type's, else GPT-2's {GPT2_VOCAB})")
     # Estimator inputs the training parser may not know yet; it wins where it does.
-    known = {action.dest for action in build_parser()._actions}
+    known = {f.name for f in dataclasses.fields(Config)}
     if "recompute_granularity" not in known:
         parser.add_argument("--recompute-granularity", choices=mem.RECOMPUTE_GRANULARITIES, default=None)
     if "sequence_parallel" not in known:

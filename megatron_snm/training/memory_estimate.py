@@ -44,8 +44,8 @@ slice; the last stage of a pipeline holds the tied embedding again), w the param
 The peak is what persists (weights, masters, Adam states, partition buffers, buckets) plus the larger
 of the backward pass (activations in flight + logits + the gradients live then) and the optimizer
 step (whole gradients, the fp32 gradient partition, the all-reduce's flat copy). Not counted: the
-framework's own allocations (CUDA context, NCCL/gloo buffers, allocator fragmentation), which is why
-`--device-memory` compares the estimate against the device memory less a reserve.
+framework's own allocations (CUDA context, NCCL/gloo buffers, allocator fragmentation): give
+`--device-memory` what the run may use, a few GB below the device's size.
 """
 from __future__ import annotations
 
@@ -322,8 +322,11 @@ def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
         for name in ("optimizer_states", "fp32_master_weights"):
             if name in persistent:
                 offloaded[name] = persistent.pop(name)
-        if "fp32_gradient_partition" in step:
+        if zero in (1, 2):
+            # The fp32 gradient partition is a standing host buffer; the device keeps a w-byte copy
+            # of its partition to receive the updated weights before the all-gather.
             offloaded["fp32_gradient_partition"] = step.pop("fp32_gradient_partition")
+            persistent["weight_partition_buffer"] = w * part
         if zero == 3:
             offloaded["gradient_partition"] = persistent.pop("gradient_partition")
     if zero == 3 and _offload_device(plan.zero.get("offload_param")):
