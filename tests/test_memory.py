@@ -145,7 +145,8 @@ def test_tool_prints_table_and_json_per_stage():
     first, last = summary["stages"]
     assert summary["per_rank_bytes"] == max(first["peak_bytes"], last["peak_bytes"])
     assert summary["fits"] is True and summary["device_memory_bytes"] == 80 * 10**9
-    assert "logits_and_cross_entropy" in last["backward_pass"] and "logits_and_cross_entropy" not in first["backward_pass"]
+    assert "logits_and_cross_entropy" in last["backward_pass"]
+    assert "logits_and_cross_entropy" not in first["backward_pass"]
     # 1F1B: the first stage holds PP micro-batches of activations in flight, the last fewer per block
     assert first["backward_pass"]["activations"] > last["backward_pass"]["activations"]
     assert "stage 0:" in out.stdout and "stage 1:" in out.stdout

@@ -12,9 +12,9 @@ included, sized as allocated, so an untouched `torch.empty` bucket counts as it 
 takes the maximum of the running sum: the same quantity as `torch.cuda.max_memory_allocated` on a
 GPU. The profiler sees the allocations and frees of the thread that entered only: a tensor
 allocated here and freed on another thread (e.g. the last reference held by a gloo worker) stays
-counted, so `tracked_bytes` can only err high. `rss_bytes` is the operating system's view (Linux VmHWM, reset on entering through
-/proc/self/clear_refs): it adds the allocator's and the libraries' own memory and leaves out pages
-never touched.
+counted, so `tracked_bytes` can only err high. `rss_bytes` is the operating system's view (Linux
+VmHWM, reset on entering through /proc/self/clear_refs): it adds the allocator's and the
+libraries' own memory and leaves out pages never touched.
 """
 from __future__ import annotations
 
