@@ -28,6 +28,7 @@ from megatron_snm.data.tokenizers import build_tokenizer
 from megatron_snm.parallel import distributed
 from megatron_snm.parallel.launcher_watchdog import watch_launcher
 from megatron_snm.training.exit_conditions import EXIT_CODES, EXIT_CONFIG
+from megatron_snm.training.memory_estimate import startup_estimate
 from megatron_snm.training.trainer import TrainResult, build_run
 
 START_TIME = time.time()  # what --exit-duration-in-mins counts from
@@ -77,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     env = distributed.discover()
     run, tokenizer = prepare(argv, env.world_size)  # before any process group
+    memory = startup_estimate(run, tokenizer.vocab_size)  # --device-memory: refused here if it cannot fit
     watch_launcher()
     # Our own log lines (which LayerNorm backend, dataset index builds) on rank 0; warnings everywhere.
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
+    logging.getLogger("megatron_snm").info(memory)
     result = pretrain(run, tokenizer.vocab_size, env)
     dist.barrier()
     dist.destroy_process_group()

@@ -103,6 +103,9 @@ class ParallelArgs:
                                         flags=("--deepspeed_config", "--deepspeed-config"))
     local_rank: int | None = _opt(None, "set by the deepspeed launcher; the environment is authoritative",
                                   type=int, flags=("--local_rank", "--local-rank"))
+    device_memory: str | None = _opt(None, "memory of one device, e.g. 80GB or 141GiB: a run whose estimated "
+                                     "per-rank memory exceeds it fails before any work starts "
+                                     "(tools/estimate_memory.py shows the breakdown)")
     cpu_shm_comm: bool = _opt(False, "on CPU, let DeepSpeed JIT-build its shared-memory all-reduce (faster "
                               "collectives within a node; the first build takes a minute)", action="store_true")
 

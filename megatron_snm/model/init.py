@@ -65,5 +65,5 @@ def initialized_parameter(shape, init, dtype: torch.dtype) -> torch.nn.Parameter
     param = torch.nn.Parameter(torch.empty(shape, dtype=dtype))  # honours a `with torch.device(...)`
     if param.device.type != "meta":
         with torch.no_grad():
-            param.copy_(init(torch.empty(shape, dtype=torch.float32)))
+            param.copy_(init(torch.empty(shape, dtype=torch.float32, device="cpu")))
     return param

@@ -53,7 +53,7 @@ def _partitioned_parameter(full_shape, partition_dim, init_fn: InitFn, dtype, tp
     if world > 1:
         mark_tensor_parallel(param, partition_dim)
     if param.device.type != "meta":
-        master = torch.empty(full_shape, dtype=torch.float32)  # on the CPU: generators there are device-independent
+        master = torch.empty(full_shape, dtype=torch.float32, device="cpu")  # generators there are device-independent
         init_fn(master)
         size = local_shape[partition_dim]
         with torch.no_grad():

@@ -34,7 +34,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: 
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim < 2 or (not decay_embeddings and id(param) in embeddings)
+        # A ZeRO-3 parameter built partitioned holds an empty placeholder; its real shape is ds_shape.
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        exempt = ndim < 2 or (not decay_embeddings and id(param) in embeddings)
         (no_decay if exempt else decay).append(param)
     groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
     return [g for g in groups if g["params"]]  # DeepSpeed's ZeRO cannot flatten an empty group
