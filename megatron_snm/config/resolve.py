@@ -95,7 +95,13 @@ class LRScheduleLengths:
 def gpt_config_of(flags: Flags, vocab_size: int, tensor_parallel_size: int = 1) -> GPTConfig:
     """The model config of recorded flags (a checkpoint's): its shape and precision, for a TP size."""
     dtype = torch.bfloat16 if flags.parallel.bf16 else torch.float16 if flags.parallel.fp16 else torch.float32
-    return _gpt_config(_model_defaults(flags.model), vocab_size, tensor_parallel_size, dtype)
+    model = flags.model  # as a run resolved them, or as a converter wrote them (defaults left open)
+    aliases = model.checkpoint_activations or model.deepspeed_activation_checkpointing
+    model = dataclasses.replace(
+        model, recompute_granularity=model.recompute_granularity or ("full" if aliases else None),
+        recompute_method=model.recompute_method or "uniform", recompute_num_layers=model.recompute_num_layers or 1,
+        max_position_embeddings=model.max_position_embeddings or model.seq_length)
+    return _gpt_config(model, vocab_size, tensor_parallel_size, dtype)
 
 
 def _gpt_config(model: ModelArgs, vocab_size: int, tensor_parallel_size: int, params_dtype: torch.dtype) -> GPTConfig:
