@@ -167,7 +167,7 @@ def test_script_flag_set_runs_and_every_flag_takes_effect(runs, script):
             ("tokens", str(GBS * SEQ), str(TOKENS))
         assert (shown["recompute_granularity"], shown["recompute_method"], shown["recompute_num_layers"]) == \
             ("full", "uniform", "1")
-        assert f"'hysteresis': 2" in shown["deepspeed_fp16"] and "'loss_scale_window': 500" in shown["deepspeed_fp16"]
+        assert "'hysteresis': 2" in shown["deepspeed_fp16"] and "'loss_scale_window': 500" in shown["deepspeed_fp16"]
         for flag in ("--data-impl mmap", "--no-async-tensor-model-parallel-allreduce", "--tensorboard-queue-size 1"):
             assert f" {flag} has no effect" in printed, flag
         tensorboard = tmp / script.split("_")[-1].removesuffix(".sh") / "tensorboard"

@@ -13,6 +13,7 @@ log lines the trainer prints at start; flags naming a feature we lack are refuse
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from dataclasses import dataclass
@@ -394,11 +395,8 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
         notes.append(f"--tensorboard-queue-size {logging_args.tensorboard_queue_size} has no effect: TensorBoard's "
                      "writer flushes on its own")
     if logging_args.wandb_project:
-        try:
-            import wandb  # noqa: F401  (optional dependency)
-        except ImportError:
-            raise ConfigError("--wandb-project needs the wandb package: pip install wandb "
-                              "(or drop --wandb-project)") from None
+        if importlib.util.find_spec("wandb") is None:  # an optional dependency
+            raise ConfigError("--wandb-project needs the wandb package: pip install wandb (or drop --wandb-project)")
     data = flags.data
     if data.tokenizer_type is None and data.vocab_file and data.merge_file:  # Megatron's scripts rely on this
         data = dataclasses.replace(data, tokenizer_type="GPT2BPETokenizer")
