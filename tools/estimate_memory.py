@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from megatron_snm.config import ConfigError, parse_args, resolve
+from megatron_snm.config import ConfigError, build_parser, parse_args, resolve
 from megatron_snm.training import memory_estimate as mem
 from megatron_snm.training.zero3 import apply_zero_defaults
 
@@ -21,12 +21,13 @@ GPT2_VOCAB = 50257
 
 
 def _own_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(prog="estimate_memory.py", add_help=False, usage=__doc__.split("\n\n")[1].strip())
     parser.add_argument("--world-size", type=int, required=True, help="processes of the run (GPUs)")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help=f"the tokenizer's vocabulary (default: --tokenizer-type's, else GPT-2's {GPT2_VOCAB})")
     # Training refuses --sequence-parallel (not implemented yet); the estimate can show what it would save.
-    parser.add_argument("--sequence-parallel", action="store_true", default=False)
+    parser.add_argument("--sequence-parallel", action="store_true", default=False,
+                        help="what Megatron's sequence parallelism would save (training refuses the flag for now)")
     return parser
 
 
@@ -44,6 +45,11 @@ def _vocab_size(run, given: int | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__.strip() + "\n\n" + _own_parser().format_help().split("\n", 1)[1]
+              + "\ntraining flags (as pretrain_gpt.py):\n" + build_parser().format_help().split("\n\n", 2)[2])
+        return 0
     own, training_argv = _own_parser().parse_known_args(argv)
     try:
         if own.world_size < 1:
