@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tests.conftest import SAMPLE_DIR
-from tests.training_harness import run_configs
+from tests.training_harness import SEQ, run_configs, token_samples as harness_samples
 
-SEQ = 16
 TOKENIZER_VOCAB = 500  # padded to 512: the padding rows are exercised
 
 BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(SEQ),
@@ -42,13 +41,8 @@ class Trained:
 
 
 def token_samples(count: int, seed: int, vocab: int) -> list[dict]:
-    """A learnable stream (each token a noisy function of the previous one) cut into samples."""
-    rng = np.random.default_rng(seed)
-    stream = np.empty(count * SEQ + 1, dtype=np.int64)
-    stream[0] = 5
-    for i in range(1, len(stream)):
-        stream[i] = (stream[i - 1] * 7 + 3) % vocab if rng.random() < 0.8 else rng.integers(vocab)
-    return [{"text": stream[i * SEQ: (i + 1) * SEQ + 1]} for i in range(count)]
+    """The training harness's learnable stream over `vocab` tokens (its own start and multiplier)."""
+    return harness_samples(count, seed, vocab, first=5, multiplier=7)
 
 
 def train_runs(runs: list[list[str]], vocab: int) -> list:

@@ -23,13 +23,14 @@ TINY = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4"
         "--eval-iters", "1", "--seed", "7"]
 
 
-def token_samples(count: int, seed: int) -> list[dict]:
-    """Samples from a learnable stream: each token is a noisy function of the previous one."""
+def token_samples(count: int, seed: int, vocab: int = VOCAB, first: int = 0, multiplier: int = 5) -> list[dict]:
+    """Samples from a learnable stream: each token is a noisy function of the previous one
+    (mostly (previous x multiplier + 3) mod vocab)."""
     rng = np.random.default_rng(seed)
     stream = np.empty(count * SEQ + 1, dtype=np.int64)
-    stream[0] = 0
+    stream[0] = first
     for i in range(1, len(stream)):
-        stream[i] = (stream[i - 1] * 5 + 3) % VOCAB if rng.random() < 0.8 else rng.integers(VOCAB)
+        stream[i] = (stream[i - 1] * multiplier + 3) % vocab if rng.random() < 0.8 else rng.integers(vocab)
     return [{"text": stream[i * SEQ: (i + 1) * SEQ + 1]} for i in range(count)]
 
 
