@@ -11,8 +11,10 @@ profiler (`profile_memory=True`: each tensor, DeepSpeed's buffers and our C++ ex
 included, sized as allocated, so an untouched `torch.empty` bucket counts as it would on a GPU) and
 takes the maximum of the running sum: the same quantity as `torch.cuda.max_memory_allocated` on a
 GPU. The profiler sees the allocations and frees of the thread that entered only: a tensor
-allocated here and freed on another thread (e.g. the last reference held by a gloo worker) stays
-counted, so `tracked_bytes` can only err high. `rss_bytes` is the operating system's view (Linux
+allocated here and freed on another thread (e.g. DeepSpeed's flattened gradient bucket, whose last
+reference a gloo worker drops) reports no free. The replay notices such a free when the allocator
+hands the same address out again, which it cannot do while the block is live; one never reused
+stays counted, so `tracked_bytes` can only err high. `rss_bytes` is the operating system's view (Linux
 VmHWM, reset on entering through /proc/self/clear_refs): it adds the allocator's and the
 libraries' own memory and leaves out pages never touched.
 """
@@ -23,7 +25,7 @@ import re
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
+from torch._C._profiler import _ExtraFields_Allocation
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -49,13 +51,34 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._profiler.__exit__(*exc)
         self.rss_bytes = (_status_kib("VmHWM") - self._rss_at_start) * 1024
-        events = sorted((e.start_ns(), e.nbytes()) for e in self._profiler.profiler.kineto_results.events()
-                        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
-        live = peak = 0
-        for _, nbytes in events:
-            live += nbytes
-            peak = max(peak, live)
-        self.tracked_bytes = peak
+        self.tracked_bytes = _replay_peak(self._profiler.profiler.kineto_results.experimental_event_tree())
+
+
+def _cpu_allocations(roots) -> list[tuple[int, int, int]]:
+    """(time, address, bytes) of every CPU allocation (bytes > 0) and free (bytes < 0), in time order."""
+    found, stack = [], list(roots)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        fields = node.extra_fields
+        if isinstance(fields, _ExtraFields_Allocation) and fields.device.type == "cpu":
+            found.append((node.start_time_ns, fields.ptr, fields.alloc_size))
+    return sorted(found)
+
+
+def _replay_peak(roots) -> int:
+    """Maximum of the running sum of allocations minus frees, relative to the start of the window."""
+    live_blocks: dict[int, int] = {}
+    live = peak = 0
+    for _, address, nbytes in _cpu_allocations(roots):
+        if nbytes > 0:
+            live -= live_blocks.pop(address, 0)  # handed out again: it was freed unseen, on another thread
+            live_blocks[address] = nbytes
+        else:
+            live_blocks.pop(address, None)  # a block allocated before the window lowers the sum as well
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def random_micro_batches(vocab_size: int, seq_length: int, micro_batch_size: int, seed: int):
