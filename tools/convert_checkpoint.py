@@ -10,6 +10,8 @@ weights (sharded with an index above --max-shard-size), the tokenizer and genera
 `--embedding-norm layernorm` models also get their model class (load with trust_remote_code=True).
 --from hf writes a weights-only checkpoint for the given layout that `pretrain_gpt.py --load`
 starts from (fresh optimizer, iteration 0; pass --openai-gelu, GPT-2's GELU).
+Our checkpoints need no conversion to change layout: `pretrain_gpt.py --load CKPT` under another
+TP / PP / DP size or ZeRO stage reshards the weights and Adam's state as it loads.
 Exit status 2 on bad input, with one line saying what is wrong.
 """
 from __future__ import annotations

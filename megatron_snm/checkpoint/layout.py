@@ -33,6 +33,7 @@ TP_SPLIT_DIM = {
     "mlp.fc1.weight": 0,           # ColumnParallelLinear
     "mlp.fc1.bias": 0,
     "mlp.fc2.weight": 1,           # RowParallelLinear
+    "output.weight": 0,            # --untie-embeddings-and-output-weights: vocabulary rows
 }
 
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
@@ -46,18 +47,19 @@ def tp_split_dim(name: str) -> int | None:
     return None
 
 
+def tensor_parallel_slice(name: str, tensor: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """TP rank `tp_rank`'s slice of full weight `name` (the whole tensor if replicated)."""
+    dim = tp_split_dim(name)
+    if dim is None or tp_size == 1:
+        return tensor
+    if tensor.shape[dim] % tp_size:
+        raise ValueError(f"{name}: dimension {dim} ({tensor.shape[dim]}) is not divisible by TP size {tp_size}")
+    return tensor.chunk(tp_size, dim=dim)[tp_rank].clone()
+
+
 def split_for_tensor_parallel(full: dict[str, torch.Tensor], tp_size: int, tp_rank: int) -> dict[str, torch.Tensor]:
     """TP rank `tp_rank`'s slice of every weight (the vocabulary must already be padded for tp_size)."""
-    local = {}
-    for name, tensor in full.items():
-        dim = tp_split_dim(name)
-        if dim is None or tp_size == 1:
-            local[name] = tensor
-            continue
-        if tensor.shape[dim] % tp_size:
-            raise ValueError(f"{name}: dimension {dim} ({tensor.shape[dim]}) is not divisible by TP size {tp_size}")
-        local[name] = tensor.chunk(tp_size, dim=dim)[tp_rank].clone()
-    return local
+    return {name: tensor_parallel_slice(name, tensor, tp_size, tp_rank) for name, tensor in full.items()}
 
 
 def join_tensor_parallel(pieces: list[dict[str, torch.Tensor]], where: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -89,14 +91,17 @@ def pipeline_layer_of(name: str, num_layers: int) -> tuple[int, str]:
 
 
 def full_name_of(layer: int, name: str, num_layers: int) -> str:
-    """The inverse of pipeline_layer_of."""
+    """The inverse of pipeline_layer_of; also names the output layer's weight (layer N + 2: the
+    tied table is the embedding's, an untied one `output.weight`)."""
     if layer == 0:
         return "embedding." + name
     if layer == num_layers + 1:
         return "final_norm." + name
+    if layer == num_layers + 2:
+        return WORD_EMBEDDINGS if name == "word_embeddings.weight" else "output." + name
     if 1 <= layer <= num_layers:
         return f"layers.{layer - 1}.{name}"
-    raise ValueError(f"pipeline layer {layer} is outside 0..{num_layers + 1}")
+    raise ValueError(f"pipeline layer {layer} is outside 0..{num_layers + 2}")
 
 
 def pipeline_stage_layers(num_layers: int, pp_size: int, stage: int) -> range:

@@ -5,8 +5,8 @@
 The result is a weights-only checkpoint: the model files DeepSpeed's engine reads (the same
 names and contents as a ZeRO-0 save of that layout), `megatron_snm.json` with `weights_only: true`
 and iteration 0, and no optimizer or RNG state. Loading it starts a run from these weights with a
-fresh optimizer (training/checkpointing.load_checkpoint), under any data-parallel size and
-ZeRO stage 0-2. Like every save it is written under a temporary name, then published by `latest`.
+fresh optimizer (training/checkpointing.load_checkpoint), under any layout and ZeRO stage
+(another TP/PP or ZeRO 3 through training/reshard.py). Like every save it is written under a temporary name, then published by `latest`.
 """
 from __future__ import annotations
 

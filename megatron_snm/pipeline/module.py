@@ -11,11 +11,15 @@ coordinates.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
+
+import torch
 
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
+from megatron_snm.checkpoint.layout import full_name_of
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.gpt import gpt_layers
 from megatron_snm.model.transformer import TransformerBlock, recompute_plan
@@ -48,3 +52,19 @@ def gpt_pipeline(config: GPTConfig, loss_fn: Callable, dims: ParallelDims) -> Pi
     for block, recompute in zip(blocks, recompute_plan(config, len(blocks))[0]):
         block.recompute = recompute
     return stage
+
+
+def full_parameter_names(module: torch.nn.Module, num_layers: int) -> dict[str, str]:
+    """{name in `module`: layout-free name (checkpoint/layout.py)} for every parameter of a
+    PipelineModule stage (whose names are its layer indices and `tied_modules.*`) or of a GPTModel
+    (whose names are the layout-free ones already)."""
+    if not isinstance(module, PipelineModule):
+        return {name: name for name, _ in module.named_parameters()}
+    full_by_id = {}
+    for local, layer in enumerate(module.forward_funcs):
+        # A tied layer with a forward function is a partial holding the tied module.
+        layer = layer.args[0] if isinstance(layer, functools.partial) else layer
+        if isinstance(layer, torch.nn.Module):
+            for name, param in layer.named_parameters():
+                full_by_id.setdefault(id(param), full_name_of(module._local_start + local, name, num_layers))
+    return {name: full_by_id[id(param)] for name, param in module.named_parameters()}

@@ -39,6 +39,7 @@ from megatron_snm.atomic import fsync_dir, write_atomically
 from megatron_snm.config import ConfigError, RunConfig
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.parallel import rng, state
+from megatron_snm.pipeline.module import full_parameter_names
 from megatron_snm.training.checkpoint_errors import CheckpointError
 from megatron_snm.training.checkpoint_manifest import file_entry, verify_manifest, write_manifest
 from megatron_snm.training.checkpoint_writer import BackgroundWriter, cpu_copy
@@ -46,6 +47,7 @@ from megatron_snm.training.fault_injection import FaultInjection
 
 LATEST = "latest"
 METADATA = "megatron_snm.json"
+LAYOUT_RECORD = "megatron_snm_layout"  # our entry in DeepSpeed's model files: see layout_record
 
 
 def tag_of(iteration: int) -> str:
@@ -168,7 +170,11 @@ def start_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, faul
     writer.begin(asynchronous)
     target = tmp_dir
     try:
-        engine.save_checkpoint(save_dir, tag=os.path.basename(tmp_dir), save_latest=False)
+        # Our record of this rank's layout goes into DeepSpeed's model file: it lets any other layout
+        # read the state back (training/reshard.py).
+        record = layout_record(engine, metadata["model_shape"]["num_layers"])
+        engine.save_checkpoint(save_dir, tag=os.path.basename(tmp_dir), save_latest=False,
+                               client_state={LAYOUT_RECORD: record})
         target = os.path.join(tmp_dir, rng_file(rank))
         writer.save_object(_rng_state(), target)
         if rank == 0:
@@ -287,28 +293,52 @@ def run_metadata(run: RunConfig, model_config: GPTConfig) -> dict:
     )
 
 
-def check_compatible(saved: dict, current: dict, checkpoint_dir: str, optimizer: bool = True) -> None:
-    """Refuses a checkpoint of another parallel layout, ZeRO sharding (when its `optimizer` state is
-    loaded) or model shape (ConfigError)."""
-    for key, flag in (("tensor_model_parallel_size", "--tensor-model-parallel-size"),
-                      ("pipeline_model_parallel_size", "--pipeline-model-parallel-size")):
-        if saved["parallel"][key] != current["parallel"][key]:
-            raise ConfigError(f"checkpoint {checkpoint_dir} was saved with {flag} {saved['parallel'][key]}, "
-                              f"this run uses {current['parallel'][key]}; resume with the same value")
+def describe_layout(parallel: dict) -> str:
+    return (f"TP {parallel['tensor_model_parallel_size']}, PP {parallel['pipeline_model_parallel_size']}, "
+            f"DP {parallel['data_parallel_size']}, ZeRO {parallel['zero_stage']}")
+
+
+def same_layout(saved: dict, current: dict, optimizer: bool = True) -> bool:
+    """Whether DeepSpeed's own loader can read the checkpoint into this run: the same TP and PP
+    sizes, and when the optimizer is loaded the same ZeRO sharding (stage and data-parallel size;
+    ZeRO 0 keeps no shards, so any data-parallel size reads it)."""
     was, now = saved["parallel"], current["parallel"]
-    if optimizer and (was["zero_stage"] or now["zero_stage"]) and \
-            (was["zero_stage"], was["data_parallel_size"]) != (now["zero_stage"], now["data_parallel_size"]):
-        raise ConfigError(f"checkpoint {checkpoint_dir} holds ZeRO stage {was['zero_stage']} optimizer shards for "
-                          f"{was['data_parallel_size']} data-parallel ranks; this run has ZeRO stage "
-                          f"{now['zero_stage']} over {now['data_parallel_size']}: resume with the same layout")
+    keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+    if any(was[k] != now[k] for k in keys):
+        return False
+    return not (optimizer and (was["zero_stage"] or now["zero_stage"])
+                and (was["zero_stage"], was["data_parallel_size"]) != (now["zero_stage"], now["data_parallel_size"]))
+
+
+def layout_record(ds_engine, num_layers: int) -> dict:
+    """What a model file must say for its state to be read back in any other layout
+    (checkpoint/training_state.py): this rank's TP rank, each parameter's layout-free name, and,
+    when the optimizer holds the model's own parameters (ZeRO 0), its groups' entries by name."""
+    names = full_parameter_names(ds_engine.module, num_layers)
+    by_id = {id(p): names[n] for n, p in ds_engine.module.named_parameters()}
+    groups = [group["params"] for group in ds_engine.optimizer.param_groups]
+    own = all(id(p) in by_id for params in groups for p in params)
+    return dict(tensor_rank=state.get_tensor_model_parallel_rank(), full_names=names,
+                optimizer_order=[[by_id[id(p)] for p in params] for params in groups] if own else None)
+
+
+def check_compatible(saved: dict, current: dict, checkpoint_dir: str, optimizer: bool = True) -> None:
+    """Refuses a checkpoint of another model shape, or of another precision when its `optimizer`
+    state is loaded (ConfigError). The padded vocabulary follows the TP size, so it may differ
+    when the layout does (training/reshard.py re-pads the table)."""
+    was, now = saved["parallel"], current["parallel"]
     if optimizer and "precision" in was and was["precision"] != now["precision"]:
         raise ConfigError(f"checkpoint {checkpoint_dir} holds {was['precision']} weights; this run trains in "
                           f"{now['precision']} (--bf16 / --fp16): resume with the checkpoint's precision")
     # Checkpoints from before a shape field existed hold that field's default.
     saved_shape = {"max_position_embeddings": saved["model_shape"]["seq_length"],
                    "untie_embeddings_and_output_weights": False, **saved["model_shape"]}
-    if saved_shape != current["model_shape"]:
-        diff = {k: (saved_shape.get(k), v) for k, v in current["model_shape"].items() if saved_shape.get(k) != v}
+    current_shape = dict(current["model_shape"])
+    if was["tensor_model_parallel_size"] != now["tensor_model_parallel_size"]:
+        saved_shape.pop("padded_vocab_size")
+        current_shape.pop("padded_vocab_size")
+    if saved_shape != current_shape:
+        diff = {k: (saved_shape.get(k), v) for k, v in current_shape.items() if saved_shape.get(k) != v}
         raise ConfigError(f"checkpoint {checkpoint_dir} holds a different model: "
                           + ", ".join(f"{k} saved {a} vs this run's {b}" for k, (a, b) in diff.items()))
 
@@ -353,13 +383,28 @@ def load_checkpoint(engine, load_dir: str, current: dict, iteration: int | None 
     checkpoint_dir = os.path.join(load_dir, tag)
     manifest = verify_manifest(checkpoint_dir, required=[METADATA])
     saved = _read_metadata(checkpoint_dir)
-    if saved.get("weights_only"):
-        return _load_weights_only(engine, load_dir, tag, saved, current)
+    weights_only = weights_only or bool(saved.get("weights_only"))  # a converted model: no optimizer, iteration 0
+    optimizer = optimizer and not weights_only
+    check_compatible(saved, current, checkpoint_dir, optimizer=optimizer)
+    if saved.get("weights_only") and saved["args"].get("openai_gelu", False) != current["args"].get("openai_gelu", False):
+        raise ConfigError(f"checkpoint {checkpoint_dir} was made for " + ("" if saved["args"].get("openai_gelu") else "no ")
+                          + "--openai-gelu (GELU's tanh approximation, as GPT-2); give the same setting")
+    # DeepSpeed's loader reads its own layout; ZeRO 3 also needs its partitioned files, which a
+    # weights-only checkpoint has not.
+    if not same_layout(saved, current, optimizer) or (weights_only and current["parallel"]["zero_stage"] == 3):
+        from megatron_snm.training.reshard import load_resharded  # it reads through checkpoint/read.py, which imports us
+
+        try:
+            load_resharded(engine, checkpoint_dir, current["model_shape"]["num_layers"],
+                           current["model_shape"]["padded_vocab_size"], optimizer)
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
+            raise CheckpointError(f"resharding checkpoint {checkpoint_dir} ({describe_layout(saved['parallel'])}) "
+                                  f"into {describe_layout(current['parallel'])} failed: {type(err).__name__}: {err}") \
+                from None
+        return dict(saved, resharded_from=describe_layout(saved["parallel"]))
     if rng_states and not weights_only and rng_file(dist.get_rank()) not in manifest:
         raise CheckpointError(f"refusing to load checkpoint {checkpoint_dir}: "
                               f"{os.path.join(checkpoint_dir, rng_file(dist.get_rank()))} is missing")
-    optimizer = optimizer and not weights_only
-    check_compatible(saved, current, checkpoint_dir, optimizer=optimizer)
     try:
         path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=optimizer,
                                          load_lr_scheduler_states=False, load_module_only=not optimizer)
@@ -369,25 +414,4 @@ def load_checkpoint(engine, load_dir: str, current: dict, iteration: int | None 
         raise CheckpointError(f"DeepSpeed could not load checkpoint {checkpoint_dir}")
     if rng_states and not weights_only:
         _set_rng_state(torch.load(os.path.join(checkpoint_dir, rng_file(dist.get_rank())), weights_only=True))
-    return saved
-
-
-def _load_weights_only(engine, load_dir: str, tag: str, saved: dict, current: dict) -> dict:
-    """A checkpoint of model weights alone (tools/convert_checkpoint.py writes them, e.g. from a
-    Hugging Face model): the run starts from these weights with a fresh optimizer, at iteration 0,
-    under any data-parallel size and ZeRO stage 0-2."""
-    checkpoint_dir = os.path.join(load_dir, tag)
-    if current["parallel"]["zero_stage"] == 3:
-        raise ConfigError(f"checkpoint {checkpoint_dir} holds model weights only, which ZeRO stage 3 cannot start "
-                          "from; use ZeRO stage 0-2 (--zero-stage), or train a few steps and save under ZeRO 0-2 first")
-    layout = dict(saved["parallel"], data_parallel_size=current["parallel"]["data_parallel_size"],
-                  zero_stage=current["parallel"]["zero_stage"])
-    check_compatible(dict(saved, parallel=layout), current, checkpoint_dir)
-    if saved["args"].get("openai_gelu", False) != current["args"].get("openai_gelu", False):
-        raise ConfigError(f"checkpoint {checkpoint_dir} was made for " + ("" if saved["args"].get("openai_gelu") else "no ")
-                          + "--openai-gelu (GELU's tanh approximation, as GPT-2); give the same setting")
-    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_only=True, load_optimizer_states=False,
-                                     load_lr_scheduler_states=False)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {checkpoint_dir}")
     return saved

@@ -209,6 +209,9 @@ class Trainer:
                    if flag]
         self.metrics.print(f" loaded checkpoint {ckpt.load} at iteration {self.iteration}"
                            + (f" without its {' and '.join(skipped)} (--no-load-*)" if skipped else ""))
+        if "resharded_from" in saved:
+            self.metrics.print(f" resharded it from {saved['resharded_from']} to this run's layout (weights"
+                               + ("" if ckpt.no_load_optim else " and Adam's state") + "; RNG states start afresh)")
         # Megatron allows resuming with other data, seed or batch flags; say which differ.
         differ = [f"{k}: {saved['args'][k]!r} -> {v!r}" for k, v in current["args"].items()
                   if k in saved["args"] and saved["args"][k] != v and k not in ("load", "save", "local_rank")]

@@ -1,0 +1,113 @@
+"""Resuming under another layout: a checkpoint saved with TP=a, PP=b, DP=c, ZeRO stage s restored
+into a run of TP=a', PP=b', DP=c', ZeRO s' (weights and Adam's state; the LR schedule, data
+position and spike state come from megatron_snm.json as in every resume).
+
+    load_resharded(ds_engine, checkpoint_dir, ...)  # after the engine of the new layout is built
+
+Each model file of a checkpoint holds a record of its rank's layout (checkpointing.layout_record).
+The checkpoint is read layout-free (checkpoint/training_state.py: every tensor whole) and each
+rank takes its piece: its TP slice (checkpoint/layout.py), then as its ZeRO stage keeps it --
+ZeRO 0 in the parameters and the optimizer's per-parameter state, ZeRO 1-2 in the fp32 flat
+partitions (DeepSpeed's safe_set_full_* API puts each parameter's fragment in place), ZeRO 3 in
+each parameter's own partition. RNG states are per rank and mean nothing in another layout: they
+are not restored (dropout draws other masks than an unchanged resume would; nothing else differs).
+
+Every rank reads the whole state (memory-mapped): 12 bytes per parameter of host memory on each
+rank while loading.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_snm.checkpoint.layout import WORD_EMBEDDINGS, tensor_parallel_slice
+from megatron_snm.checkpoint.training_state import MOMENTS, TrainingState, read_training_state
+from megatron_snm.parallel import state
+from megatron_snm.pipeline.module import full_parameter_names
+
+
+def _fit_rows(name: str, tensor: torch.Tensor, rows: int, fill: torch.Tensor | None) -> torch.Tensor:
+    """The vocabulary table cut or padded to this layout's rows (padding rows only: ids no text
+    holds). New rows take `fill` (the mean row for weights, as checkpoint/layout.py's
+    resize_vocabulary does) or zeros (Adam's moments of a never-seen row)."""
+    if name not in (WORD_EMBEDDINGS, "output.weight") or tensor.shape[0] == rows:
+        return tensor
+    if tensor.shape[0] > rows:
+        return tensor[:rows]
+    extra = (fill if fill is not None else torch.zeros_like(tensor[:1])).expand(rows - tensor.shape[0], -1)
+    return torch.cat([tensor, extra])
+
+
+def load_resharded(ds_engine, checkpoint_dir: str, num_layers: int, padded_vocab_size: int,
+                   optimizer: bool) -> TrainingState:
+    """Puts the checkpoint's weights (and with `optimizer` Adam's state and DeepSpeed's step
+    counters) into this rank's engine, whatever layout either has. Collective under ZeRO 3."""
+    saved = read_training_state(checkpoint_dir, moments=optimizer)
+    tp_size, tp_rank = state.get_tensor_model_parallel_world_size(), state.get_tensor_model_parallel_rank()
+    zero = ds_engine.zero_optimization_stage()
+
+    def local(name: str, tensor: torch.Tensor, weight: bool) -> torch.Tensor:
+        fill = tensor.float().mean(0, keepdim=True) if weight else None
+        return tensor_parallel_slice(name, _fit_rows(name, tensor, padded_vocab_size, fill), tp_size, tp_rank)
+
+    if optimizer and zero in (1, 2, 3):
+        _create_flat_moments(ds_engine, saved.step)
+    params = dict(ds_engine.module.named_parameters())
+    with torch.no_grad():
+        for module_name, name in full_parameter_names(ds_engine.module, num_layers).items():
+            param, weight = params[module_name], local(name, saved.weights[name], weight=True)
+            moments = {key: local(name, saved.moments[key][name], weight=False) for key in saved.moments}
+            if zero == 3:
+                _set_zero3(ds_engine.optimizer, param, weight, moments)
+                continue
+            param.copy_(weight)
+            if zero == 0 and moments:
+                ds_engine.optimizer.state[param] = dict(
+                    step=torch.tensor(saved.step, dtype=torch.float32, device=param.device),
+                    **{key: value.to(param.device, torch.float32).clone() for key, value in moments.items()})
+            elif zero in (1, 2):
+                from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+                safe_set_full_fp32_param(param, weight)
+                for key, value in moments.items():
+                    safe_set_full_optimizer_state(param, value, key)
+    if optimizer:
+        for key, value in saved.engine_counters.items():
+            setattr(ds_engine, key, value)
+    return saved
+
+
+def _create_flat_moments(ds_engine, step: float) -> None:
+    """Adam's state on the ZeRO optimizer's flat fp32 partitions, which torch creates only at the
+    first step, so the checkpoint's can be written into them; linked to each parameter's
+    fragment (what DeepSpeed's own loader does after restoring a state dict)."""
+    zero = ds_engine.optimizer
+    flats = zero.fp32_partitioned_groups_flat if ds_engine.zero_optimization_stage() == 3 \
+        else zero.single_partition_of_fp32_groups
+    for flat in flats:
+        moments = zero.optimizer.state[flat]
+        for key in MOMENTS:
+            moments.setdefault(key, torch.zeros_like(flat))
+        moments["step"] = torch.tensor(step, dtype=torch.float32, device=flat.device)
+    if ds_engine.zero_optimization_stage() < 3:
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def _set_zero3(zero, param, weight: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
+    """This rank's partition of a ZeRO-3 parameter: the model's copy (param.ds_tensor), the fp32
+    master and the moments in the optimizer's flat group."""
+    world, rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
+    part = param.ds_tensor.numel()  # ceil(numel / world): the last rank's is zero-padded
+    group, offset, numel = zero.grad_position[zero.get_param_id(param)]
+
+    def mine(value: torch.Tensor) -> torch.Tensor:
+        flat = value.reshape(-1).float()
+        padded = torch.cat([flat, flat.new_zeros(part * world - flat.numel())])
+        return padded.narrow(0, part * rank, part)
+
+    assert part == math.ceil(param.ds_numel / world)
+    param.ds_tensor.copy_(mine(weight))
+    flat = zero.fp32_partitioned_groups_flat[group]
+    flat.narrow(0, offset, numel).copy_(mine(weight)[:numel])
+    for key, value in moments.items():
+        zero.optimizer.state[flat][key].narrow(0, offset, numel).copy_(mine(value)[:numel])
