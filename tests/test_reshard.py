@@ -2,7 +2,8 @@
 DP2 x ZeRO-3 resumes in one process and under another layout, and its next 5 losses equal those
 of a resume with the layout unchanged (weights and Adam's moments both restored: a lost moment
 changes the first step after the resume). No dropout: RNG states are per rank and are not carried
-into another layout."""
+into another layout. In bf16 (whose losses depend on the layout's rounding) a checkpoint loaded
+into another layout and saved again holds exactly the state it was loaded from."""
 import pytest
 import torch
 
@@ -64,3 +65,36 @@ def test_the_layout_free_state_is_the_same_from_every_layout(runs):
                 torch.testing.assert_close(state.moments[key][param], tensor, rtol=1e-4, atol=1e-8, msg=(name, key, param))
         for param, tensor in reference.weights.items():
             torch.testing.assert_close(state.weights[param], tensor, rtol=1e-4, atol=1e-6, msg=(name, param))
+
+
+BF16 = TINY + ["--bf16", "--train-iters", "3"]
+# DeepSpeed keeps bf16 state four ways: without ZeRO in its fp16/bf16 wrapper (fp32 copies per
+# parameter; TP2 here) or, under PP, in BF16_Optimizer's flat shards; ZeRO 1-2 and ZeRO 3 shards.
+BF16_LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"],
+                "dp2-zero1": ["--zero-stage", "1"], "dp2-zero3": ["--zero-stage", "3"]}
+BF16_MOVES = [("tp2", "dp2-zero3"), ("pp2", "dp2-zero1"), ("dp2-zero1", "tp2"), ("dp2-zero3", "pp2"), ("dp2-zero1", "one")]
+
+
+@pytest.fixture(scope="module")
+def bf16_moves(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16")
+    run_configs(2, [BF16 + flags + ["--save", str(root / name)] for name, flags in BF16_LAYOUTS.items()])
+    two = [(a, b) for a, b in BF16_MOVES if b != "one"]
+    # --train-iters as saved: the run loads, trains nothing and saves in its own layout.
+    results = run_configs(2, [BF16 + BF16_LAYOUTS[b] + ["--load", str(root / a), "--save", str(root / f"{a}-{b}")]
+                              for a, b in two])
+    results += run_configs(1, [BF16 + ["--load", str(root / a), "--save", str(root / f"{a}-{b}")]
+                               for a, b in BF16_MOVES if b == "one"])
+    return root, results
+
+
+@pytest.mark.parametrize("move", BF16_MOVES, ids=lambda move: "-to-".join(move))
+def test_bf16_state_survives_a_move_exactly(bf16_moves, move):
+    root, results = bf16_moves
+    assert not any(isinstance(r, Exception) for r in results), results
+    before, after = (read_training_state(str(root / name / tag_of(3))) for name in (move[0], "-".join(move)))
+    assert after.step == before.step
+    for param, tensor in before.weights.items():
+        assert torch.equal(after.weights[param], tensor), param
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(after.moments[key][param], before.moments[key][param]), (key, param)

@@ -312,13 +312,16 @@ def same_layout(saved: dict, current: dict, optimizer: bool = True) -> bool:
 
 def layout_record(ds_engine, num_layers: int) -> dict:
     """What a model file must say for its state to be read back in any other layout
-    (checkpoint/training_state.py): this rank's TP rank, each parameter's layout-free name, and,
-    when the optimizer holds the model's own parameters (ZeRO 0), its groups' entries by name."""
+    (checkpoint/training_state.py): this rank's TP rank, each parameter's layout-free name and
+    local shape, and, when the optimizer holds the model's own parameters (ZeRO 0), its groups'
+    entries by name."""
     names = full_parameter_names(ds_engine.module, num_layers)
     by_id = {id(p): names[n] for n, p in ds_engine.module.named_parameters()}
-    groups = [group["params"] for group in ds_engine.optimizer.param_groups]
+    # DeepSpeed's bf16/fp16 wrapper without ZeRO steps fp32 copies; its fp16_groups are the model's.
+    groups = getattr(ds_engine.optimizer, "fp16_groups", None) or [g["params"] for g in ds_engine.optimizer.param_groups]
     own = all(id(p) in by_id for params in groups for p in params)
-    return dict(tensor_rank=state.get_tensor_model_parallel_rank(), full_names=names,
+    shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in ds_engine.module.named_parameters()}  # ZeRO 3's whole
+    return dict(tensor_rank=state.get_tensor_model_parallel_rank(), full_names=names, shapes=shapes,
                 optimizer_order=[[by_id[id(p)] for p in params] for params in groups] if own else None)
 
 

@@ -7,9 +7,10 @@ position and spike state come from megatron_snm.json as in every resume).
 Each model file of a checkpoint holds a record of its rank's layout (checkpointing.layout_record).
 The checkpoint is read layout-free (checkpoint/training_state.py: every tensor whole) and each
 rank takes its piece: its TP slice (checkpoint/layout.py), then as its ZeRO stage keeps it --
-ZeRO 0 in the parameters and the optimizer's per-parameter state, ZeRO 1-2 in the fp32 flat
-partitions (DeepSpeed's safe_set_full_* API puts each parameter's fragment in place), ZeRO 3 in
-each parameter's own partition. RNG states are per rank and mean nothing in another layout: they
+ZeRO 0 in the parameters and the optimizer's per-parameter state (of the fp32 copies, inside
+DeepSpeed's fp16/bf16 wrapper), ZeRO 1-2 and bf16's BF16_Optimizer in the flat fp32 partitions
+(DeepSpeed's safe_set_full_* API puts each parameter's fragment in place), ZeRO 3 in each
+parameter's own partition. RNG states are per rank and mean nothing in another layout: they
 are not restored (dropout draws other masks than an unchanged resume would; nothing else differs).
 
 Every rank reads the whole state (memory-mapped): 12 bytes per parameter of host memory on each
@@ -20,6 +21,8 @@ from __future__ import annotations
 import math
 
 import torch
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
 from megatron_snm.checkpoint.layout import WORD_EMBEDDINGS, tensor_parallel_slice
 from megatron_snm.checkpoint.training_state import MOMENTS, TrainingState, read_training_state
@@ -51,8 +54,11 @@ def load_resharded(ds_engine, checkpoint_dir: str, num_layers: int, padded_vocab
         fill = tensor.float().mean(0, keepdim=True) if weight else None
         return tensor_parallel_slice(name, _fit_rows(name, tensor, padded_vocab_size, fill), tp_size, tp_rank)
 
-    if optimizer and zero in (1, 2, 3):
+    # ZeRO 1-2 and DeepSpeed's BF16_Optimizer keep flat fp32 partitions, mapped to each parameter.
+    flat = zero in (1, 2) or isinstance(ds_engine.optimizer, BF16_Optimizer)
+    if optimizer and (flat or zero == 3):
         _create_flat_moments(ds_engine, saved.step)
+    masters = _zero0_masters(ds_engine.optimizer) if not (flat or zero == 3) else {}
     params = dict(ds_engine.module.named_parameters())
     with torch.no_grad():
         for module_name, name in full_parameter_names(ds_engine.module, num_layers).items():
@@ -62,12 +68,15 @@ def load_resharded(ds_engine, checkpoint_dir: str, num_layers: int, padded_vocab
                 _set_zero3(ds_engine.optimizer, param, weight, moments)
                 continue
             param.copy_(weight)
-            if zero == 0 and moments:
-                ds_engine.optimizer.state[param] = dict(
-                    step=torch.tensor(saved.step, dtype=torch.float32, device=param.device),
-                    **{key: value.to(param.device, torch.float32).clone() for key, value in moments.items()})
-            elif zero in (1, 2):
-                from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+            if not flat:
+                stepped, adam = masters[id(param)]
+                if stepped is not param:
+                    stepped.copy_(weight)
+                if moments:
+                    adam.state[stepped] = dict(
+                        step=torch.tensor(saved.step, dtype=torch.float32, device=param.device),
+                        **{key: value.to(param.device, torch.float32).clone() for key, value in moments.items()})
+            else:
                 safe_set_full_fp32_param(param, weight)
                 for key, value in moments.items():
                     safe_set_full_optimizer_state(param, value, key)
@@ -77,13 +86,25 @@ def load_resharded(ds_engine, checkpoint_dir: str, num_layers: int, padded_vocab
     return saved
 
 
+def _zero0_masters(optimizer) -> dict[int, tuple[torch.Tensor, torch.optim.Optimizer]]:
+    """{id(model parameter): (the tensor Adam steps, the torch optimizer holding its state)}
+    without ZeRO: the parameter itself in an fp32 run, the fp32 copy inside DeepSpeed's bf16/fp16
+    wrapper otherwise."""
+    if hasattr(optimizer, "fp32_groups"):
+        return {id(lp): (hp, optimizer.optimizer) for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+                for lp, hp in zip(lps, hps)}
+    return {id(p): (p, optimizer) for group in optimizer.param_groups for p in group["params"]}
+
+
 def _create_flat_moments(ds_engine, step: float) -> None:
     """Adam's state on the ZeRO optimizer's flat fp32 partitions, which torch creates only at the
     first step, so the checkpoint's can be written into them; linked to each parameter's
     fragment (what DeepSpeed's own loader does after restoring a state dict)."""
     zero = ds_engine.optimizer
-    flats = zero.fp32_partitioned_groups_flat if ds_engine.zero_optimization_stage() == 3 \
-        else zero.single_partition_of_fp32_groups
+    if ds_engine.zero_optimization_stage() == 3:
+        flats = zero.fp32_partitioned_groups_flat
+    else:
+        flats = zero.fp32_groups_flat_partition if isinstance(zero, BF16_Optimizer) else zero.single_partition_of_fp32_groups
     for flat in flats:
         moments = zero.optimizer.state[flat]
         for key in MOMENTS:
