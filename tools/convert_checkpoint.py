@@ -21,9 +21,8 @@ import os
 import sys
 import time
 
-from megatron_snm.checkpoint.read import CheckpointError, read_checkpoint
-from megatron_snm.checkpoint.tokenizer import checkpoint_tokenizer
-from megatron_snm.inference.cli import DTYPES, run_tool
+from megatron_snm.checkpoint.read import CheckpointError
+from megatron_snm.inference.cli import DTYPES, load_checkpoint_and_tokenizer, run_tool
 
 
 def parse_args(argv=None):
@@ -55,12 +54,7 @@ def export(args) -> None:
     if os.path.isdir(args.output) and os.listdir(args.output):
         raise ValueError(f"--output {args.output} exists and is not empty; remove it or choose another directory")
     start = time.perf_counter()
-    try:
-        ckpt = read_checkpoint(args.load)
-        tokenizer = checkpoint_tokenizer(ckpt, tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
-                                         merge_file=args.merge_file, tokenizer_model=args.tokenizer_model)
-    except CheckpointError as err:
-        raise ValueError(str(err)) from None
+    ckpt, tokenizer = load_checkpoint_and_tokenizer(args, need_tokenizer=False)
     if tokenizer is None:
         print(f"convert_checkpoint.py: warning: {args.load} records no tokenizer; writing the model without "
               "tokenizer files (give --tokenizer-type and its files to include them)", file=sys.stderr)
