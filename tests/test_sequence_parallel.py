@@ -195,6 +195,8 @@ def _body(rank, world):
                             "selective": dict(recompute_granularity="selective")}.items():
         results[f"dropout: {name} vs plain"] = _compare(_run(replace(dropout, **recompute)), plain)
     results["dropout: differs from no SP"] = abs(plain[0] - _run(replace(dropout, sequence_parallel=False))[0])
+    bf16 = GPTConfig(**TINY, params_dtype=torch.bfloat16, tensor_parallel_size=world)  # bf16 collectives on gloo
+    results["bf16"] = _compare(_run(replace(bf16, sequence_parallel=True)), _run(bf16))
     return results, tuple(shard_shape)
 
 
@@ -222,6 +224,13 @@ def test_sequence_parallel_equals_tp_without_it(two_ranks, case):
         assert r["loss"] < REL_TOL and r["weights"] < REL_TOL and r["grads"] < REL_TOL, (rank, r)
         assert not r["zero_grads"], f"parameters without gradient: {r['zero_grads']}"
         assert r["monitor"] < REL_TOL and r["figures"] > 20, (rank, r)
+
+
+def test_bf16_sequence_parallel_close_to_tp_without_it(two_ranks):
+    """Only rounding may differ (the reductions sum in another order)."""
+    for results, _ in two_ranks:
+        r = results["bf16"]
+        assert r["loss"] < 1e-2 and r["grads"] < 5e-2 and not r["zero_grads"], r
 
 
 def test_dropout_under_sequence_parallel_draws_per_shard_masks(two_ranks):
