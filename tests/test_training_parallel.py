@@ -1,7 +1,7 @@
 """Same losses, within fp32 tolerance, for a tiny GPT trained 10 steps on the same data: one
 process vs TP=2, PP=2 (ZeRO 0 and 1), DP=2 under ZeRO 0-3 (one 2-process job), and on 4 processes
 TP=2 x PP=2 and TP=2 x DP=2 under ZeRO-2; with --sequence-parallel (no dropout: its masks differ on
-another sharding) under TP=2, with full and selective recompute, and TP=2 x PP=2.
+another sharding) under TP=2, with full and selective recompute, TP=2 x PP=2 and TP=2 x DP=2 under ZeRO-3.
 
 The model is seeded per weight (independent of the layout), the data order depends only on the
 global batch, and gradient clipping (--clip-grad 0.5) is active, so the global gradient norm must
@@ -70,6 +70,7 @@ FOUR_PROCESS_LAYOUTS = {
     "tp2-pp2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
     "tp2-dp2-zero2": ["--tensor-model-parallel-size", "2", "--zero-stage", "2"],
     "tp2-pp2-sp": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"],
+    "tp2-dp2-zero3-sp": ["--tensor-model-parallel-size", "2", "--zero-stage", "3", "--sequence-parallel"],
 }
 
 
