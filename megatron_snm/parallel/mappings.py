@@ -19,9 +19,9 @@ dimension `dim` (the caller's sequence dimension), in TP-rank order:
     gather_from_sequence_parallel_region        forward: all-gather        backward: reduce-scatter
     reduce_scatter_to_sequence_parallel_region  forward: reduce-scatter    backward: all-gather
 
-The gather's backward reduce-scatters because what follows it (a tensor-parallel layer) gives each
-rank only its part of the gradient of the full input; it is the adjoint of a gather whose output
-feeds rank-local partial sums. With TP size 1 every function is the identity. Works on any backend
+The gather's backward reduce-scatters: what reads the gathered tensor (a column-parallel layer) works
+on this rank's slice of the weight, so each rank's gradient of it is one term of a sum over the
+ranks, of which each keeps its chunk. With TP size 1 every function is the identity. Works on any backend
 torch.distributed offers (gloo on CPU, NCCL on GPU).
 """
 from __future__ import annotations
