@@ -1,6 +1,6 @@
 """Measured per-rank memory of real training steps against tools/estimate_memory.py's estimate.
 
-    python benchmarks/memory.py                  # small GPTs: ZeRO 0-3, TP=2, PP=2, recompute none/full
+    python benchmarks/memory.py                  # small GPTs: ZeRO 0-3, TP=2 (and with SP), PP=2, recompute none/full
     python benchmarks/memory.py --preset 350m    # the 350M preset, seq 512, micro-batch 1, 2 processes,
                                                  # fp32: ZeRO-1 against ZeRO-3 (needs ~10 GB)
 
@@ -44,6 +44,7 @@ def small_configs(small_buckets: str) -> dict[str, tuple[int, list[str]]]:
         "zero2 dp2": (2, SMALL + ["--zero-stage", "2"] + bucketed),
         "zero3 dp2": (2, SMALL + ["--zero-stage", "3"]),
         "tp2": (2, SMALL + ["--tensor-model-parallel-size", "2"]),
+        "tp2 sequence parallel": (2, SMALL + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
         "pp2": (2, SMALL + ["--pipeline-model-parallel-size", "2", "--global-batch-size", "8"]),
         "zero0 dp2 full recompute": (2, SMALL + ["--zero-stage", "0", "--checkpoint-activations"]),
         "tp2 full recompute": (2, SMALL + ["--tensor-model-parallel-size", "2", "--checkpoint-activations"]),

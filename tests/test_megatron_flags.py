@@ -103,7 +103,6 @@ def test_train_tokens_beside_train_samples_stops_early():
     (["--position-embedding-type", "rope"], "--position-embedding-type rope is not supported"),
     (["--normalization", "RMSNorm"], "--normalization RMSNorm is not supported"),
     (["--step-batch-size-schedule", "0:16 1B:32"], "the global batch size is fixed"),
-    (["--sequence-parallel"], "sequence parallelism does not exist here"),
     (["--optimizer", "sgd"], "--optimizer sgd is not supported"),
     (["--data-impl", "lazy"], "--data-impl lazy is not supported"),
     (["--distributed-backend", "nccl" if not torch.cuda.is_available() else "gloo"], "give --distributed-backend"),
@@ -158,10 +157,10 @@ def test_no_effect_flags_say_so_and_aliases_resolve():
         "--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--tensorboard-queue-size", "1",
         "--distributed-backend", "nccl" if torch.cuda.is_available() else "gloo", "--no-pipeline-parallel",
         "--checkpoint-activations", "--deepspeed-activation-checkpointing", "--use-flash-attn", "--embed-layernorm",
-        "--use-distributed-optimizer", "--vocab-file", "v.json", "--merge-file", "m.txt"]), 2)
+        "--use-distributed-optimizer", "--vocab-file", "v.json", "--merge-file", "m.txt", "--sequence-parallel"]), 2)
     for flag in ("--data-impl mmap", "--no-async-tensor-model-parallel-allreduce", "--no-masked-softmax-fusion",
                  "--no-bias-gelu-fusion", "--tensorboard-queue-size 1", "--distributed-backend",
-                 "--no-pipeline-parallel"):
+                 "--no-pipeline-parallel", "--sequence-parallel"):
         assert sum(note.startswith(flag) and "has no effect" in note for note in run.notes) == 1, (flag, run.notes)
     model = run.model
     assert (model.recompute_granularity, model.recompute_method, model.recompute_num_layers) == ("full", "uniform", 1)

@@ -1,6 +1,8 @@
 """Memory: the estimate (training/memory_estimate.py) against the measured peak of real training
 steps per rank (training/memory_measure.py: peak of torch's tracked allocations), and ZeRO-3 built
-partitioned (training/zero3.py) with the weights and losses of the unpartitioned runs.
+partitioned (training/zero3.py) with the weights and losses of the unpartitioned runs. The
+activations --sequence-parallel saves, measured exactly (what autograd saves for the backward pass),
+against the estimate's.
 
 Tiny shapes, but with a vocabulary and width large enough that the model's own memory, not
 DeepSpeed's small bookkeeping tensors, makes the peak.
@@ -36,6 +38,7 @@ def layouts(tmp_path) -> dict[str, list[str]]:
         "zero2": SHAPE + ["--zero-stage", "2"] + small_bucket,
         "zero3": SHAPE + ["--zero-stage", "3"],
         "tp2": SHAPE + ["--tensor-model-parallel-size", "2"],
+        "tp2-sp": SHAPE + ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
         "pp2": SHAPE + ["--pipeline-model-parallel-size", "2", "--global-batch-size", "4"],
         "zero0-full-recompute": SHAPE + ["--zero-stage", "0", "--checkpoint-activations"],
         "zero2-offload-optimizer": SHAPE + _json(tmp_path, "z2_offload", {
@@ -60,7 +63,8 @@ def measured(tmp_path_factory):
     return run_distributed(_measure_all, 2, runs, timeout=600)
 
 
-@pytest.mark.parametrize("layout", ["zero0", "zero1", "zero2", "zero3", "tp2", "pp2", "zero0-full-recompute"])
+@pytest.mark.parametrize("layout", ["zero0", "zero1", "zero2", "zero3", "tp2", "tp2-sp", "pp2",
+                                    "zero0-full-recompute"])
 def test_estimate_within_20_percent_of_measured_peak(measured, layout):
     for rank in measured:
         r = rank[layout]
@@ -80,6 +84,62 @@ def test_offload_estimate_within_30_percent(measured, layout):
 def test_losses_equal_zero1(measured, layout):
     for rank in measured:
         assert rank[layout]["losses"] == pytest.approx(rank["zero1"]["losses"], rel=1e-5)
+
+
+def test_sequence_parallel_peak_within_estimate_and_losses_unchanged(measured):
+    for rank in measured:
+        assert rank["tp2-sp"]["losses"] == pytest.approx(rank["tp2"]["losses"], rel=1e-5)
+
+
+# --- the activations of --sequence-parallel ---------------------------------------------------------
+SP_RECOMPUTE = {"none": [], "selective": ["--recompute-granularity", "selective"],
+                "full": ["--recompute-granularity", "full"]}
+
+
+def _saved_activations(rank, world_size):
+    """Per recompute plan, with and without --sequence-parallel: the bytes autograd saves in one
+    forward pass to the logits (the first and last stage's activations; cross entropy's are apart)
+    and the estimate's."""
+    import torch
+
+    from megatron_snm.config import parse_args, resolve
+    from megatron_snm.model.gpt import GPTModel
+    from megatron_snm.model.transformer import run_blocks
+    from megatron_snm.parallel import rng, state
+    from megatron_snm.training import memory_estimate
+    from megatron_snm.training.memory_measure import SavedActivations
+
+    torch.set_num_threads(1)
+    state.initialize_model_parallel(world_size)
+    rng.model_parallel_seed(5)
+    tokens = torch.randint(0, VOCAB, (2, 128), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for plan_name, recompute in SP_RECOMPUTE.items():
+        for sp in ([], ["--sequence-parallel"]):
+            run = resolve(parse_args(SHAPE + ["--tensor-model-parallel-size", "2", *recompute, *sp]), world_size)
+            model = GPTModel(run.model_config(VOCAB))
+            with SavedActivations(model) as saved:
+                hidden = run_blocks(model.layers, model.embedding(tokens), model.recompute_chunk)
+                model.embedding.logits(model.final_norm(hidden))
+            plan = memory_estimate.plan_from_config(run, VOCAB, run.deepspeed)
+            estimated = memory_estimate.stage_activation_bytes(plan, 0)["activations"]
+            if plan_name == "full":  # one block's activations are live only while it is recomputed
+                estimated -= memory_estimate.activation_bytes_per_block(plan, "none")
+            results[plan_name, bool(sp)] = (saved.bytes, estimated)
+    return results
+
+
+@pytest.fixture(scope="module")
+def saved_activations():
+    return run_distributed(_saved_activations, 2)[0]
+
+
+@pytest.mark.parametrize("recompute", SP_RECOMPUTE)
+def test_sequence_parallel_activations_drop_as_estimated(saved_activations, recompute):
+    (without, estimated_without), (with_sp, estimated_with) = (saved_activations[recompute, sp] for sp in (False, True))
+    assert with_sp == pytest.approx(estimated_with, rel=0.02) and without == pytest.approx(estimated_without, rel=0.02)
+    assert without - with_sp == pytest.approx(estimated_without - estimated_with, rel=0.05)
+    assert with_sp < 0.85 * without  # the LayerNorm and residual activations split over the 2 TP ranks
 
 
 def _build_zero3(rank, world_size, argv, vocab_size):
@@ -133,19 +193,31 @@ def _tool(*args):
                           env=env, timeout=120)
 
 
+TOOL_RUN = ("--model-size", "1.7b", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "4",
+            "--bf16", "--global-batch-size", "64", "--world-size", "8", "--device-memory", "80GB")
+
+
 def test_tool_prints_table_and_json_per_stage():
-    out = _tool("--model-size", "1.7b", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                "--bf16", "--global-batch-size", "64", "--world-size", "8", "--device-memory", "80GB")
+    out = _tool(*TOOL_RUN)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    first, last = summary["stages"]
+    first, *_, last = summary["stages"]
     assert summary["per_rank_bytes"] == max(first["peak_bytes"], last["peak_bytes"])
     assert summary["fits"] is True and summary["device_memory_bytes"] == 80 * 10**9
     assert "logits_and_cross_entropy" in last["backward_pass"]
     assert "logits_and_cross_entropy" not in first["backward_pass"]
     # 1F1B: the first stage holds PP micro-batches of activations in flight, the last fewer per block
     assert first["backward_pass"]["activations"] > last["backward_pass"]["activations"]
-    assert "stage 0:" in out.stdout and "stage 1:" in out.stdout
+    assert "stage 0:" in out.stdout and "stage 3:" in out.stdout and "sequence parallel off" in out.stdout
+
+
+def test_tool_counts_sequence_parallel():
+    """A block keeps (4 + 12) / TP units of s b h with it, 4 + 12 / TP without (the LayerNorms' 4 split)."""
+    without, with_sp = (json.loads(_tool(*TOOL_RUN, *sp).stdout.strip().splitlines()[-1])["stages"][1]
+                        for sp in ([], ["--sequence-parallel"]))
+    blocks = without["backward_pass"]["activations"], with_sp["backward_pass"]["activations"]
+    assert blocks[1] == pytest.approx(blocks[0] * (16 / 2) / (4 + 12 / 2), rel=0.01)
+    assert "sequence parallel on" in _tool(*TOOL_RUN, "--sequence-parallel").stdout
 
 
 def test_tool_reports_does_not_fit_and_bad_flags():

@@ -1,6 +1,7 @@
 """Same losses, within fp32 tolerance, for a tiny GPT trained 10 steps on the same data: one
 process vs TP=2, PP=2 (ZeRO 0 and 1), DP=2 under ZeRO 0-3 (one 2-process job), and on 4 processes
-TP=2 x PP=2 and TP=2 x DP=2 under ZeRO-2.
+TP=2 x PP=2 and TP=2 x DP=2 under ZeRO-2; with --sequence-parallel (no dropout: its masks differ on
+another sharding) under TP=2, with full and selective recompute, TP=2 x PP=2 and TP=2 x DP=2 under ZeRO-3.
 
 The model is seeded per weight (independent of the layout), the data order depends only on the
 global batch, and gradient clipping (--clip-grad 0.5) is active, so the global gradient norm must
@@ -15,6 +16,11 @@ TWO_PROCESS_LAYOUTS = {
     "pp2": ["--pipeline-model-parallel-size", "2"],
     "pp2-zero1": ["--pipeline-model-parallel-size", "2", "--zero-stage", "1"],
     **{f"dp2-zero{z}": ["--zero-stage", str(z)] for z in range(4)},
+    "tp2-sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    "tp2-sp-full-recompute": ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                              "--recompute-granularity", "full"],
+    "tp2-sp-selective-recompute": ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                   "--recompute-granularity", "selective"],
 }
 RTOL = 1e-5
 
@@ -63,6 +69,8 @@ def test_two_process_layout_matches_single_process(layout, single, two_process):
 FOUR_PROCESS_LAYOUTS = {
     "tp2-pp2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
     "tp2-dp2-zero2": ["--tensor-model-parallel-size", "2", "--zero-stage", "2"],
+    "tp2-pp2-sp": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"],
+    "tp2-dp2-zero3-sp": ["--tensor-model-parallel-size", "2", "--zero-stage", "3", "--sequence-parallel"],
 }
 
 
@@ -75,3 +83,9 @@ def four_process():
 @pytest.mark.parametrize("layout", FOUR_PROCESS_LAYOUTS)
 def test_four_process_layout_matches_single_process(layout, single, four_process):
     assert_same_run(four_process[layout], single)
+
+
+@pytest.mark.parametrize("with_sp, without", [("tp2-sp", "tp2"), ("tp2-pp2-sp", "tp2-pp2")])
+def test_sequence_parallel_matches_the_same_layout_without_it(with_sp, without, two_process, four_process):
+    runs = {**two_process, **four_process}
+    assert_same_run(runs[with_sp], runs[without])

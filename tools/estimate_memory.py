@@ -25,9 +25,6 @@ def _own_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int, required=True, help="processes of the run (GPUs)")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help=f"the tokenizer's vocabulary (default: --tokenizer-type's, else GPT-2's {GPT2_VOCAB})")
-    # Training refuses --sequence-parallel (not implemented yet); the estimate can show what it would save.
-    parser.add_argument("--sequence-parallel", action="store_true", default=False,
-                        help="what Megatron's sequence parallelism would save (training refuses the flag for now)")
     return parser
 
 
@@ -59,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         run = resolve(parse_args(training_argv), own.world_size)
         vocab_size = _vocab_size(run, own.vocab_size)
         ds_config = apply_zero_defaults(run.deepspeed, run.model_config(vocab_size), run.dims.tensor)
-        estimate = mem.estimate_memory(mem.plan_from_config(run, vocab_size, ds_config, own.sequence_parallel))
+        estimate = mem.estimate_memory(mem.plan_from_config(run, vocab_size, ds_config))
         device = mem.parse_bytes(run.parallel.device_memory) if run.parallel.device_memory else None
     except (ConfigError, ValueError, OSError) as err:
         print(f"estimate_memory.py: error: {err}", file=sys.stderr)

@@ -79,6 +79,11 @@ class ModelArgs:
 class ParallelArgs:
     tensor_model_parallel_size: int = _opt(1, "TP size", type=int)
     pipeline_model_parallel_size: int = _opt(1, "PP size (DeepSpeed pipeline engine, 1F1B)", type=int)
+    sequence_parallel: bool = _opt(False, "Megatron's sequence parallelism: with TP > 1 the LayerNorm, dropout and "
+                                   "residual activations are split along the sequence over the TP ranks (an "
+                                   "all-gather and a reduce-scatter around each TP layer instead of an all-reduce); "
+                                   "needs --seq-length divisible by the TP size; off (with a note) at TP 1",
+                                   action="store_true")
     zero_stage: int | None = _opt(None, "DeepSpeed ZeRO stage 0-3 (default: the JSON's, else 0)", type=int,
                                   choices=(0, 1, 2, 3))
     fp16: bool | None = _opt(None, "fp16 mixed precision with dynamic loss scaling", action="store_true")
@@ -313,8 +318,6 @@ class CompatArgs:
     num_query_groups: int | None = _refused(None, "attention is multi-head; drop --num-query-groups", type=int)
     disable_bias_linear: bool = _refused(False, "linear layers always have biases (GPT-2); drop "
                                          "--disable-bias-linear", **_FLAG)
-    sequence_parallel: bool = _refused(False, "sequence parallelism does not exist here; drop --sequence-parallel "
-                                       "(use --recompute-activations to save activation memory)", **_FLAG)
     rampup_batch_size: list[str] | None = _refused(None, "the global batch size is fixed; drop "
                                                    "--rampup-batch-size and give --global-batch-size", nargs="+")
     step_batch_size_schedule: str | None = _refused(None, "the global batch size is fixed; drop "

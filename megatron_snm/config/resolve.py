@@ -59,7 +59,8 @@ class RunConfig:
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model's config: the model flags of the same names, the tokenizer's vocabulary, the
         TP size and the precision."""
-        return _gpt_config(self.model, vocab_size, self.dims.tensor, self.params_dtype)
+        return _gpt_config(self.model, vocab_size, self.dims.tensor, self.params_dtype,
+                           sequence_parallel=self.parallel.sequence_parallel)
 
     def flags(self) -> Flags:
         return Flags(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Flags)})
@@ -105,11 +106,12 @@ def gpt_config_of(flags: Flags, vocab_size: int, tensor_parallel_size: int = 1) 
     return _gpt_config(model, vocab_size, tensor_parallel_size, dtype)
 
 
-def _gpt_config(model: ModelArgs, vocab_size: int, tensor_parallel_size: int, params_dtype: torch.dtype) -> GPTConfig:
+def _gpt_config(model: ModelArgs, vocab_size: int, tensor_parallel_size: int, params_dtype: torch.dtype,
+                sequence_parallel: bool = False) -> GPTConfig:
     values = dataclasses.asdict(model)
     shared = {f.name: values[f.name] for f in dataclasses.fields(GPTConfig) if f.name in values}
     return GPTConfig(**shared, vocab_size=vocab_size, tensor_parallel_size=tensor_parallel_size,
-                     params_dtype=params_dtype)
+                     sequence_parallel=sequence_parallel, params_dtype=params_dtype)
 
 
 def _model(model: ModelArgs) -> ModelArgs:
@@ -315,8 +317,13 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
                                      parallel.pipeline_model_parallel_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if parallel.sequence_parallel and dims.tensor == 1:  # Megatron-LM turns it off the same way
+        parallel = dataclasses.replace(parallel, sequence_parallel=False)
+        notes.append("--sequence-parallel has no effect: with --tensor-model-parallel-size 1 there is nothing to "
+                     "split the sequence over (turned off, as Megatron-LM does)")
     try:  # the model's own shape rules; the vocabulary size (the tokenizer's) only sets padding
-        _gpt_config(model, vocab_size=1, tensor_parallel_size=dims.tensor, params_dtype=torch.float32).validate()
+        _gpt_config(model, vocab_size=1, tensor_parallel_size=dims.tensor, params_dtype=torch.float32,
+                    sequence_parallel=parallel.sequence_parallel).validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if dims.pipeline > model.num_layers:

@@ -63,12 +63,12 @@ class CausalSelfAttention(torch.nn.Module):
         self.qkv = ColumnParallelLinear(
             config.hidden_size, 3 * config.hidden_size,
             init_fn=weight_init(config, f"{name}.qkv"), tp_size=config.tensor_parallel_size,
-            params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
         )
         self.dense = RowParallelLinear(  # W_O
             config.hidden_size, config.hidden_size, input_is_parallel=True,
             init_fn=output_weight_init(config, f"{name}.dense"), tp_size=config.tensor_parallel_size,
-            params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
         )
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -82,10 +82,12 @@ class CausalSelfAttention(torch.nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
 
     def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        """x [b, s, h]. With `kv_cache` (inference/kv_cache.py) x holds the s tokens after those
+        """x [b, s, h] (with --sequence-parallel this rank's shard [b, s / TP, h]; QKV gathers the
+        whole sequence). With `kv_cache` (inference/kv_cache.py) x holds the s tokens after those
         cached: their keys and values are appended, and they attend to all the cached ones."""
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, self.local_heads, 3, self.head_dim)
+        qkv = self.qkv(x)
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
         mask, causal = None, True
         if kv_cache is not None:

@@ -53,6 +53,10 @@ class GPTConfig:
     openai_gelu: bool = False  # GELU's tanh approximation (GPT-2's "gelu_new") instead of the exact erf form
     make_vocab_size_divisible_by: int = 128
     tensor_parallel_size: int = 1  # how many ranks split each layer (--tensor-model-parallel-size)
+    # --sequence-parallel: with TP > 1, the activations outside the TP layers (embedding output,
+    # LayerNorms, dropout, residual stream) are split along the sequence over the TP ranks. A layout of
+    # the activations only: the weights are the same, so a checkpoint does not depend on it.
+    sequence_parallel: bool = False
     params_dtype: torch.dtype = torch.float32
     seed: int = 1234  # initialisation seed
 
@@ -92,6 +96,9 @@ class GPTConfig:
                             ("--ffn-hidden-size", self.ffn_hidden_size)):
             if value % tp:
                 raise ValueError(f"{flag} ({value}) must be divisible by --tensor-model-parallel-size ({tp})")
+        if self.sequence_parallel and self.seq_length % tp:
+            raise ValueError(f"--sequence-parallel splits the sequence over the TP ranks: --seq-length "
+                             f"({self.seq_length}) must be divisible by --tensor-model-parallel-size ({tp})")
         if self.max_position_embeddings < self.seq_length:
             raise ValueError(f"--max-position-embeddings ({self.max_position_embeddings}) must be >= --seq-length "
                              f"({self.seq_length})")

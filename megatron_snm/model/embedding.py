@@ -22,7 +22,10 @@ to give the embedding output a std near 1 without touching anything else:
                a = --embed-detach-alpha (0.1). Does not change std(e).
 
 Each TP rank computes the same embedding output (the lookup is all-reduced over the vocabulary
-split), so everything after it is replicated. The output layer multiplies by the same table E
+split), so everything after it is replicated. With --sequence-parallel the lookup is reduce-scattered
+instead: each TP rank gets its shard of the sequence and adds its rows of the position table, and
+every mode above (the scale, the detach, Embed LN, dropout) runs on that shard; the output layer
+all-gathers the final hidden states before multiplying. The output layer multiplies by the same table E
 (tied); on a pipeline's last stage it is a `TiedOutputLayer` holding only E. With
 --untie-embeddings-and-output-weights the output layer is an `UntiedOutputLayer`, its own table W
 [V_padded, h] drawn from its own seed, the same in every process layout.
@@ -32,27 +35,28 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.init import initialized_parameter, weight_init
 from megatron_snm.model.layer_norm import FusedLayerNorm
-from megatron_snm.parallel.mappings import copy_to_tensor_model_parallel_region
-from megatron_snm.tensor_parallel.layers import VocabParallelEmbedding
+from megatron_snm.parallel import rng
+from megatron_snm.parallel.mappings import scatter_to_sequence_parallel_region
+from megatron_snm.tensor_parallel.layers import VocabParallelEmbedding, column_parallel_linear
 
 
 def word_embeddings(config: GPTConfig, name: str = "embedding.word") -> VocabParallelEmbedding:
     """A token table [V_padded, h], split by vocabulary over TP ranks: the embedding's E (the output
     layer's too where they are tied), or the untied output layer's own, drawn from `name`'s seed."""
     return VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size,
-                                  init_fn=weight_init(config, name),
-                                  tp_size=config.tensor_parallel_size, params_dtype=config.params_dtype)
+                                  init_fn=weight_init(config, name), tp_size=config.tensor_parallel_size,
+                                  sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype)
 
 
-def output_logits(hidden: torch.Tensor, word_embedding_weight: torch.Tensor) -> torch.Tensor:
-    """The tied output layer: hidden [b, s, h] -> this rank's vocabulary slice of the logits
-    [b, s, V_padded / TP]. Uses the embedding table unscaled in every mode."""
-    return F.linear(copy_to_tensor_model_parallel_region(hidden), word_embedding_weight)
+def output_logits(hidden: torch.Tensor, word_embedding_weight: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """The output layer: hidden [b, s, h] (with `sequence_parallel`, this rank's shard [b, s / TP, h])
+    -> this rank's vocabulary slice of the logits [b, s, V_padded / TP]. Uses the embedding table
+    unscaled in every mode."""
+    return column_parallel_linear(hidden, word_embedding_weight, sequence_parallel=sequence_parallel)
 
 
 class GPTEmbedding(torch.nn.Module):
@@ -60,19 +64,21 @@ class GPTEmbedding(torch.nn.Module):
         super().__init__()
         self.embedding_norm = config.embedding_norm
         self.max_positions = config.max_position_embeddings
+        self.sequence_parallel = config.sequence_parallel
         self.word_embeddings = word_embeddings(config)
         self.position_embeddings = initialized_parameter(
             (config.max_position_embeddings, config.hidden_size), weight_init(config, "embedding.position"), config.params_dtype
         )
         if self.embedding_norm == "layernorm":
-            self.norm = FusedLayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
+            self.norm = FusedLayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype,
+                                       sequence_parallel=config.sequence_parallel)
         self.scale = math.sqrt(config.hidden_size)
         self.detach_alpha = config.embed_detach_alpha
         self.dropout = torch.nn.Dropout(config.hidden_dropout)
 
     def forward(self, tokens: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
         """tokens [b, s] at positions position_offset .. + s (an offset when generating with a
-        KV cache) -> hidden [b, s, h]"""
+        KV cache) -> hidden [b, s, h], with --sequence-parallel this rank's shard [b, s / TP, h]"""
         s = tokens.shape[1]
         if position_offset + s > self.max_positions:
             raise ValueError(f"sequence of {position_offset + s} tokens is longer than --max-position-embeddings "
@@ -82,14 +88,17 @@ class GPTEmbedding(torch.nn.Module):
             words = words * self.scale
         elif self.embedding_norm == "detach":
             words = words * self.detach_alpha + words.detach() * (1.0 - self.detach_alpha)
-        hidden = words + self.position_embeddings[position_offset:position_offset + s]
+        positions = self.position_embeddings[position_offset:position_offset + s]
+        if self.sequence_parallel:  # this shard's rows; their gradient is all-gathered back in backward
+            positions = scatter_to_sequence_parallel_region(positions, dim=0)
+        hidden = words + positions
         if self.embedding_norm == "layernorm":
             hidden = self.norm(hidden)
-        return self.dropout(hidden)
+        return rng.dropout(self.dropout, hidden, split=self.sequence_parallel)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer, tied to this embedding's table."""
-        return output_logits(hidden, self.word_embeddings.weight)
+        return output_logits(hidden, self.word_embeddings.weight, self.sequence_parallel)
 
 
 class TiedOutputLayer(torch.nn.Module):
@@ -98,10 +107,11 @@ class TiedOutputLayer(torch.nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.sequence_parallel = config.sequence_parallel
         self.word_embeddings = word_embeddings(config)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return output_logits(hidden, self.word_embeddings.weight)
+        return output_logits(hidden, self.word_embeddings.weight, self.sequence_parallel)
 
 
 class UntiedOutputLayer(torch.nn.Module):
@@ -109,7 +119,8 @@ class UntiedOutputLayer(torch.nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.sequence_parallel = config.sequence_parallel
         self.weight = word_embeddings(config, "output.word").weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return output_logits(hidden, self.weight)
+        return output_logits(hidden, self.weight, self.sequence_parallel)

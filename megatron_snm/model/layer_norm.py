@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from megatron_snm.tensor_parallel.layers import sequence_parallel_parameter
+
 logger = logging.getLogger("megatron_snm")
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -142,10 +144,15 @@ def fused_layer_norm(x, weight, bias, eps=1e-5, normalized_shape=None):
 
 
 class FusedLayerNorm(torch.nn.Module):
-    """torch.nn.LayerNorm's interface and parameters, computed by `fused_layer_norm`."""
+    """torch.nn.LayerNorm's interface and parameters, computed by `fused_layer_norm`.
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, device=None, dtype=None):
+    `sequence_parallel=True`: the input is one TP rank's shard of the sequence, so the gradients of
+    weight and bias are summed over the TP ranks (tensor_parallel/layers.sequence_parallel_parameter)."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, device=None, dtype=None,
+                 sequence_parallel=False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         if isinstance(normalized_shape, int):
             normalized_shape = (normalized_shape,)
         self.normalized_shape = tuple(normalized_shape)
@@ -164,7 +171,10 @@ class FusedLayerNorm(torch.nn.Module):
             torch.nn.init.zeros_(self.bias)
 
     def forward(self, x):
-        return fused_layer_norm(x, self.weight, self.bias, self.eps, self.normalized_shape)
+        weight, bias = self.weight, self.bias
+        if self.sequence_parallel:
+            weight, bias = sequence_parallel_parameter(weight), sequence_parallel_parameter(bias)
+        return fused_layer_norm(x, weight, bias, self.eps, self.normalized_shape)
 
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

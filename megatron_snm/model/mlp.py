@@ -20,12 +20,12 @@ class MLP(torch.nn.Module):
         self.fc1 = ColumnParallelLinear(  # W_1
             config.hidden_size, config.ffn_hidden_size,
             init_fn=weight_init(config, f"{name}.fc1"), tp_size=config.tensor_parallel_size,
-            params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
         )
         self.fc2 = RowParallelLinear(  # W_2
             config.ffn_hidden_size, config.hidden_size, input_is_parallel=True,
             init_fn=output_weight_init(config, f"{name}.fc2"), tp_size=config.tensor_parallel_size,
-            params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,10 @@ Activation recompute (parallel/rng.checkpoint, which replays the dropout masks e
 --recompute-method block, or uniform chunks of one block) or a chunk of consecutive blocks as one
 (`recompute_chunks`, --recompute-method uniform with --recompute-num-layers > 1); `selective`
 recomputes attention's core only (model/attention.py).
+
+With --sequence-parallel, x is this TP rank's shard of the sequence [b, s / TP, h]: the LayerNorms,
+the residual adds and the dropout run on the shard (dropout drawing from the TP-rank stream, as the
+shards differ), and the attention and MLP layers gather and reduce-scatter around themselves.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from megatron_snm.model.attention import CausalSelfAttention
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.layer_norm import FusedLayerNorm
 from megatron_snm.model.mlp import MLP
+from megatron_snm.parallel import rng
 from megatron_snm.parallel.rng import checkpoint
 
 
@@ -32,16 +37,17 @@ class TransformerBlock(torch.nn.Module):
         # Whether this block is recomputed on its own; GPTModel / the pipeline set it from the plan
         # (recompute_plan), since "the first N blocks of the stage" depends on the stage.
         self.recompute = False
-        h, eps, dtype = config.hidden_size, config.layernorm_epsilon, config.params_dtype
-        self.ln_1 = FusedLayerNorm(h, eps=eps, dtype=dtype)
+        self.sequence_parallel = config.sequence_parallel
+        h, eps, dtype, sp = config.hidden_size, config.layernorm_epsilon, config.params_dtype, config.sequence_parallel
+        self.ln_1 = FusedLayerNorm(h, eps=eps, dtype=dtype, sequence_parallel=sp)
         self.attention = CausalSelfAttention(config, layer_number)
-        self.ln_2 = FusedLayerNorm(h, eps=eps, dtype=dtype)
+        self.ln_2 = FusedLayerNorm(h, eps=eps, dtype=dtype, sequence_parallel=sp)
         self.mlp = MLP(config, layer_number)
         self.dropout = torch.nn.Dropout(config.hidden_dropout)
 
     def _forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.ln_1(x), kv_cache))
-        return x + self.dropout(self.mlp(self.ln_2(x)))
+        x = x + rng.dropout(self.dropout, self.attention(self.ln_1(x), kv_cache), split=self.sequence_parallel)
+        return x + rng.dropout(self.dropout, self.mlp(self.ln_2(x)), split=self.sequence_parallel)
 
     def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
         """`kv_cache`: this block's cache when generating (see CausalSelfAttention)."""
@@ -87,7 +93,8 @@ def run_blocks(blocks, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
 class FinalLayerNorm(torch.nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.norm = FusedLayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
+        self.norm = FusedLayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype,
+                                   sequence_parallel=config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)

@@ -6,8 +6,9 @@ Two streams, as in Megatron:
   mask on every rank, which keeps the ranks' copies of those activations identical;
 - the tracker's "model-parallel-rng" stream is seeded differently on each TP rank and is used (via
   `get_rng_tracker().fork()`) for dropout on activations that are split across TP ranks
-  (attention probabilities of each rank's heads), so the ranks do not draw one mask for
-  different heads.
+  (attention probabilities of each rank's heads; with sequence parallelism each rank's shard of
+  the sequence), so the ranks do not draw one mask for different elements. `dropout(module, x,
+  split)` picks the stream.
 
 `checkpoint(fn, *args)` recomputes `fn` in the backward pass instead of storing its activations. It
 records the default generators' states and the tracker's states before the forward and restores
@@ -104,6 +105,15 @@ def model_parallel_seed(seed: int) -> None:
     torch.manual_seed(seed)
     _TRACKER.reset()
     _TRACKER.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + state.get_tensor_model_parallel_rank())
+
+
+def dropout(module: torch.nn.Dropout, x: torch.Tensor, split: bool) -> torch.Tensor:
+    """`module(x)` drawing its mask from the tracker's stream where `x` is `split` over the TP ranks
+    (each holds different elements), from the default stream (the same on every rank) otherwise."""
+    if split and module.training and module.p > 0:
+        with _TRACKER.fork():
+            return module(x)
+    return module(x)
 
 
 class _CheckpointFunction(torch.autograd.Function):

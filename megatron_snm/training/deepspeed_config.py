@@ -102,4 +102,14 @@ def build(ds: dict, parallel: ParallelArgs, batch: BatchArgs, optim: OptimizerAr
                           hysteresis=parallel.hysteresis)
     ds.pop("bfloat16", None)
     ds.setdefault("bf16", {})["enabled"] = bool(parallel.bf16)
+    if parallel.sequence_parallel:
+        # DeepSpeed's pipeline engine would send each TP rank a 1/TP piece of the activation between
+        # stages and gather the pieces on the receiving side, which assumes the TP ranks hold the
+        # same activation; under sequence parallelism each holds its own shard, sent whole.
+        pipeline = ds.setdefault("pipeline", {})
+        for key in ("pipe_partitioned", "grad_partitioned"):
+            if pipeline.get(key):
+                raise ConfigError(f"--sequence-parallel conflicts with pipeline.{key}: true in the DeepSpeed JSON "
+                                  "(each TP rank's activations are its own sequence shard); drop the key")
+            pipeline[key] = False
     return ds

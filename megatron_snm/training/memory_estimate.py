@@ -31,8 +31,14 @@ slice; the last stage of a pipeline holds the tied embedding again), w the param
                  + 2 one-byte dropout masks with hidden dropout;
       selective  recomputes the attention core: "none" without its s x s terms;
       full       1 per block (its input), plus one block's "none" activations while it is recomputed;
-  with --sequence-parallel the replicated units (LN regions, dropout) are split over TP too.
-  The first stage adds the embedding's (2 units), the last the final LayerNorm's (2 units).
+  with --sequence-parallel the replicated units (LN regions, dropout masks, LN statistics) are split
+  over TP too, so "none" is (4 + 12)/TP per block: Korthikanti et al.'s reasoning (34 s b h / TP
+  instead of 10 s b h + 24 s b h / TP in fp16, counting dropout masks and the s x s attention
+  matrices this model does not keep without attention dropout). The LN outputs the TP layers gather
+  are kept as shards and gathered again in the backward pass (tensor_parallel/layers.py).
+  The first stage adds Embed LN's input (1 unit; its output is the first block's LN input) and the
+  token ids, the last the final LayerNorm's input and output (2 units), and a
+  pipeline's send/receive buffers hold one unit each way; all three over TP with --sequence-parallel.
 - logits and cross entropy on the last stage: the fp32 softmax that cross entropy saves plus its
   transient (the shifted fp32 logits in forward, the gradient in backward): 8 s b V / TP bytes,
   and the w-byte logits themselves when they are not already fp32.
@@ -234,19 +240,20 @@ def in_flight_micro_batches(plan: MemoryPlan, stage: int) -> int:
 def stage_activation_bytes(plan: MemoryPlan, stage: int) -> dict[str, int]:
     """Activations a stage holds at its peak (all its in-flight micro-batches) and the logits."""
     s, b, h, e = plan.seq_length, plan.micro_batch_size, plan.hidden_size, _DTYPE_BYTES[plan.precision]
+    sbh = s * b * h // (plan.tensor_parallel if plan.sequence_parallel else 1)  # a replicated unit
     blocks = blocks_per_stage(plan.num_layers, plan.pipeline_parallel)[stage]
     per_micro = blocks * activation_bytes_per_block(plan)
     if plan.recompute_granularity == "full" and blocks:
         per_micro += activation_bytes_per_block(plan, "none")  # one block recomputed in the backward pass
     first, last = stage == 0, stage == plan.pipeline_parallel - 1
     if first:
-        per_micro += 2 * s * b * h * e + s * b * 8  # embedding sum and Embed LN output; the token ids
+        per_micro += (sbh * e if plan.embedding_norm == "layernorm" else 0) + s * b * 8  # Embed LN input; the ids
     if last:
-        per_micro += 2 * s * b * h * e  # final LayerNorm input and output
+        per_micro += 2 * sbh * e  # final LayerNorm input and output
     in_flight = in_flight_micro_batches(plan, stage)
     parts = {"activations": per_micro * in_flight}
     if plan.pipeline_parallel > 1:  # the pipeline engine's send/receive buffers, one s b h tensor each way
-        parts["pipeline_buffers"] = 2 * in_flight * s * b * h * e
+        parts["pipeline_buffers"] = 2 * in_flight * sbh * e
     if last:
         parts["logits_and_cross_entropy"] = output_bytes(plan)
     return parts
@@ -352,10 +359,9 @@ def estimate_memory(plan: MemoryPlan) -> MemoryEstimate:
 
 
 # --- from the run's configuration ------------------------------------------------------------
-def plan_from_config(run, vocab_size: int, ds_config: dict, sequence_parallel: bool = False) -> MemoryPlan:
+def plan_from_config(run, vocab_size: int, ds_config: dict) -> MemoryPlan:
     """The plan of a resolved RunConfig (config/resolve.py) and its DeepSpeed config (`run.deepspeed`
-    with training/zero3.py's stage-3 defaults applied). `sequence_parallel`: what the activations
-    would be with Megatron's sequence parallelism (not implemented in training yet)."""
+    with training/zero3.py's stage-3 defaults applied)."""
     from megatron_snm.model.config import padded_vocab_size
 
     model, parallel = run.model, run.parallel
@@ -367,7 +373,7 @@ def plan_from_config(run, vocab_size: int, ds_config: dict, sequence_parallel: b
         embedding_norm=model.embedding_norm, tensor_parallel=run.dims.tensor, pipeline_parallel=run.dims.pipeline,
         data_parallel=run.dims.data, zero_stage=parallel.zero_stage, precision=precision,
         micro_batch_size=run.batch.micro_batch_size, gradient_accumulation_steps=run.gradient_accumulation_steps,
-        recompute_granularity=model.recompute_granularity or "none", sequence_parallel=sequence_parallel,
+        recompute_granularity=model.recompute_granularity or "none", sequence_parallel=parallel.sequence_parallel,
         hidden_dropout=model.hidden_dropout, attention_dropout=model.attention_dropout,
         zero=dict(ds_config.get("zero_optimization", {})),
     )

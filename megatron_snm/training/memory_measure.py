@@ -6,6 +6,10 @@ held against.
     peak.tracked_bytes   # high-water mark of torch's live allocations since entering
     peak.rss_bytes       # high-water mark of the resident set above what it was on entering
 
+    with SavedActivations(model) as saved:
+        ...a forward pass...
+    saved.bytes          # what autograd keeps for the backward pass: the activations, no transients
+
 `tracked_bytes` replays every allocation and free that torch's CPU allocator reports to the
 profiler (`profile_memory=True`: each tensor, DeepSpeed's buffers and our C++ extensions' outputs
 included, sized as allocated, so an untouched `torch.empty` bucket counts as it would on a GPU) and
@@ -52,6 +56,36 @@ class PeakMemory:
         self._profiler.__exit__(*exc)
         self.rss_bytes = (_status_kib("VmHWM") - self._rss_at_start) * 1024
         self.tracked_bytes = _replay_peak(self._profiler.profiler.kineto_results.experimental_event_tree())
+
+
+class SavedActivations:
+    """Bytes of the distinct storages autograd saves for the backward pass inside the `with` block,
+    `model`'s parameters left out: a forward pass's activation memory, exactly, without the
+    transients (collective buffers, temporaries) that a peak also sees. Saved tensors stay alive
+    until the backward pass, so no storage address is reused inside the block."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._storages: dict[int, int] = {}
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._parameters:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> "SavedActivations":
+        self._storages.clear()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
 
 
 def _cpu_allocations(roots) -> list[tuple[int, int, int]]:

@@ -18,7 +18,9 @@ Activation and LayerNorm figures are means over everything captured (several mic
 checkpointed block's recompute, which measures the same values again). A block's grad_norm is the
 root of the sum of squares of every gradient its parameters received while capturing; it covers
 the full (all-rank) tensor-parallel parameters, so with TP > 1 every TP rank must call figures().
-Activations and LayerNorms are replicated over TP ranks and need no communication. Parameter
+Activations and LayerNorms are replicated over TP ranks, except under --sequence-parallel, where each
+rank sees its shard of the sequence: each captured tensor's count, sum and sum of squares are then
+summed over the TP ranks, so the figures are those of the whole tensors, as without it. Parameter
 gradients are read by tensor hooks as autograd produces them, not from .grad, which ZeRO may
 partition or free.
 """
@@ -41,17 +43,27 @@ def _block_name(block: TransformerBlock) -> str:
     return f"layer_{block.layer_number:02d}"
 
 
+def _moments(x: torch.Tensor) -> torch.Tensor:
+    """(count, sum, sum of squares) of a tensor, in float64: what a std or a norm of the whole tensor
+    needs from each of its shards."""
+    x = x.detach().double()
+    return torch.stack([x.new_tensor(x.numel()), x.sum(), x.pow(2).sum()])
+
+
+def _std(count: float, total: float, squares: float) -> float:
+    """The sample std (torch.std's) from the moments."""
+    return (max(squares - total * total / count, 0.0) / max(count - 1, 1)) ** 0.5
+
+
 class StabilityMonitor:
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self._sums: dict[str, float] = defaultdict(float)
-        self._counts: dict[str, int] = defaultdict(int)
+        self._captured: dict[str, list[torch.Tensor]] = defaultdict(list)  # figure -> each capture's moments
         self._grad_sq: dict[tuple[str, bool], float] = defaultdict(float)  # (module, tp-split) -> sum of squares
         self._handles: list = []
 
     def _record(self, key: str, value: torch.Tensor) -> None:
-        self._sums[key] += float(value)
-        self._counts[key] += 1
+        self._captured[key].append(_moments(value))
 
     def _named_modules(self):
         """(figure name, module) for every embedding, block and LayerNorm, named by role and layer
@@ -73,7 +85,7 @@ class StabilityMonitor:
     def _hooks(self, name: str, module: torch.nn.Module):
         if isinstance(module, (GPTEmbedding, TransformerBlock)):
             def residual_std(mod, inputs, output):
-                self._record(f"residual_std/{name}", output.detach().float().std())
+                self._record(f"residual_std/{name}", output)
             yield module.register_forward_hook(residual_std)
         if isinstance(module, (GPTEmbedding, TransformerBlock, FinalLayerNorm)):
             for param in module.parameters():
@@ -83,16 +95,16 @@ class StabilityMonitor:
                 yield param.register_hook(grad_sq)
         if isinstance(module, FusedLayerNorm):
             def input_std(mod, inputs, output):
-                self._record(f"ln_input_std/{name}", inputs[0].detach().float().std())
+                self._record(f"ln_input_std/{name}", inputs[0])
             def grad_norms(mod, grad_input, grad_output):
-                self._record(f"ln_grad_out/{name}", grad_output[0].detach().float().norm())
-                self._record(f"ln_grad_in/{name}", grad_input[0].detach().float().norm())
+                self._record(f"ln_grad_out/{name}", grad_output[0])
+                self._record(f"ln_grad_in/{name}", grad_input[0])
             yield module.register_forward_hook(input_std)
             yield module.register_full_backward_hook(grad_norms)
 
     def start(self) -> None:
         """Starts measuring (afresh) the forward and backward passes that follow."""
-        self._sums.clear(), self._counts.clear(), self._grad_sq.clear()
+        self._captured.clear(), self._grad_sq.clear()
         self._handles = [h for name, module in self._named_modules() for h in self._hooks(name, module)]
 
     def stop(self) -> None:
@@ -109,8 +121,30 @@ class StabilityMonitor:
         finally:
             self.stop()
 
+    def _whole(self) -> dict[str, torch.Tensor]:
+        """Each figure's captures' moments [captures, 3], of the whole tensors (summed over the TP
+        ranks' shards under sequence parallelism, in one all-reduce)."""
+        keys = sorted(self._captured)
+        if not keys:
+            return {}
+        stacked = [torch.stack(self._captured[key]) for key in keys]
+        # Under --sequence-parallel each TP rank captured its shard of the sequence.
+        if state.get_tensor_model_parallel_world_size() > 1 and any(
+                getattr(module, "sequence_parallel", False) for module in self.model.modules()):
+            group = state.get_tensor_model_parallel_group()
+            flat = torch.cat([s.flatten() for s in stacked]).to(state.collective_device(group))
+            dist.all_reduce(flat, group=group)
+            stacked = [part.view(-1, 3).cpu() for part in flat.split([s.numel() for s in stacked])]
+        return dict(zip(keys, stacked))
+
     def figures(self) -> dict[str, float]:
-        figures = {key: total / self._counts[key] for key, total in self._sums.items()}
+        figures = {}
+        for key, moments in self._whole().items():
+            if key.startswith(("residual_std/", "ln_input_std/")):
+                values = [_std(*row) for row in moments.tolist()]
+            else:  # a gradient's L2 norm
+                values = moments[:, 2].sqrt().tolist()
+            figures[key] = sum(values) / len(values)
         for key in [k for k in figures if k.startswith("ln_grad_in/")]:
             name = key[len("ln_grad_in/"):]
             figures[f"ln_amplification/{name}"] = figures[key] / max(figures[f"ln_grad_out/{name}"], 1e-30)
