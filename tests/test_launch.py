@@ -77,30 +77,40 @@ def test_mpirun_gives_the_same_losses(deepspeed_run, sample_data, tmp_path):
     assert losses == pytest.approx(deepspeed_run[0], rel=1e-6) and valid == pytest.approx(deepspeed_run[1], rel=1e-6)
 
 
-def test_workers_end_when_their_launcher_is_killed(sample_data, tmp_path):
-    """SIGKILL of torchrun alone (its workers are not told): each worker notices within seconds."""
+@pytest.mark.parametrize("launcher_name", ["torchrun", "deepspeed"])
+def test_workers_end_when_their_launcher_is_killed(sample_data, tmp_path, launcher_name):
+    """SIGKILL of the launcher alone (its workers are not told): each worker notices within seconds.
+    torchrun's workers are its children; the deepspeed runner's are its per-node `launch`'s."""
     import psutil
 
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + os.environ["PATH"])
     argv = train_args(sample_data, tmp_path)
     argv[argv.index("--train-iters") + 1] = "100000"
-    launcher = subprocess.Popen([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port",
-                                 str(free_port()), *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    spread = ["--nproc_per_node", "2"] if launcher_name == "torchrun" else ["--num_gpus", "2"]
+    launcher = subprocess.Popen([os.path.join(BIN, launcher_name), *spread, "--master_port", str(free_port()), *argv],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tree = []  # orphans are no longer our descendants: remembered for the clean-up
     try:
         deadline = time.time() + 240
         while not (tmp_path / "tb").exists():  # the workers are training
             assert launcher.poll() is None and time.time() < deadline
             time.sleep(0.5)
-        workers = psutil.Process(launcher.pid).children()
-        assert len(workers) == 2
+        agent = psutil.Process(launcher.pid)
+        if launcher_name == "deepspeed":
+            (agent,) = agent.children()  # deepspeed.launcher.launch, which starts the workers
+        workers = agent.children()
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+        tree = psutil.Process(launcher.pid).children(recursive=True)
         launcher.kill()
         launcher.wait()
         gone, alive = psutil.wait_procs(workers, timeout=15)
         assert not alive, f"workers {[p.pid for p in alive]} still running 15 s after their launcher was killed"
     finally:
-        for proc in psutil.Process().children(recursive=True):
-            proc.kill()
+        for proc in tree + psutil.Process().children(recursive=True):
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def test_plain_python_run_with_the_default_port_busy(sample_data, tmp_path):
