@@ -1,4 +1,6 @@
-"""The tiny GPT shapes the model tests use: one base, and each test's changes to it spelled out."""
+"""The tiny GPT shapes the model tests use: one base, and each test's changes to it spelled out;
+and the batch they feed it."""
+import torch
 
 BASE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16, vocab_size=500, init_method="small")
 
@@ -6,3 +8,12 @@ BASE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16, 
 def tiny(**changes) -> dict:
     """GPTConfig keyword arguments: the base shape with `changes`."""
     return {**BASE, **changes}
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, labels, loss mask) of 2 sequences of BASE's length, the same on every rank."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, BASE["vocab_size"], (2, BASE["seq_length"]), generator=g)
+    labels = torch.randint(0, BASE["vocab_size"], (2, BASE["seq_length"]), generator=g)
+    loss_mask = (torch.rand(2, BASE["seq_length"], generator=g) > 0.2).float()
+    return tokens, labels, loss_mask

@@ -23,7 +23,7 @@ from megatron_snm.tensor_parallel.layers import (
 )
 from megatron_snm.tensor_parallel.utils import gather_full, gather_full_like
 from megatron_snm.training.monitor import StabilityMonitor
-from tests.model_shapes import tiny
+from tests.model_shapes import batch, tiny
 
 TOL = 1e-5
 REL_TOL = 1e-5
@@ -137,19 +137,11 @@ CASES.update({
 })
 
 
-def _batch():
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 500, (2, 16), generator=g)
-    labels = torch.randint(0, 500, (2, 16), generator=g)
-    loss_mask = (torch.rand(2, 16, generator=g) > 0.2).float()
-    return tokens, labels, loss_mask
-
-
 def _run(config):
     """Loss, full gradients (gathered over TP) and the monitor's figures of one forward/backward."""
     tp_random.model_parallel_seed(99)
     model = GPTModel(config)
-    tokens, labels, loss_mask = _batch()
+    tokens, labels, loss_mask = batch()
     monitor = StabilityMonitor(model)
     with monitor.capture():
         loss = gpt_loss(model(tokens), labels, loss_mask)
@@ -183,7 +175,7 @@ def _body(rank, world):
     results = _check_mappings(rank, world)
     results.update(_check_layers(rank, world))
     shard_shape = GPTModel(GPTConfig(**TINY, tensor_parallel_size=world, sequence_parallel=True)).embedding(
-        _batch()[0]).shape
+        batch()[0]).shape
     for name, overrides in CASES.items():
         tp = GPTConfig(**TINY, **overrides, tensor_parallel_size=world)
         results[name] = _compare(_run(replace(tp, sequence_parallel=True)), _run(tp))

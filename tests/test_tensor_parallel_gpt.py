@@ -13,7 +13,7 @@ from megatron_snm.model.gpt import GPTModel, gpt_loss
 from megatron_snm.training.monitor import StabilityMonitor
 from megatron_snm.parallel import rng as tp_random, state
 from megatron_snm.tensor_parallel.utils import gather_full, gather_full_like
-from tests.model_shapes import tiny
+from tests.model_shapes import batch, tiny
 
 TINY = tiny()
 MODES = ("none", "layernorm", "scaled", "detach")
@@ -33,19 +33,11 @@ RECOMPUTE = {"selective": dict(recompute_granularity="selective"),
 REL_TOL = 1e-5
 
 
-def _batch():
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 500, (2, 16), generator=g)
-    labels = torch.randint(0, 500, (2, 16), generator=g)
-    loss_mask = (torch.rand(2, 16, generator=g) > 0.2).float()
-    return tokens, labels, loss_mask
-
-
 def _run(config):
     """Loss and full gradients (gathered over TP) of one training step's forward/backward."""
     tp_random.model_parallel_seed(99)
     model = GPTModel(config)
-    tokens, labels, loss_mask = _batch()
+    tokens, labels, loss_mask = batch()
     loss = gpt_loss(model(tokens), labels, loss_mask)
     loss.backward()
     weights = {n: gather_full(p).detach() for n, p in model.named_parameters()}
@@ -73,7 +65,7 @@ def _compare(run, ref):
 def _monitor_figures(tp: int):
     """The stability monitor's figures; parameter-gradient norms must cover the full parameters."""
     model = GPTModel(GPTConfig(**TINY, embedding_norm="none", tensor_parallel_size=tp))
-    tokens, labels, _ = _batch()
+    tokens, labels, _ = batch()
     monitor = StabilityMonitor(model)
     with monitor.capture():
         model(tokens, labels).mean().backward()
