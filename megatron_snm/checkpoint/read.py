@@ -97,18 +97,24 @@ def read_metadata(path: str) -> dict:
 def read_checkpoint(load_dir: str, tag: str | None = None) -> FullCheckpoint:
     path = checkpoint_dir(load_dir, tag)
     metadata = read_metadata(path)
-    parallel, shape = metadata["parallel"], metadata["model_shape"]
-    tp, pp = parallel["tensor_model_parallel_size"], parallel["pipeline_model_parallel_size"]
-    if pp > 1:
-        pieces = [_read_pipeline_rank(path, tp_rank, shape["num_layers"]) for tp_rank in range(tp)]
-    elif parallel.get("zero_stage", 0) == 3 and not metadata.get("weights_only"):
+    parallel = metadata["parallel"]
+    tp = parallel["tensor_model_parallel_size"]
+    if parallel.get("zero_stage", 0) == 3 and not metadata.get("weights_only"):
         pieces = [_read_zero3_rank(path, tp_rank) for tp_rank in range(tp)]
     else:
-        pieces = [_module_of(os.path.join(path, f"mp_rank_{tp_rank:02d}_model_states.pt")) for tp_rank in range(tp)]
+        pieces = [module_weights(path, metadata, tp_rank) for tp_rank in range(tp)]
     weights = join_tensor_parallel(pieces, path)
     ckpt = FullCheckpoint(weights, metadata, path)
     check_shapes(ckpt)
     return ckpt
+
+
+def module_weights(path: str, metadata: dict, tp_rank: int) -> dict[str, torch.Tensor]:
+    """TP rank tp_rank's weights (memory-mapped, layout-free names) of a checkpoint whose model
+    files hold them (every layout but ZeRO 3's)."""
+    if metadata["parallel"]["pipeline_model_parallel_size"] > 1:
+        return _read_pipeline_rank(path, tp_rank, metadata["model_shape"]["num_layers"])
+    return _module_of(os.path.join(path, f"mp_rank_{tp_rank:02d}_model_states.pt"))
 
 
 def _module_of(path: str) -> dict[str, torch.Tensor]:

@@ -20,54 +20,87 @@ every parameter's layout-free name and local shape):
     ZeRO 3     the same files, each parameter partitioned on its own (ceil(numel / DP) elements
                on each rank, zero-padded), in the order of the model file's `param_shapes`
 The fp32 master weights are the model's own weights in an fp32 run under ZeRO 0 (read.py's).
+
+Nothing is joined until it is asked for: the files are memory-mapped, and `weights` and `moments`
+are mappings that build a whole tensor from its fragments and TP slices on each lookup, so a rank
+that takes its piece of one tensor at a time holds one whole tensor at a time, not the model's state.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from megatron_snm.checkpoint.layout import join_tensor_parallel
-from megatron_snm.checkpoint.read import load_file, read_checkpoint
+from megatron_snm.checkpoint.layout import tp_split_dim
+from megatron_snm.checkpoint.read import checkpoint_dir as find_checkpoint
+from megatron_snm.checkpoint.read import load_file, module_weights, read_checkpoint, read_metadata
 from megatron_snm.training.checkpoint_errors import CheckpointError
 from megatron_snm.training.checkpointing import LAYOUT_RECORD
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 MASTER = "fp32"  # the fp32 master weights, where the optimizer holds its own copy
 
+Thunk = Callable[[], torch.Tensor]  # builds one TP rank's piece of a tensor from memory-mapped fragments
+
+
+class LayoutFree(Mapping):
+    """{layout-free name: whole tensor}, each joined from its TP ranks' pieces on lookup (not kept)."""
+
+    def __init__(self, per_tp_rank: list[dict[str, Thunk]], where: str):
+        for rank, pieces in enumerate(per_tp_rank[1:], 1):
+            if pieces.keys() != per_tp_rank[0].keys():
+                raise CheckpointError(f"{where}: TP rank {rank} holds other tensors than rank 0: "
+                                      f"{sorted(pieces.keys() ^ per_tp_rank[0].keys())[:5]}")
+        self._ranks = per_tp_rank
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        dim = tp_split_dim(name)
+        if dim is None or len(self._ranks) == 1:  # replicated: TP rank 0's
+            return self._ranks[0][name]().float()
+        return torch.cat([rank[name]() for rank in self._ranks], dim=dim).float()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ranks[0])
+
+    def __len__(self) -> int:
+        return len(self._ranks[0])
+
 
 @dataclass
 class TrainingState:
-    weights: dict[str, torch.Tensor]             # layout-free fp32 (master) weights
-    moments: dict[str, dict[str, torch.Tensor]]  # "exp_avg" / "exp_avg_sq" -> layout-free tensors
-    step: float                                  # Adam's step count (the same for every parameter)
-    metadata: dict                               # megatron_snm.json
-    engine_counters: dict                        # DeepSpeed's global_steps, global_samples, skipped_steps
+    weights: Mapping[str, torch.Tensor]                  # layout-free fp32 (master) weights
+    moments: dict[str, Mapping[str, torch.Tensor]]       # "exp_avg" / "exp_avg_sq" -> layout-free tensors
+    step: float                                          # Adam's step count (the same for every parameter)
+    metadata: dict                                       # megatron_snm.json
+    engine_counters: dict                                # DeepSpeed's global_steps, global_samples, skipped_steps
 
 
 def read_training_state(checkpoint_dir: str, moments: bool = True) -> TrainingState:
     """The weights and (with `moments`) Adam's state of the checkpoint in `checkpoint_dir` (an
-    iter_N directory), whole. Raises CheckpointError for a checkpoint it cannot take apart."""
-    ckpt = read_checkpoint(checkpoint_dir)
-    if not moments:
+    iter_N directory), layout-free. Raises CheckpointError for a checkpoint it cannot take apart."""
+    if not moments:  # the weights alone, as the converters read them (any checkpoint, weights-only ones too)
+        ckpt = read_checkpoint(checkpoint_dir)
         return TrainingState({n: t.float() for n, t in ckpt.weights.items()}, {}, 0.0, ckpt.metadata, {})
-    parallel = ckpt.metadata["parallel"]
+    path = find_checkpoint(checkpoint_dir)
+    metadata = read_metadata(path)
+    parallel = metadata["parallel"]
     prefix = "bf16_" if parallel.get("precision") == "bfloat16" else ""  # DeepSpeed's names for bf16 shards
-    units = _model_parallel_units(checkpoint_dir, parallel["zero_stage"])
     keys = (MASTER, *MOMENTS)
-    found = {key: [{} for _ in range(parallel["tensor_model_parallel_size"])] for key in keys}
+    found: dict[str, list[dict[str, Thunk]]] = {key: [{} for _ in range(parallel["tensor_model_parallel_size"])]
+                                                for key in keys}
     steps, counters = set(), {}
-    for mp_rank, header_file in units.items():
+    for mp_rank, header_file in _model_parallel_units(path, parallel["zero_stage"]).items():
         header = load_file(header_file)
         record = header.get(LAYOUT_RECORD)
         if record is None:
             raise CheckpointError(f"{header_file}: no {LAYOUT_RECORD!r} record (saved by a version that did not "
                                   "record it); resume this checkpoint with its own layout")
         counters = counters or {k: header.get(k, 0) for k in ("global_steps", "global_samples", "skipped_steps")}
-        shards = [os.path.join(checkpoint_dir, f"{prefix}zero_pp_rank_{d}_mp_rank_{mp_rank:02d}_optim_states.pt")
+        shards = [os.path.join(path, f"{prefix}zero_pp_rank_{d}_mp_rank_{mp_rank:02d}_optim_states.pt")
                   for d in range(parallel["data_parallel_size"])]
         # bf16 without ZeRO (DeepSpeed's BF16_Optimizer, e.g. under PP) shards the optimizer as ZeRO 1 does.
         if parallel["zero_stage"] == 0 and not os.path.isfile(shards[0]):
@@ -76,20 +109,21 @@ def read_training_state(checkpoint_dir: str, moments: bool = True) -> TrainingSt
             read = _zero3_state if parallel["zero_stage"] == 3 else _zero12_state
             local, step = read(header, record, [load_file(f)["optimizer_state_dict"] for f in shards])
         steps.add(step)
-        for key, tensors in local.items():
-            for name, tensor in tensors.items():  # a pipeline-tied table is on two stages: the first one's
-                found[key][record["tensor_rank"]].setdefault(name, tensor)
+        for key, pieces in local.items():
+            for name, piece in pieces.items():  # a pipeline-tied table is on two stages: the first one's
+                found[key][record["tensor_rank"]].setdefault(name, piece)
     if len(steps) > 1:
-        raise CheckpointError(f"{checkpoint_dir}: the model-parallel ranks' optimizers are at different steps {steps}")
-    joined = {key: join_tensor_parallel(found[key], checkpoint_dir) for key in keys if found[key][0]}
-    weights = joined.pop(MASTER, None) or {n: t.float() for n, t in ckpt.weights.items()}
-    if set(joined) != set(MOMENTS):
-        raise CheckpointError(f"{checkpoint_dir}: holds no Adam moments (saved before the first step?)")
-    for key, tensors in (("master weights", weights), *joined.items()):
-        wrong = sorted(n for n in ckpt.weights if n not in tensors or tensors[n].shape != ckpt.weights[n].shape)
-        if wrong:
-            raise CheckpointError(f"{checkpoint_dir}: the optimizer's {key} do not match the model's weights at {wrong[:4]}")
-    return TrainingState(weights, joined, steps.pop(), ckpt.metadata, counters)
+        raise CheckpointError(f"{path}: the model-parallel ranks' optimizers are at different steps {steps}")
+    if not found[MASTER][0]:  # an fp32 run without ZeRO: the model's weights are the masters
+        found[MASTER] = [{name: (lambda t=t: t) for name, t in module_weights(path, metadata, tp_rank).items()}
+                         for tp_rank in range(parallel["tensor_model_parallel_size"])]
+    weights = LayoutFree(found[MASTER], path)
+    joined = {key: LayoutFree(found[key], path) for key in MOMENTS}
+    for key, tensors in joined.items():
+        if tensors.keys() != weights.keys():
+            raise CheckpointError(f"{path}: the optimizer's {key} does not cover the weights: "
+                                  f"{sorted(tensors.keys() ^ weights.keys())[:4] or 'none saved'}")
+    return TrainingState(weights, joined, steps.pop(), metadata, counters)
 
 
 def _model_parallel_units(checkpoint_dir: str, zero_stage: int) -> dict[int, str]:
@@ -119,13 +153,13 @@ def _zero0_state(header: dict, record: dict, where: str):
     for g, (group, names) in enumerate(zip(optimizer["param_groups"], record["optimizer_order"])):
         for position, (index, name) in enumerate(zip(group["params"], names)):
             if masters is not None:
-                local[MASTER][name] = masters[g][position]
+                local[MASTER][name] = lambda t=masters[g][position]: t
             state = optimizer["state"].get(index)
             if not state:  # not stepped yet
                 continue
             step = _step_of(state, where)
             for key in MOMENTS:
-                local[key][name] = state[key]
+                local[key][name] = lambda t=state[key]: t
     return local, step
 
 
@@ -141,8 +175,17 @@ def _zero12_state(header: dict, record: dict, ranks: list[dict]):
             for name, fragment in mapping.items():
                 for key in pieces:
                     pieces[key].setdefault(name, []).append(flats[key].narrow(0, fragment.start, fragment.numel))
-    return {key: {record["full_names"][name]: torch.cat(fragments).view(record["shapes"][name])
+    return {key: {record["full_names"][name]: _joiner(fragments, record["shapes"][name])
                   for name, fragments in by_name.items()} for key, by_name in pieces.items()}, step
+
+
+def _joiner(fragments: list[torch.Tensor], shape, numel: int | None = None) -> Thunk:
+    """Joins a parameter's flat fragments (views into memory-mapped files), cut to `numel` (ZeRO-3's
+    padding), into its shape, when called."""
+    def join() -> torch.Tensor:
+        flat = torch.cat(fragments) if len(fragments) > 1 else fragments[0]
+        return flat[:numel if numel is not None else flat.numel()].view(shape)
+    return join
 
 
 def _zero3_state(header: dict, record: dict, ranks: list[dict]):
@@ -158,7 +201,6 @@ def _zero3_state(header: dict, record: dict, ranks: list[dict]):
             numel = math.prod(shape)
             part = math.ceil(numel / world)
             for key in local:
-                whole = torch.cat([flat[key].narrow(0, offset, part) for flat in flats])
-                local[key][names[name]] = whole[:numel].view(shape)
+                local[key][names[name]] = _joiner([flat[key].narrow(0, offset, part) for flat in flats], shape, numel)
             offset += part
     return local, step

@@ -13,8 +13,9 @@ DeepSpeed's fp16/bf16 wrapper), ZeRO 1-2 and bf16's BF16_Optimizer in the flat f
 parameter's own partition. RNG states are per rank and mean nothing in another layout: they
 are not restored (dropout draws other masks than an unchanged resume would; nothing else differs).
 
-Every rank reads the whole state (memory-mapped): 12 bytes per parameter of host memory on each
-rank while loading.
+Every rank reads the files of the whole state, memory-mapped (page cache, shared by a node's
+ranks), and joins one tensor at a time as it takes its piece: its own memory grows by about one
+tensor (benchmarks/reshard_memory.py).
 """
 from __future__ import annotations
 
