@@ -46,7 +46,8 @@ def _fit_rows(name: str, tensor: torch.Tensor, rows: int, fill: torch.Tensor | N
 def load_resharded(ds_engine, checkpoint_dir: str, num_layers: int, padded_vocab_size: int,
                    optimizer: bool) -> TrainingState:
     """Puts the checkpoint's weights (and with `optimizer` Adam's state and DeepSpeed's step
-    counters) into this rank's engine, whatever layout either has. Collective under ZeRO 3."""
+    counters) into this rank's engine, whatever layout either has. No collectives: each rank reads
+    what it needs."""
     saved = read_training_state(checkpoint_dir, moments=optimizer)
     tp_size, tp_rank = state.get_tensor_model_parallel_world_size(), state.get_tensor_model_parallel_rank()
     zero = ds_engine.zero_optimization_stage()
