@@ -13,8 +13,8 @@ rank's piece of it:
   reuses layer 0's weights and has no file of its own). `pipeline_layer_of` maps a full name to
   (layer index, name inside that layer).
 - the vocabulary is padded to a multiple of make_vocab_size_divisible_by x TP (model/config.py),
-  so a layout's table has `padded_vocab_size(vocab, tp)` rows; `resize_vocabulary` trims or adds
-  padding rows for another layout.
+  so a layout's table has `padded_vocab_size(vocab, tp)` rows; `resize_rows` / `resize_vocabulary`
+  trim or add padding rows for another layout.
 """
 from __future__ import annotations
 
@@ -62,20 +62,24 @@ def split_for_tensor_parallel(full: dict[str, torch.Tensor], tp_size: int, tp_ra
     return {name: tensor_parallel_slice(name, tensor, tp_size, tp_rank) for name, tensor in full.items()}
 
 
-def join_tensor_parallel(pieces: list[dict[str, torch.Tensor]], where: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The full weights from every TP rank's slices (in rank order). Replicated weights are taken
-    from rank 0 after checking the others hold the same names."""
-    names = list(pieces[0])
+def check_same_names(pieces: list, where: str) -> None:
+    """Refuses TP ranks' pieces (mappings by name) that do not name the same weights as rank 0's."""
     for rank, piece in enumerate(pieces[1:], 1):
-        if set(piece) != set(names):
+        if piece.keys() != pieces[0].keys():
             raise ValueError(f"{where}: TP rank {rank} holds other weights than rank 0: "
-                             f"{sorted(set(piece) ^ set(names))[:5]}")
-    full = {}
-    for name in names:
-        dim = tp_split_dim(name)
-        full[name] = pieces[0][name] if dim is None or len(pieces) == 1 else \
-            torch.cat([piece[name] for piece in pieces], dim=dim)
-    return full
+                             f"{sorted(piece.keys() ^ pieces[0].keys())[:5]}")
+
+
+def join_slices(name: str, slices: list[torch.Tensor]) -> torch.Tensor:
+    """Full weight `name` from every TP rank's slice of it (in rank order); a replicated one is rank 0's."""
+    dim = tp_split_dim(name)
+    return slices[0] if dim is None or len(slices) == 1 else torch.cat(slices, dim=dim)
+
+
+def join_tensor_parallel(pieces: list[dict[str, torch.Tensor]], where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The full weights from every TP rank's slices (in rank order)."""
+    check_same_names(pieces, where)
+    return {name: join_slices(name, [piece[name] for piece in pieces]) for name in pieces[0]}
 
 
 def pipeline_layer_of(name: str, num_layers: int) -> tuple[int, str]:
@@ -114,21 +118,21 @@ def pipeline_stage_layers(num_layers: int, pp_size: int, stage: int) -> range:
     return range(parts[stage], parts[stage + 1])
 
 
-def resize_vocabulary(full: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
-    """The weights with the embedding table cut or padded to `rows` rows.
-
-    Only padding rows (ids past the tokenizer's vocabulary, which no text contains) are ever
-    removed or added. Added rows are the mean of the existing rows: their logit is then the
-    average logit, so together they take about (added / vocabulary) of the probability mass
-    instead of dominating it, as zero rows (logit 0) would for a model whose logits are negative.
-    """
-    table = full[WORD_EMBEDDINGS]
+def resize_rows(table: torch.Tensor, rows: int, fill: str = "mean") -> torch.Tensor:
+    """A vocabulary table cut or padded to `rows` rows. Only padding rows (ids past the tokenizer's
+    vocabulary, which no text contains) are ever removed or added. Added rows are the mean of the
+    existing rows (`fill="mean"`): their logit is then the average logit, so together they take
+    about (added / vocabulary) of the probability mass instead of dominating it, as zero rows
+    (logit 0) would for a model whose logits are negative. `fill="zero"`: for Adam's moments of
+    rows never trained."""
     if table.shape[0] == rows:
-        return full
-    out = dict(full)
+        return table
     if table.shape[0] > rows:
-        out[WORD_EMBEDDINGS] = table[:rows].clone()
-    else:
-        extra = table.float().mean(dim=0, keepdim=True).to(table.dtype).expand(rows - table.shape[0], -1)
-        out[WORD_EMBEDDINGS] = torch.cat([table, extra])
-    return out
+        return table[:rows].clone()
+    extra = table.float().mean(dim=0, keepdim=True).to(table.dtype) if fill == "mean" else table.new_zeros(1, table.shape[1])
+    return torch.cat([table, extra.expand(rows - table.shape[0], -1)])
+
+
+def resize_vocabulary(full: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """The weights with the embedding table cut or padded to `rows` rows (resize_rows)."""
+    return dict(full, **{WORD_EMBEDDINGS: resize_rows(full[WORD_EMBEDDINGS], rows)})

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_snm.checkpoint.layout import tp_split_dim
+from megatron_snm.checkpoint.layout import check_same_names, join_slices, tp_split_dim
 from megatron_snm.checkpoint.read import checkpoint_dir as find_checkpoint
 from megatron_snm.checkpoint.read import load_file, module_weights, read_checkpoint, read_metadata
 from megatron_snm.training.checkpoint_errors import CheckpointError
@@ -51,17 +51,16 @@ class LayoutFree(Mapping):
     """{layout-free name: whole tensor}, each joined from its TP ranks' pieces on lookup (not kept)."""
 
     def __init__(self, per_tp_rank: list[dict[str, Thunk]], where: str):
-        for rank, pieces in enumerate(per_tp_rank[1:], 1):
-            if pieces.keys() != per_tp_rank[0].keys():
-                raise CheckpointError(f"{where}: TP rank {rank} holds other tensors than rank 0: "
-                                      f"{sorted(pieces.keys() ^ per_tp_rank[0].keys())[:5]}")
+        try:
+            check_same_names(per_tp_rank, where)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
         self._ranks = per_tp_rank
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        dim = tp_split_dim(name)
-        if dim is None or len(self._ranks) == 1:  # replicated: TP rank 0's
+        if tp_split_dim(name) is None:  # replicated: only TP rank 0's is built
             return self._ranks[0][name]().float()
-        return torch.cat([rank[name]() for rank in self._ranks], dim=dim).float()
+        return join_slices(name, [rank[name]() for rank in self._ranks]).float()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._ranks[0])

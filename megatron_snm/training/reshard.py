@@ -25,22 +25,10 @@ import torch
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-from megatron_snm.checkpoint.layout import WORD_EMBEDDINGS, tensor_parallel_slice
+from megatron_snm.checkpoint.layout import WORD_EMBEDDINGS, resize_rows, tensor_parallel_slice
 from megatron_snm.checkpoint.training_state import MOMENTS, TrainingState, read_training_state
 from megatron_snm.parallel import state
 from megatron_snm.pipeline.module import full_parameter_names
-
-
-def _fit_rows(name: str, tensor: torch.Tensor, rows: int, fill: torch.Tensor | None) -> torch.Tensor:
-    """The vocabulary table cut or padded to this layout's rows (padding rows only: ids no text
-    holds). New rows take `fill` (the mean row for weights, as checkpoint/layout.py's
-    resize_vocabulary does) or zeros (Adam's moments of a never-seen row)."""
-    if name not in (WORD_EMBEDDINGS, "output.weight") or tensor.shape[0] == rows:
-        return tensor
-    if tensor.shape[0] > rows:
-        return tensor[:rows]
-    extra = (fill if fill is not None else torch.zeros_like(tensor[:1])).expand(rows - tensor.shape[0], -1)
-    return torch.cat([tensor, extra])
 
 
 def load_resharded(ds_engine, checkpoint_dir: str, num_layers: int, padded_vocab_size: int,
@@ -53,8 +41,9 @@ def load_resharded(ds_engine, checkpoint_dir: str, num_layers: int, padded_vocab
     zero = ds_engine.zero_optimization_stage()
 
     def local(name: str, tensor: torch.Tensor, weight: bool) -> torch.Tensor:
-        fill = tensor.float().mean(0, keepdim=True) if weight else None
-        return tensor_parallel_slice(name, _fit_rows(name, tensor, padded_vocab_size, fill), tp_size, tp_rank)
+        if name in (WORD_EMBEDDINGS, "output.weight"):  # this layout's vocabulary padding
+            tensor = resize_rows(tensor, padded_vocab_size, fill="mean" if weight else "zero")
+        return tensor_parallel_slice(name, tensor, tp_size, tp_rank)
 
     # ZeRO 1-2 and DeepSpeed's BF16_Optimizer keep flat fp32 partitions, mapped to each parameter.
     flat = zero in (1, 2) or isinstance(ds_engine.optimizer, BF16_Optimizer)
