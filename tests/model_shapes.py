@@ -1,5 +1,5 @@
 """The tiny GPT shapes the model tests use: one base, and each test's changes to it spelled out;
-and the batch they feed it."""
+the batch they feed it, and how far apart two runs' tensors are."""
 import torch
 
 BASE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=16, vocab_size=500, init_method="small")
@@ -17,3 +17,8 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     labels = torch.randint(0, BASE["vocab_size"], (2, BASE["seq_length"]), generator=g)
     loss_mask = (torch.rand(2, BASE["seq_length"], generator=g) > 0.2).float()
     return tokens, labels, loss_mask
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of the reference `b`."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()

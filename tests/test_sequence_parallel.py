@@ -23,7 +23,7 @@ from megatron_snm.tensor_parallel.layers import (
 )
 from megatron_snm.tensor_parallel.utils import gather_full, gather_full_like
 from megatron_snm.training.monitor import StabilityMonitor
-from tests.model_shapes import batch, tiny
+from tests.model_shapes import batch, relative_error, tiny
 
 TOL = 1e-5
 REL_TOL = 1e-5
@@ -151,18 +151,14 @@ def _run(config):
     return loss.item(), weights, grads, monitor.figures()
 
 
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
-
-
 def _compare(run, ref):
     (loss, weights, grads, figures), (ref_loss, ref_weights, ref_grads, ref_figures) = run, ref
     assert grads.keys() == ref_grads.keys() and figures.keys() == ref_figures.keys()
     return {
         "loss": abs(loss - ref_loss) / abs(ref_loss),
-        "weights": max(_rel(weights[n], ref_weights[n]) for n in weights),
-        "grads": max(_rel(grads[n], ref_grads[n]) for n in grads),
-        "worst_grad": max(grads, key=lambda n: _rel(grads[n], ref_grads[n])),
+        "weights": max(relative_error(weights[n], ref_weights[n]) for n in weights),
+        "grads": max(relative_error(grads[n], ref_grads[n]) for n in grads),
+        "worst_grad": max(grads, key=lambda n: relative_error(grads[n], ref_grads[n])),
         "zero_grads": [n for n, g in grads.items() if not g.abs().sum() > 0],
         "monitor": max(abs(figures[k] - ref_figures[k]) / max(abs(ref_figures[k]), 1e-12) for k in figures),
         "figures": len(figures),

@@ -13,7 +13,7 @@ from megatron_snm.model.gpt import GPTModel, gpt_loss
 from megatron_snm.training.monitor import StabilityMonitor
 from megatron_snm.parallel import rng as tp_random, state
 from megatron_snm.tensor_parallel.utils import gather_full, gather_full_like
-from tests.model_shapes import batch, tiny
+from tests.model_shapes import batch, relative_error, tiny
 
 TINY = tiny()
 MODES = ("none", "layernorm", "scaled", "detach")
@@ -45,19 +45,15 @@ def _run(config):
     return loss.item(), weights, grads
 
 
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
-
-
 def _compare(run, ref):
     loss, weights, grads = run
     ref_loss, ref_weights, ref_grads = ref
     assert weights.keys() == ref_weights.keys()
     return {
         "loss": abs(loss - ref_loss) / abs(ref_loss),
-        "weights": max(_rel(weights[n], ref_weights[n]) for n in weights),
-        "grads": max(_rel(grads[n], ref_grads[n]) for n in grads),
-        "worst_grad": max(grads, key=lambda n: _rel(grads[n], ref_grads[n])),
+        "weights": max(relative_error(weights[n], ref_weights[n]) for n in weights),
+        "grads": max(relative_error(grads[n], ref_grads[n]) for n in grads),
+        "worst_grad": max(grads, key=lambda n: relative_error(grads[n], ref_grads[n])),
         "zero_grads": [n for n, g in grads.items() if not g.abs().sum() > 0],
     }
 
@@ -87,7 +83,7 @@ def _tp_body(rank, world):
     results["monitor"] = max(abs(figures[k] / reference_figures[k] - 1) for k in figures)
     bf16_loss, _, bf16_grads = _run(replace(bf16, tensor_parallel_size=world))  # bf16 collectives on gloo; only rounding may differ
     results["bf16"] = (abs(bf16_loss / reference_bf16[0] - 1),
-                       max(_rel(bf16_grads[n].float(), reference_bf16[2][n].float()) for n in bf16_grads))
+                       max(relative_error(bf16_grads[n].float(), reference_bf16[2][n].float()) for n in bf16_grads))
 
     # Attention dropout on split heads: recompute must replay each rank's own masks.
     dropout = dict(TINY, hidden_dropout=0.2, attention_dropout=0.2)
