@@ -10,7 +10,7 @@ from megatron_snm.model.config import GPTConfig, padded_vocab_size
 from megatron_snm.model.embedding import GPTEmbedding
 from megatron_snm.model.gpt import GPTModel, gpt_loss
 from megatron_snm.model.presets import MODEL_PRESETS
-from megatron_snm.model.transformer import FinalLayerNorm, TransformerBlock
+from megatron_snm.model.transformer import FinalNorm, TransformerBlock
 from tests.model_shapes import tiny
 
 TINY = tiny(num_layers=3, hidden_size=32, seq_length=12, vocab_size=300)
@@ -55,7 +55,7 @@ def test_model_is_its_pieces_in_sequence_and_pieces_are_deterministic():
     # Built alone, in another order, after other work that moves the global RNG:
     torch.rand(1000)
     block3, block1 = TransformerBlock(config, 3), TransformerBlock(config, 1)
-    embedding, final = GPTEmbedding(config), FinalLayerNorm(config)
+    embedding, final = GPTEmbedding(config), FinalNorm(config)
     for piece, ref in ((embedding, model.embedding), (block1, model.layers[0]), (block3, model.layers[2]),
                        (final, model.final_norm)):
         for (name, p), (_, q) in zip(piece.state_dict().items(), ref.state_dict().items()):

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from megatron_snm.model.config import EMBEDDING_NORMS, INIT_METHODS
+from megatron_snm.model.config import EMBEDDING_NORMS, INIT_METHODS, POSITION_EMBEDDING_TYPES
 from megatron_snm.model.presets import MODEL_PRESETS
 from megatron_snm.training.lr_schedule import STYLES
 
@@ -31,10 +31,40 @@ class ModelArgs:
     num_layers: int | None = _opt(None, "number of transformer blocks", type=int)
     hidden_size: int | None = _opt(None, "hidden size d", type=int)
     num_attention_heads: int | None = _opt(None, "attention heads", type=int)
-    ffn_hidden_size: int | None = _opt(None, "FFN inner size (default 4 x hidden)", type=int)
+    ffn_hidden_size: int | None = _opt(None, "FFN inner size (default 4 x hidden; with --swiglu Megatron's "
+                                       "int(8 h / 3 / 64) x 64)", type=int)
     seq_length: int | None = _opt(None, "tokens per sample", type=int)
-    max_position_embeddings: int | None = _opt(None, "rows of the learned position table (>= --seq-length; "
+    max_position_embeddings: int | None = _opt(None, "the longest sequence: rows of the learned position table, "
+                                               "the longest generation with rotary positions (>= --seq-length; "
                                                "default --seq-length)", type=int)
+    # The architecture (Megatron-LM's flags): GPT-2 by default; a Llama-family model is --position-embedding-type
+    # rope --normalization RMSNorm --swiglu --group-query-attention --num-query-groups G --disable-bias-linear
+    # --untie-embeddings-and-output-weights.
+    position_embedding_type: str = _opt("learned_absolute", "positions: learned_absolute (GPT-2's table), rope "
+                                        "(rotary, in attention), none", choices=POSITION_EMBEDDING_TYPES)
+    use_rotary_position_embeddings: bool = _opt(False, "Megatron-DeepSpeed's name of --position-embedding-type rope",
+                                                action="store_true")
+    rotary_base: int = _opt(10000, "rotary positions: the base of the angles' geometric series (Llama 3: 500000)",
+                            type=int)
+    rotary_percent: float = _opt(1.0, "rotary positions: the share of each head's channels rotated", type=float)
+    rotary_interleaved: bool = _opt(False, "rotary positions: rotate (even, odd) channel pairs (RoFormer) instead "
+                                    "of (first half, second half) (Llama)", action="store_true")
+    normalization: str = _opt("LayerNorm", "every norm of the model, Embed LN's too: LayerNorm or RMSNorm "
+                              "(Megatron-DeepSpeed's layernorm / rmsnorm are accepted)",
+                              choices=("LayerNorm", "RMSNorm", "layernorm", "rmsnorm"))
+    apply_layernorm_1p: bool = _opt(False, "norm gains stored zero-centred, the norm multiplying by (1 + gain)",
+                                    action="store_true")
+    swiglu: bool = _opt(False, "the MLP is SwiGLU (silu-gated, three matrices) instead of GELU", action="store_true")
+    group_query_attention: bool = _opt(False, "grouped-query attention with --num-query-groups key/value heads",
+                                       action="store_true")
+    num_query_groups: int = _opt(1, "with --group-query-attention: key/value heads (divides the attention heads "
+                                 "and the TP size divides it)", type=int)
+    num_key_value_heads: int | None = _opt(None, "Megatron-DeepSpeed's name: grouped-query attention with this "
+                                           "many key/value heads (= --num-attention-heads: multi-head)", type=int)
+    kv_channels: int | None = _opt(None, "channels per attention head (default --hidden-size / "
+                                   "--num-attention-heads)", type=int)
+    add_bias_linear: bool = _opt(True, "no biases in the linear layers (QKV, W_O, the MLP's)", action="store_false",
+                                 flags=("--disable-bias-linear",))
     init_method: str = _opt("normal", "'normal': N(0, --init-method-std); 'small': sigma = sqrt(2/(5d))",
                             choices=INIT_METHODS)
     init_method_std: float = _opt(0.02, "std of the 'normal' init", type=float)
@@ -49,7 +79,8 @@ class ModelArgs:
                                                      "the embedding's", action="store_true")
     hidden_dropout: float = _opt(0.0, "dropout on the residual branches and embedding", type=float)
     attention_dropout: float = _opt(0.0, "dropout on the attention probabilities", type=float)
-    layernorm_epsilon: float = _opt(1e-5, "LayerNorm epsilon", type=float)
+    layernorm_epsilon: float = _opt(1e-5, "the norms' epsilon", type=float,
+                                    flags=("--norm-epsilon", "--layernorm-epsilon"))
     openai_gelu: bool = _opt(False, "GELU's tanh approximation, as GPT-2 (needed to continue an imported GPT-2)",
                              action="store_true")
     recompute_activations: bool = _opt(False, "recompute attention's core (softmax(QK^T)V) in the backward pass: "
@@ -303,21 +334,15 @@ class CompatArgs:
     overlap_param_gather: bool = _no_effect(False, "DeepSpeed schedules the parameter gathers", **_FLAG)
     apply_query_key_layer_scaling: bool = _no_effect(False, "mathematically a no-op (Megatron's fp16 overflow "
                                                      "guard); attention is PyTorch's SDPA", **_FLAG)
+    no_query_key_layer_scaling: bool = _no_effect(False, "query-key layer scaling is never applied here (Megatron-"
+                                                  "DeepSpeed's flag to turn it off)", **_FLAG)
     timing_log_level: int | None = _no_effect(None, "the timers are always the same few (see "
                                               "--log-timers-to-tensorboard)", type=int)
     dataloader_type: str | None = _no_effect(None, "the sampler is always Megatron's 'single' (in order from "
                                              "the consumed samples); cyclic and external are refused",
                                              choices=("single", "cyclic", "external"))
-    position_embedding_type: str = _opt("learned_absolute", "only learned_absolute (GPT-2's) exists here",
-                                        choices=("learned_absolute", "rope", "relative", "none"))
-    normalization: str = _opt("LayerNorm", "only LayerNorm exists here", choices=("LayerNorm", "RMSNorm"))
-    swiglu: bool = _refused(False, "the FFN is GPT-2's GeLU MLP; drop --swiglu", **_FLAG)
     num_experts: int | None = _refused(None, "mixture-of-experts layers do not exist here; drop --num-experts",
                                        type=int)
-    group_query_attention: bool = _refused(False, "attention is multi-head; drop --group-query-attention", **_FLAG)
-    num_query_groups: int | None = _refused(None, "attention is multi-head; drop --num-query-groups", type=int)
-    disable_bias_linear: bool = _refused(False, "linear layers always have biases (GPT-2); drop "
-                                         "--disable-bias-linear", **_FLAG)
     rampup_batch_size: list[str] | None = _refused(None, "the global batch size is fixed; drop "
                                                    "--rampup-batch-size and give --global-batch-size", nargs="+")
     step_batch_size_schedule: str | None = _refused(None, "the global batch size is fixed; drop "

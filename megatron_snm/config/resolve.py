@@ -27,7 +27,7 @@ from megatron_snm.config.flags import (
 )
 from megatron_snm.data.gpt_dataset import parse_split
 from megatron_snm.model.attention import check_attention_backend
-from megatron_snm.model.config import GPTConfig
+from megatron_snm.model.config import GPTConfig, default_ffn_hidden_size
 from megatron_snm.model.presets import MODEL_PRESETS
 from megatron_snm.parallel.dims import ParallelDims
 from megatron_snm.training import deepspeed_config
@@ -103,7 +103,7 @@ def gpt_config_of(flags: Flags, vocab_size: int, tensor_parallel_size: int = 1) 
         model, recompute_granularity=model.recompute_granularity or ("full" if aliases else None),
         recompute_method=model.recompute_method or "uniform", recompute_num_layers=model.recompute_num_layers or 1,
         max_position_embeddings=model.max_position_embeddings or model.seq_length)
-    return _gpt_config(model, vocab_size, tensor_parallel_size, dtype)
+    return _gpt_config(_architecture(model), vocab_size, tensor_parallel_size, dtype)
 
 
 def _gpt_config(model: ModelArgs, vocab_size: int, tensor_parallel_size: int, params_dtype: torch.dtype,
@@ -156,12 +156,6 @@ def _compat(compat: CompatArgs) -> list[str]:
         if "no_effect" in f.metadata:
             notes.append(f"{_flag(f.name)}{'' if value is True else ' ' + str(value)} has no effect: "
                          f"{f.metadata['no_effect']}")
-    if compat.position_embedding_type != "learned_absolute":
-        raise ConfigError(f"--position-embedding-type {compat.position_embedding_type} is not supported: positions "
-                          "are GPT-2's learned table; use --position-embedding-type learned_absolute (or drop it)")
-    if compat.normalization != "LayerNorm":
-        raise ConfigError(f"--normalization {compat.normalization} is not supported: use LayerNorm (or drop it); "
-                          "the paper's fix is about LayerNorm")
     return notes
 
 
@@ -195,7 +189,7 @@ def _attention(model: ModelArgs, params_dtype: torch.dtype) -> ModelArgs:
         backend = "flash"
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
-        check_attention_backend(backend, device, params_dtype, model.hidden_size // model.num_attention_heads,
+        check_attention_backend(backend, device, params_dtype, model.kv_channels,
                                 dropout=model.attention_dropout > 0)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -272,7 +266,34 @@ def _model_defaults(model: ModelArgs) -> ModelArgs:
     model = _recompute(model)
     if model.max_position_embeddings is None:
         model = dataclasses.replace(model, max_position_embeddings=model.seq_length)
-    return model
+    return _architecture(model)
+
+
+def _architecture(model: ModelArgs) -> ModelArgs:
+    """The architecture flags in Megatron-LM's spelling, with Megatron-DeepSpeed's aliases folded in and
+    Megatron's derived defaults filled (--ffn-hidden-size, --kv-channels, the query groups)."""
+    positions = model.position_embedding_type
+    if model.use_rotary_position_embeddings:
+        if positions not in ("learned_absolute", "rope"):
+            raise ConfigError(f"--use-rotary-position-embeddings conflicts with --position-embedding-type {positions}")
+        positions = "rope"
+    groups = model.num_query_groups if model.group_query_attention else model.num_attention_heads
+    if model.num_key_value_heads is not None:
+        if model.group_query_attention and model.num_query_groups != model.num_key_value_heads:
+            raise ConfigError(f"--num-key-value-heads ({model.num_key_value_heads}) conflicts with --num-query-groups "
+                              f"({model.num_query_groups}): give one")
+        groups = model.num_key_value_heads
+    if groups < 1:
+        raise ConfigError(f"--num-query-groups must be >= 1, got {groups}")
+    if model.kv_channels is None and model.hidden_size % model.num_attention_heads:
+        raise ConfigError(f"--hidden-size ({model.hidden_size}) must be divisible by --num-attention-heads "
+                          f"({model.num_attention_heads}), or give --kv-channels")
+    return dataclasses.replace(
+        model, position_embedding_type=positions, use_rotary_position_embeddings=False,
+        normalization={"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}.get(model.normalization, model.normalization),
+        group_query_attention=groups != model.num_attention_heads, num_query_groups=groups, num_key_value_heads=None,
+        ffn_hidden_size=model.ffn_hidden_size or default_ffn_hidden_size(model.hidden_size, model.swiglu),
+        kv_channels=model.kv_channels or model.hidden_size // model.num_attention_heads)
 
 
 def _positive(**flags: int | None) -> None:

@@ -21,7 +21,7 @@ from megatron_snm.checkpoint.layout import pipeline_stage_layers, resize_vocabul
 from megatron_snm.checkpoint.read import FullCheckpoint
 from megatron_snm.inference.kv_cache import KVCache
 from megatron_snm.model.embedding import GPTEmbedding
-from megatron_snm.model.transformer import FinalLayerNorm, TransformerBlock
+from megatron_snm.model.transformer import FinalNorm, TransformerBlock
 from megatron_snm.parallel import distributed, state
 from megatron_snm.parallel.dims import ParallelDims
 from megatron_snm.parallel.mappings import gather_from_tensor_model_parallel_region
@@ -89,7 +89,7 @@ class InferenceGPT:
         # The last stage's output layer is the embedding table (tied), so it holds a copy too.
         self.embedding = build(GPTEmbedding, "embedding.") if runtime.is_first_stage or runtime.is_last_stage else None
         self.blocks = [build(TransformerBlock, f"layers.{n}.", n + 1) for n in self.block_numbers]
-        self.final_norm = build(FinalLayerNorm, "final_norm.") if runtime.is_last_stage else None
+        self.final_norm = build(FinalNorm, "final_norm.") if runtime.is_last_stage else None
         self.dtype = dtype
 
     def new_caches(self, batch: int) -> list[KVCache]:

@@ -1,8 +1,13 @@
-"""Causal multi-head self-attention, heads split over tensor-parallel ranks.
+"""Causal self-attention with query groups, heads split over tensor-parallel ranks.
 
-QKV is one column-parallel projection whose output features are laid out head by head,
-[head, (q, k, v), head_dim] (Megatron's layout), so a contiguous slice of it is whole heads: each
-TP rank attends with its own heads, and W_O (row-parallel) sums the ranks' contributions.
+Multi-head attention (GPT-2) has one key/value head per query head; grouped-query attention
+(`--group-query-attention --num-query-groups G`, Llama 2/3) shares each key/value head among the
+heads / G query heads of its group, which shrinks K/V (and the inference KV cache) by heads / G.
+QKV is one column-parallel projection whose output features are laid out group by group,
+[group, (q_1 .. q_{heads/G}, k, v), head_dim] (Megatron's layout; with G = heads it is
+[head, (q, k, v), head_dim]), so a contiguous slice of it is whole groups: each TP rank attends with
+its own groups, and W_O (row-parallel) sums the ranks' contributions. With rotary positions
+(model/rotary.py) the queries and keys are rotated by their positions before the product.
 
 The core, softmax(QK^T / sqrt(d)) V, is PyTorch's SDPA on the kernel `--attention-backend` names
 (Megatron's names mapped onto SDPA's: flash -> FLASH_ATTENTION, fused -> EFFICIENT_ATTENTION,
@@ -21,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.init import output_weight_init, weight_init
+from megatron_snm.model.rotary import RotaryEmbedding
 from megatron_snm.parallel.rng import checkpoint, get_rng_tracker
 from megatron_snm.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -54,20 +60,25 @@ def check_attention_backend(backend: str, device: torch.device, dtype: torch.dty
 class CausalSelfAttention(torch.nn.Module):
     def __init__(self, config: GPTConfig, layer_number: int):
         super().__init__()
-        self.local_heads = config.num_attention_heads // config.tensor_parallel_size
+        tp = config.tensor_parallel_size
+        self.local_heads = config.num_attention_heads // tp
+        self.local_groups = config.num_query_groups // tp
         self.head_dim = config.head_dim
         self.dropout_p = config.attention_dropout
         self.backend = config.attention_backend
         self.recompute_core = config.recompute_granularity == "selective"
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_base, config.rotary_interleaved) \
+            if config.position_embedding_type == "rope" else None
+        projection = config.num_attention_heads * config.head_dim
         name = f"layers.{layer_number}.attention"
         self.qkv = ColumnParallelLinear(
-            config.hidden_size, 3 * config.hidden_size,
-            init_fn=weight_init(config, f"{name}.qkv"), tp_size=config.tensor_parallel_size,
+            config.hidden_size, projection + 2 * config.num_query_groups * config.head_dim,
+            init_fn=weight_init(config, f"{name}.qkv"), tp_size=tp, bias=config.add_bias_linear,
             sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
         )
         self.dense = RowParallelLinear(  # W_O
-            config.hidden_size, config.hidden_size, input_is_parallel=True,
-            init_fn=output_weight_init(config, f"{name}.dense"), tp_size=config.tensor_parallel_size,
+            projection, config.hidden_size, input_is_parallel=True, bias=config.add_bias_linear,
+            init_fn=output_weight_init(config, f"{name}.dense"), tp_size=tp,
             sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
         )
 
@@ -87,15 +98,22 @@ class CausalSelfAttention(torch.nn.Module):
         cached: their keys and values are appended, and they attend to all the cached ones."""
         qkv = self.qkv(x)
         b, s, _ = qkv.shape
-        qkv = qkv.view(b, s, self.local_heads, 3, self.head_dim)
-        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [b, local_heads, s, head_dim]
+        per_group = self.local_heads // self.local_groups
+        qkv = qkv.view(b, s, self.local_groups, per_group + 2, self.head_dim)
+        q, k, v = qkv.split([per_group, 1, 1], dim=3)
+        q = q.reshape(b, s, self.local_heads, self.head_dim).transpose(1, 2)  # [b, local_heads, s, head_dim]
+        k, v = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)  # [b, local_groups, s, head_dim]
+        past = kv_cache.length if kv_cache is not None else 0
+        if self.rotary is not None:
+            q, k = self.rotary(q, past), self.rotary(k, past)
         mask, causal = None, True
         if kv_cache is not None:
-            past = kv_cache.length
             k, v = kv_cache.append(k, v)
             if past:  # new token i sits at position past + i: it sees keys 0 .. past + i
                 causal = False
                 mask = None if s == 1 else torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
+        if per_group > 1:  # each group's key/value head serves its query heads
+            k, v = k.repeat_interleave(per_group, dim=1), v.repeat_interleave(per_group, dim=1)
         if self.recompute_core and self.training and torch.is_grad_enabled():
             context = checkpoint(self.core, q, k, v)  # replays the dropout mask exactly
         else:

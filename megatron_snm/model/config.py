@@ -12,10 +12,18 @@ from dataclasses import dataclass
 import torch
 
 EMBEDDING_NORMS = ("none", "layernorm", "scaled", "detach")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 INIT_METHODS = ("normal", "small")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
+
+
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    """Megatron-LM's default --ffn-hidden-size: 4 h, or with --swiglu 2/3 of that (its three matrices
+    then hold about as many weights as GELU's two) rounded down to a multiple of 64."""
+    return int(4 * hidden_size * 2 / 3 / 64) * 64 if swiglu else 4 * hidden_size
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: int = 128) -> int:
@@ -32,8 +40,20 @@ class GPTConfig:
     num_attention_heads: int
     seq_length: int
     vocab_size: int  # the tokenizer's; padded inside (see padded_vocab_size)
-    ffn_hidden_size: int | None = None  # default 4 * hidden_size
+    ffn_hidden_size: int | None = None  # default 4 * hidden_size; with swiglu Megatron's 8/3 h rounded down to 64
     max_position_embeddings: int | None = None  # rows of the position table; default seq_length
+    # The architecture's seams (Megatron-LM's flags and meanings). GPT-2: the defaults. Llama-family:
+    # rope, RMSNorm, swiglu, query groups, no biases, usually an untied output layer.
+    position_embedding_type: str = "learned_absolute"  # learned_absolute (a table) | rope | none
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0  # the share of each head's channels that rotary positions rotate
+    rotary_interleaved: bool = False  # rotate (even, odd) pairs (RoFormer) instead of (first, second) half (Llama)
+    normalization: str = "LayerNorm"  # every norm of the model: LayerNorm | RMSNorm (model/norm.py)
+    apply_layernorm_1p: bool = False  # norm gains stored zero-centred: the norm multiplies by (1 + weight)
+    swiglu: bool = False  # the MLP is SwiGLU: W_2 (silu(x W_gate) * x W_1) instead of W_2 gelu(x W_1)
+    num_query_groups: int | None = None  # grouped-query attention: K/V heads; default (None) = attention heads
+    kv_channels: int | None = None  # channels per attention head; default hidden_size / num_attention_heads
+    add_bias_linear: bool = True  # biases in QKV, W_O, W_1 (and W_gate), W_2 (--disable-bias-linear: none)
     init_method: str = "normal"  # "normal": N(0, init_method_std); "small": sigma = sqrt(2 / (5 d))
     init_method_std: float = 0.02
     scaled_init: bool = True  # W_O and W_2 get sigma / sqrt(2 N)
@@ -62,13 +82,22 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+            self.ffn_hidden_size = default_ffn_hidden_size(self.hidden_size, self.swiglu)
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.kv_channels is None and self.num_attention_heads > 0:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that rotary positions rotate (Megatron: kv_channels x rotary_percent)."""
+        return int(self.kv_channels * self.rotary_percent)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -87,15 +116,36 @@ class GPTConfig:
         for flag, value in positive.items():
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.hidden_size % self.num_attention_heads and self.kv_channels == self.hidden_size // self.num_attention_heads:
             raise ValueError(
                 f"--hidden-size ({self.hidden_size}) must be divisible by --num-attention-heads "
-                f"({self.num_attention_heads})"
+                f"({self.num_attention_heads}), or give --kv-channels"
             )
+        if self.kv_channels < 1:
+            raise ValueError(f"--kv-channels must be >= 1, got {self.kv_channels}")
+        groups = self.num_query_groups
+        if not 1 <= groups <= self.num_attention_heads or self.num_attention_heads % groups:
+            raise ValueError(f"--num-query-groups ({groups}) must divide --num-attention-heads "
+                             f"({self.num_attention_heads})")
         for flag, value in (("--num-attention-heads", self.num_attention_heads),
+                            ("--num-query-groups" if groups != self.num_attention_heads else "--num-attention-heads",
+                             groups),
                             ("--ffn-hidden-size", self.ffn_hidden_size)):
             if value % tp:
                 raise ValueError(f"{flag} ({value}) must be divisible by --tensor-model-parallel-size ({tp})")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(f"--position-embedding-type must be one of {POSITION_EMBEDDING_TYPES}, got "
+                             f"{self.position_embedding_type!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"--normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.position_embedding_type == "rope":
+            if not 0.0 < self.rotary_percent <= 1.0:
+                raise ValueError(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
+            if self.rotary_dim < 2 or self.rotary_dim % 2:
+                raise ValueError(f"rotary positions rotate pairs of channels: --kv-channels ({self.kv_channels}) x "
+                                 f"--rotary-percent ({self.rotary_percent}) = {self.rotary_dim} must be even and >= 2")
+            if self.rotary_base < 1:
+                raise ValueError(f"--rotary-base must be >= 1, got {self.rotary_base}")
         if self.sequence_parallel and self.seq_length % tp:
             raise ValueError(f"--sequence-parallel splits the sequence over the TP ranks: --seq-length "
                              f"({self.seq_length}) must be divisible by --tensor-model-parallel-size ({tp})")

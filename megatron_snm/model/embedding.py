@@ -11,7 +11,8 @@ to give the embedding output a std near 1 without touching anything else:
 
     none       e = E[tokens] + P[positions]                     vanilla baseline, std ~ sqrt(2) sigma
     layernorm  e = LN(E[tokens] + P[positions])                 "Embed LN" (as in BLOOM); std ~ 1.
-               The paper's recommendation with scaled init, and our default.
+               The paper's recommendation with scaled init, and our default. LN is the model's
+               norm: an RMSNorm under --normalization RMSNorm (rms ~ 1).
     scaled     e = sqrt(d) * E[tokens] + P[positions]           "Scaled Embed" (as in Vaswani et al.):
                a forward multiply, no new parameters; std ~ sqrt(d) sigma = sqrt(2/5) ~ 0.63 with
                the small init. It is NOT the same as initialising E with std 1: E is tied to the
@@ -20,6 +21,9 @@ to give the embedding output a std near 1 without touching anything else:
     detach     e = a E[tokens] + (1 - a) stopgrad(E[tokens]) + P  "Embed Detach" (GLM-130B), the
                paper's other baseline: forward unchanged, the token-embedding gradient scaled by
                a = --embed-detach-alpha (0.1). Does not change std(e).
+
+With rotary positions (or none) there is no table P: the terms in P drop out of every mode above,
+and the paper's analysis is unchanged (the first norm reads E[tokens], std ~ sigma, alone).
 
 Each TP rank computes the same embedding output (the lookup is all-reduced over the vocabulary
 split), so everything after it is replicated. With --sequence-parallel the lookup is reduce-scattered
@@ -38,7 +42,7 @@ import torch
 
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.init import initialized_parameter, weight_init
-from megatron_snm.model.layer_norm import FusedLayerNorm
+from megatron_snm.model.norm import build_norm
 from megatron_snm.parallel import rng
 from megatron_snm.parallel.mappings import scatter_to_sequence_parallel_region
 from megatron_snm.tensor_parallel.layers import VocabParallelEmbedding, column_parallel_linear
@@ -66,12 +70,13 @@ class GPTEmbedding(torch.nn.Module):
         self.max_positions = config.max_position_embeddings
         self.sequence_parallel = config.sequence_parallel
         self.word_embeddings = word_embeddings(config)
+        # Only a learned table lives here; rotary positions act inside attention (model/rotary.py), and
+        # with them (or none) the embedding's output is a function of the token id alone.
         self.position_embeddings = initialized_parameter(
             (config.max_position_embeddings, config.hidden_size), weight_init(config, "embedding.position"), config.params_dtype
-        )
-        if self.embedding_norm == "layernorm":
-            self.norm = FusedLayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype,
-                                       sequence_parallel=config.sequence_parallel)
+        ) if config.position_embedding_type == "learned_absolute" else None
+        if self.embedding_norm == "layernorm":  # the model's norm: LayerNorm, or RMSNorm in a Llama
+            self.norm = build_norm(config)
         self.scale = math.sqrt(config.hidden_size)
         self.detach_alpha = config.embed_detach_alpha
         self.dropout = torch.nn.Dropout(config.hidden_dropout)
@@ -88,10 +93,12 @@ class GPTEmbedding(torch.nn.Module):
             words = words * self.scale
         elif self.embedding_norm == "detach":
             words = words * self.detach_alpha + words.detach() * (1.0 - self.detach_alpha)
-        positions = self.position_embeddings[position_offset:position_offset + s]
-        if self.sequence_parallel:  # this shard's rows; their gradient is all-gathered back in backward
-            positions = scatter_to_sequence_parallel_region(positions, dim=0)
-        hidden = words + positions
+        hidden = words
+        if self.position_embeddings is not None:
+            positions = self.position_embeddings[position_offset:position_offset + s]
+            if self.sequence_parallel:  # this shard's rows; their gradient is all-gathered back in backward
+                positions = scatter_to_sequence_parallel_region(positions, dim=0)
+            hidden = words + positions
         if self.embedding_norm == "layernorm":
             hidden = self.norm(hidden)
         return rng.dropout(self.dropout, hidden, split=self.sequence_parallel)

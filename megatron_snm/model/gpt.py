@@ -1,4 +1,4 @@
-"""The GPT model: embedding -> N pre-LN blocks -> final LayerNorm -> vocabulary-parallel output
+"""The GPT model: embedding -> N pre-norm blocks -> final norm -> vocabulary-parallel output
 (tied to the embedding's table, or its own with --untie-embeddings-and-output-weights).
 
 `gpt_layers(config)` describes the model once, as the sequence of its layers. `GPTModel` builds
@@ -14,7 +14,7 @@ import torch
 
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.embedding import GPTEmbedding, TiedOutputLayer, UntiedOutputLayer
-from megatron_snm.model.transformer import FinalLayerNorm, TransformerBlock, recompute_plan, run_blocks
+from megatron_snm.model.transformer import FinalNorm, TransformerBlock, recompute_plan, run_blocks
 from megatron_snm.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
 TIED_EMBEDDING = "embedding"  # the layers that share `word_embeddings.weight`
@@ -36,7 +36,7 @@ def gpt_layers(config: GPTConfig) -> list[LayerDef]:
     return [
         LayerDef("embedding", GPTEmbedding, (config,), tied=TIED_EMBEDDING),
         *[LayerDef(f"layers.{n}", TransformerBlock, (config, n)) for n in range(1, config.num_layers + 1)],
-        LayerDef("final_norm", FinalLayerNorm, (config,)),
+        LayerDef("final_norm", FinalNorm, (config,)),
         LayerDef("output", UntiedOutputLayer, (config,)) if config.untie_embeddings_and_output_weights
         else LayerDef("output", TiedOutputLayer, (config,), tied=TIED_EMBEDDING),
     ]

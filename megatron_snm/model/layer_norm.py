@@ -150,16 +150,18 @@ class FusedLayerNorm(torch.nn.Module):
     weight and bias are summed over the TP ranks (tensor_parallel/layers.sequence_parallel_parameter)."""
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, device=None, dtype=None,
-                 sequence_parallel=False):
+                 sequence_parallel=False, zero_centered_gamma=False):
         super().__init__()
         self.sequence_parallel = sequence_parallel
+        self.zero_centered_gamma = zero_centered_gamma
         if isinstance(normalized_shape, int):
             normalized_shape = (normalized_shape,)
         self.normalized_shape = tuple(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
-            self.weight = torch.nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
+            init = torch.zeros if zero_centered_gamma else torch.ones
+            self.weight = torch.nn.Parameter(init(self.normalized_shape, device=device, dtype=dtype))
             self.bias = torch.nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
@@ -174,6 +176,8 @@ class FusedLayerNorm(torch.nn.Module):
         weight, bias = self.weight, self.bias
         if self.sequence_parallel:
             weight, bias = sequence_parallel_parameter(weight), sequence_parallel_parameter(bias)
+        if self.zero_centered_gamma:
+            weight = weight + 1
         return fused_layer_norm(x, weight, bias, self.eps, self.normalized_shape)
 
     def extra_repr(self):

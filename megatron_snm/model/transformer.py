@@ -1,7 +1,11 @@
-"""The pre-LN Transformer block (GPT-2), and the final LayerNorm.
+"""The pre-norm Transformer block, and the final norm.
 
-    x = x + dropout(attention(LN_1(x)))
-    x = x + dropout(mlp(LN_2(x)))
+    x = x + dropout(attention(norm_1(x)))
+    x = x + dropout(mlp(norm_2(x)))
+
+The parts come from the seams: the norm from model/norm.py (LayerNorm or RMSNorm), the MLP from
+model/mlp.py (GELU or SwiGLU), attention with its query groups and position scheme from
+model/attention.py. GPT-2 and Llama-family blocks differ only in those choices.
 
 Activation recompute (parallel/rng.checkpoint, which replays the dropout masks exactly):
 `--recompute-granularity full` recomputes whole blocks, either a block alone (`recompute` set on it:
@@ -19,8 +23,8 @@ import torch
 
 from megatron_snm.model.attention import CausalSelfAttention
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.model.layer_norm import FusedLayerNorm
-from megatron_snm.model.mlp import MLP
+from megatron_snm.model.mlp import build_mlp
+from megatron_snm.model.norm import build_norm
 from megatron_snm.parallel import rng
 from megatron_snm.parallel.rng import checkpoint
 
@@ -38,11 +42,10 @@ class TransformerBlock(torch.nn.Module):
         # (recompute_plan), since "the first N blocks of the stage" depends on the stage.
         self.recompute = False
         self.sequence_parallel = config.sequence_parallel
-        h, eps, dtype, sp = config.hidden_size, config.layernorm_epsilon, config.params_dtype, config.sequence_parallel
-        self.ln_1 = FusedLayerNorm(h, eps=eps, dtype=dtype, sequence_parallel=sp)
+        self.ln_1 = build_norm(config)
         self.attention = CausalSelfAttention(config, layer_number)
-        self.ln_2 = FusedLayerNorm(h, eps=eps, dtype=dtype, sequence_parallel=sp)
-        self.mlp = MLP(config, layer_number)
+        self.ln_2 = build_norm(config)
+        self.mlp = build_mlp(config, layer_number)
         self.dropout = torch.nn.Dropout(config.hidden_dropout)
 
     def _forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
@@ -90,11 +93,12 @@ def run_blocks(blocks, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
     return hidden
 
 
-class FinalLayerNorm(torch.nn.Module):
+class FinalNorm(torch.nn.Module):
+    """The norm after the last block (its own layer, so a pipeline's last stage can hold it)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.norm = FusedLayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype,
-                                   sequence_parallel=config.sequence_parallel)
+        self.norm = build_norm(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)

@@ -1,8 +1,9 @@
 """Stability monitor: measures the paper's two mechanisms behind loss spikes in a model being trained.
 
 1. Residual-stream growth: std of the hidden states after the embedding and after each block.
-2. LayerNorm gradient amplification: for each LayerNorm, the norm of the gradient arriving at its
-   output and of the gradient it sends to its input; their ratio is ~1/std(input), so LayerNorms
+2. Norm gradient amplification: for each norm (LayerNorm or RMSNorm: model/norm.py), the norm of the
+   gradient arriving at its output and of the gradient it sends to its input; their ratio is
+   ~1/std(input) for LayerNorm and ~1/rms(input) for RMSNorm (figures keep the `ln_` names), so norms
    reading a small-std residual stream (shallow layers with a small-std embedding) blow the
    gradient up. Also the parameter-gradient norm of the embedding (its table, tied to the output
    layer, with the position table and Embed LN), of each block and of the final LayerNorm, so a
@@ -33,8 +34,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_snm.model.embedding import GPTEmbedding
-from megatron_snm.model.layer_norm import FusedLayerNorm
-from megatron_snm.model.transformer import FinalLayerNorm, TransformerBlock
+from megatron_snm.model.norm import is_norm
+from megatron_snm.model.transformer import FinalNorm, TransformerBlock
 from megatron_snm.parallel import state
 from megatron_snm.tensor_parallel.utils import is_tensor_parallel
 
@@ -78,7 +79,7 @@ class StabilityMonitor:
                 yield name, module
                 yield f"{name}.ln_1", module.ln_1
                 yield f"{name}.ln_2", module.ln_2
-            elif isinstance(module, FinalLayerNorm):
+            elif isinstance(module, FinalNorm):
                 yield "final_norm", module  # its parameters' gradient norm
                 yield "final_norm", module.norm  # its LayerNorm figures
 
@@ -87,13 +88,13 @@ class StabilityMonitor:
             def residual_std(mod, inputs, output):
                 self._record(f"residual_std/{name}", output)
             yield module.register_forward_hook(residual_std)
-        if isinstance(module, (GPTEmbedding, TransformerBlock, FinalLayerNorm)):
+        if isinstance(module, (GPTEmbedding, TransformerBlock, FinalNorm)):
             for param in module.parameters():
                 key = (name, is_tensor_parallel(param))
                 def grad_sq(grad, key=key):
                     self._grad_sq[key] += float(grad.detach().float().pow(2).sum())
                 yield param.register_hook(grad_sq)
-        if isinstance(module, FusedLayerNorm):
+        if is_norm(module):  # LayerNorm or RMSNorm: both amplify by ~1 / the input's std (rms)
             def input_std(mod, inputs, output):
                 self._record(f"ln_input_std/{name}", inputs[0])
             def grad_norms(mod, grad_input, grad_output):
@@ -145,6 +146,9 @@ class StabilityMonitor:
             else:  # a gradient's L2 norm
                 values = moments[:, 2].sqrt().tolist()
             figures[key] = sum(values) / len(values)
+            if key.startswith("ln_input_std/"):  # RMSNorm's reference: it amplifies by ~1/rms(input)
+                rms = [(row[2] / max(row[0], 1.0)) ** 0.5 for row in moments.tolist()]
+                figures["ln_input_rms/" + key[len("ln_input_std/"):]] = sum(rms) / len(rms)
         for key in [k for k in figures if k.startswith("ln_grad_in/")]:
             name = key[len("ln_grad_in/"):]
             figures[f"ln_amplification/{name}"] = figures[key] / max(figures[f"ln_grad_out/{name}"], 1e-30)

@@ -27,7 +27,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: 
     embeddings = set()
     for module in model.modules():
         if isinstance(module, GPTEmbedding):
-            embeddings.update({id(module.word_embeddings.weight), id(module.position_embeddings)})
+            embeddings.update(id(p) for p in (module.word_embeddings.weight, module.position_embeddings)
+                              if p is not None)
         elif isinstance(module, TiedOutputLayer):
             embeddings.add(id(module.word_embeddings.weight))
     decay, no_decay = [], []
