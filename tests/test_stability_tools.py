@@ -65,6 +65,30 @@ def test_at_init_layernorm_amplification_is_one_over_input_std(sample_data, tmp_
         Image.open(path).verify()
 
 
+def test_at_init_llama_norms_amplify_by_one_over_input_rms(sample_data, tmp_path):
+    """The same mechanisms on a Llama-style model (rotary positions, RMSNorm, SwiGLU, query groups, no
+    biases): every RMSNorm multiplies the gradient by 1/rms_t token by token (times the share its
+    backward keeps), within 10% of 1/rms of the whole input on every Embed LN and Scaled Embed row but
+    the final norm's with small init, and the residual stream follows the additive rule and the
+    closed form (no position table: var_0 = sigma^2, d sigma^2 or 1)."""
+    out = run_tool("tools/stability_at_init.py", "--architecture", "llama", "--hidden-size", "64", "128",
+                   "--num-layers", "2", "4", "--embedding-norm", "none", "layernorm", "scaled", "detach",
+                   "--sigma", "small", "0.0134", "--data-path", sample_data / "c4_text_document",
+                   "--vocab-size", "500", "--batch-size", "2", "--seq-length", "64").stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert len(summary["results"]) == 2 * 2 * 4 * 2
+    for r in summary["results"]:
+        s = r["setting"]
+        assert s["architecture"] == "llama"
+        for row in r["layer_norms"]:
+            assert row["measured"] == pytest.approx(row["per_token"] * row["projection_kept"], rel=0.01), (s, row)
+            fix = s["embedding_norm"] in ("layernorm", "scaled")
+            if fix and not (row["name"] == "final_norm" and s["sigma"] == "small"):
+                assert row["rel_error"] < 0.10, (s, row)
+        assert max(r["residual_rel_error"]) < 0.10, s
+        assert r["residual_std_formula"][0] == pytest.approx(r["residual_std"][0], rel=0.1), s
+
+
 def test_at_init_refuses_bad_flags_in_one_line():
     proc = run_tool("tools/stability_at_init.py", "--hidden-size", "64", "--num-layers", "2", "--sigma", "big",
                     check=False)

@@ -42,6 +42,7 @@ from megatron_snm.data.indexed_dataset import IndexedDataset, IndexedDatasetErro
 from megatron_snm.model.config import EMBEDDING_NORMS, GPTConfig
 from megatron_snm.model.gpt import GPTModel
 from megatron_snm.model.init import output_sigma, sigma
+from megatron_snm.model.presets import ARCHITECTURES, architecture
 from megatron_snm.training.monitor import StabilityMonitor
 
 
@@ -52,11 +53,12 @@ class Setting:
     embedding_norm: str
     scaled_init: bool
     sigma: str  # "small" (sqrt(2/(5d))) or a fixed std such as "0.0132"
+    architecture: str = "gpt2"  # gpt2 | llama (model/presets.py)
 
     @property
     def label(self) -> str:
-        return (f"{self.embedding_norm}, {'scaled' if self.scaled_init else 'plain'} init, "
-                f"sigma={self.sigma}")
+        return (f"{'' if self.architecture == 'gpt2' else self.architecture + ', '}{self.embedding_norm}, "
+                f"{'scaled' if self.scaled_init else 'plain'} init, sigma={self.sigma}")
 
     def config(self, seq_length: int, vocab_size: int, seed: int) -> GPTConfig:
         fixed = self.sigma != "small"
@@ -64,7 +66,8 @@ class Setting:
                          num_attention_heads=max(1, self.hidden_size // 64), seq_length=seq_length,
                          vocab_size=vocab_size, init_method="normal" if fixed else "small",
                          init_method_std=float(self.sigma) if fixed else 0.02, scaled_init=self.scaled_init,
-                         embedding_norm=self.embedding_norm, seed=seed)
+                         embedding_norm=self.embedding_norm, seed=seed, **architecture(
+                             self.architecture, max(1, self.hidden_size // 64)))
 
 
 def token_batch(data_path: str | None, batch_size: int, seq_length: int, vocab_size: int, seed: int):
@@ -100,22 +103,41 @@ def gelu_square_mean(variance: float) -> float:
     return float((torch.nn.functional.gelu(z) ** 2).numpy() @ weights / weights.sum())
 
 
+def silu_square_mean(variance: float) -> float:
+    """E[SiLU(z)^2] for z ~ N(0, variance), by Gauss-Hermite quadrature."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    z = torch.tensor(nodes * math.sqrt(variance))
+    return float((torch.nn.functional.silu(z) ** 2).numpy() @ weights / weights.sum())
+
+
 def closed_form(config: GPTConfig) -> tuple[float, float, float]:
-    """(var_0, var(attention output), var(FFN output)) at init, from the init alone."""
+    """(var_0, var(attention output), var(FFN output)) at init, from the init alone. The norm before
+    each sub-layer gives its input unit variance, so a first projection's outputs are N(0, d sigma^2).
+    Attention: the values (shared by a query group's heads, which changes nothing at init), averaged
+    near-uniformly over the causal prefix (rotary positions turn queries and keys, not values), through
+    W_O [heads x head_dim -> d]. FFN: W_2 of GELU(z) (GPT-2), or of SiLU(z_gate) * z_up with the two
+    independent (SwiGLU: E[SiLU^2] d sigma^2). Without a position table (rotary) the embedding's
+    variance is sigma^2 (none, detach) or d sigma^2 (scaled)."""
     d, s, sig, sig_out = config.hidden_size, config.seq_length, sigma(config), output_sigma(config)
-    var0 = {"none": 2 * sig**2, "detach": 2 * sig**2, "scaled": (d + 1) * sig**2, "layernorm": 1.0}
+    table = 1 if config.position_embedding_type == "learned_absolute" else 0
+    var0 = {"none": (1 + table) * sig**2, "detach": (1 + table) * sig**2, "scaled": (d + table) * sig**2,
+            "layernorm": 1.0}
     harmonic = sum(1.0 / t for t in range(1, s + 1))
-    attention = d * sig_out**2 * d * sig**2 * harmonic / s
-    ffn = config.ffn_hidden_size * sig_out**2 * gelu_square_mean(d * sig**2)
+    attention = config.num_attention_heads * config.head_dim * sig_out**2 * d * sig**2 * harmonic / s
+    if config.swiglu:
+        ffn = config.ffn_hidden_size * sig_out**2 * silu_square_mean(d * sig**2) * d * sig**2
+    else:
+        ffn = config.ffn_hidden_size * sig_out**2 * gelu_square_mean(d * sig**2)
     return var0[config.embedding_norm], attention, ffn
 
 
 def per_token_amplification_hooks(model: GPTModel, out: dict[str, tuple[float, float]]) -> list:
-    """Hooks that put into out[name], for each LayerNorm, (a) its amplification predicted token by
+    """Hooks that put into out[name], for each norm, (a) its amplification predicted token by
     token, sqrt(sum_t |g_t|^2 / std_t^2) / |g| with std_t = sqrt(var_t + eps) of token t's own
-    input: the exact factor where the tokens' stds differ (1/std of the whole tensor averages them);
-    and (b) the share of that kept by LayerNorm's backward, which removes from each g_t its mean and
-    its component along the normalised input x_hat_t: ~sqrt(1 - 2/d) for a g unrelated to x."""
+    input (RMSNorm: rms_t = sqrt(mean(x_t^2) + eps)): the exact factor where the tokens' stds differ
+    (1/std of the whole tensor averages them); and (b) the share of that kept by the norm's backward,
+    which removes from each g_t its component along the normalised input x_hat_t (and LayerNorm's,
+    its mean too): ~sqrt(1 - 2/d) (LayerNorm) or sqrt(1 - 1/d) (RMSNorm) for a g unrelated to x."""
     norms = [("embedding.norm", getattr(model.embedding, "norm", None)), ("final_norm", model.final_norm.norm)]
     norms += [(f"layer_{b.layer_number:02d}.{ln}", getattr(b, ln)) for b in model.layers for ln in ("ln_1", "ln_2")]
     inputs_seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -123,14 +145,16 @@ def per_token_amplification_hooks(model: GPTModel, out: dict[str, tuple[float, f
     for name, norm in norms:
         if norm is None:
             continue
-        def forward(mod, inputs, output, name=name):
+        rms = model.config.normalization == "RMSNorm"
+        def forward(mod, inputs, output, name=name, rms=rms):
             x = inputs[0].detach().double()
-            std = (x.var(-1, unbiased=False, keepdim=True) + mod.eps).sqrt()
-            inputs_seen[name] = ((x - x.mean(-1, keepdim=True)) / std, std)
-        def backward(mod, grad_input, grad_output, name=name):
+            centred = x if rms else x - x.mean(-1, keepdim=True)
+            std = (centred.pow(2).mean(-1, keepdim=True) + mod.eps).sqrt()
+            inputs_seen[name] = (centred / std, std)
+        def backward(mod, grad_input, grad_output, name=name, rms=rms):
             x_hat, std = inputs_seen[name]
             g = grad_output[0].detach().double()
-            kept = g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)
+            kept = g - (0 if rms else g.mean(-1, keepdim=True)) - x_hat * (g * x_hat).mean(-1, keepdim=True)
             per_token = (g / std).norm()
             out[name] = (float(per_token / g.norm()), float((kept / std).norm() / per_token))
         handles += [norm.register_forward_hook(forward), norm.register_full_backward_hook(backward)]
@@ -165,7 +189,9 @@ def measure(setting: Setting, tokens: torch.Tensor, labels: torch.Tensor, vocab_
     formula = [math.sqrt(var0_form + n * (attention_form + ffn_form)) for n in range(N + 1)]
     norms = (["embedding.norm"] if setting.embedding_norm == "layernorm" else []) + \
         [f"layer_{n:02d}.{ln}" for n in range(1, N + 1) for ln in ("ln_1", "ln_2")] + ["final_norm"]
-    layer_norms = [dict(name=name, input_std=f[f"ln_input_std/{name}"], predicted=1 / f[f"ln_input_std/{name}"],
+    # LayerNorm amplifies by ~1/std(x), RMSNorm by ~1/rms(x) (the monitor reports both).
+    reference = "ln_input_rms" if config.normalization == "RMSNorm" else "ln_input_std"
+    layer_norms = [dict(name=name, input_std=f[f"{reference}/{name}"], predicted=1 / f[f"{reference}/{name}"],
                         per_token=per_token[name][0], projection_kept=per_token[name][1],
                         measured=f[f"ln_amplification/{name}"]) for name in norms]
     for row in layer_norms:
@@ -251,6 +277,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, nargs="+", required=True, help="one or more d")
     p.add_argument("--num-layers", type=int, nargs="+", required=True, help="one or more depths N")
     p.add_argument("--embedding-norm", nargs="+", choices=EMBEDDING_NORMS, default=list(EMBEDDING_NORMS))
+    p.add_argument("--architecture", nargs="+", choices=ARCHITECTURES, default=["gpt2"],
+                   help="gpt2 (learned positions, LayerNorm, GELU) and/or llama (rotary, RMSNorm, SwiGLU, "
+                   "query groups, no biases)")
     p.add_argument("--scaled-init", nargs="+", choices=("on", "off"), default=["on"],
                    help="W_O/W_2 at sigma/sqrt(2N) (on) or sigma (off)")
     p.add_argument("--sigma", nargs="+", default=["small"],
@@ -287,8 +316,8 @@ def main(argv=None) -> int:
         print(f"stability_at_init.py: error: {err}", file=sys.stderr)
         return 2
     source = args.data_path or "uniform random tokens"
-    settings = [Setting(d, n, m, si == "on", sg) for d, n, m, si, sg in itertools.product(
-        args.hidden_size, args.num_layers, args.embedding_norm, args.scaled_init, args.sigma)]
+    settings = [Setting(d, n, m, si == "on", sg, a) for a, d, n, m, si, sg in itertools.product(
+        args.architecture, args.hidden_size, args.num_layers, args.embedding_norm, args.scaled_init, args.sigma)]
     print(f"{len(settings)} configuration(s), one forward/backward each on {args.batch_size} x {args.seq_length} "
           f"tokens of {source}")
     results = []

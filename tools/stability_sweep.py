@@ -41,6 +41,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from megatron_snm.model.config import EMBEDDING_NORMS
+from megatron_snm.model.presets import ARCHITECTURES, architecture_flags
 from megatron_snm.training.run_history import RunHistory, SpikeRules, stability_verdict
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain_gpt.py"
@@ -58,7 +59,7 @@ QUICK = dict(embedding_norm=["none", "layernorm"], lr=[3e-3, 1.0], clip_grad=[0.
              seq_length=32, batch_size=4, train_iters=30, eval_interval=10, eval_iters=2, log_interval=5,
              log_stability_interval=5, lr_warmup_iters=[0], split="80,20,0")
 
-SUMMARY_FIELDS = ["name", "embedding_norm", "lr", "seed", "sigma", "num_layers", "lr_warmup_iters", "adam_beta2",
+SUMMARY_FIELDS = ["name", "architecture", "embedding_norm", "lr", "seed", "sigma", "num_layers", "lr_warmup_iters", "adam_beta2",
                   "clip_grad", "status", "diverged", "diverged_reason", "loss_spikes", "grad_norm_spikes",
                   "max_grad_norm", "max_grad_norm_step", "max_captured_grad_norm", "max_captured_grad_norm_step",
                   "max_grad_norm_source", "max_captured_embedding_grad_share",
@@ -76,10 +77,11 @@ class Point:
     lr_warmup_iters: int
     adam_beta2: float
     clip_grad: float
+    architecture: str = "gpt2"
 
     @property
     def name(self) -> str:
-        return (f"{self.embedding_norm}_lr{self.lr:g}_seed{self.seed}_sigma{self.sigma}_L{self.num_layers}"
+        return (f"{'' if self.architecture == 'gpt2' else self.architecture + '_'}{self.embedding_norm}_lr{self.lr:g}_seed{self.seed}_sigma{self.sigma}_L{self.num_layers}"
                 f"_wu{self.lr_warmup_iters}_b2{self.adam_beta2:g}_clip{self.clip_grad:g}")
 
 
@@ -105,7 +107,7 @@ def command(args: argparse.Namespace, point: Point, run_dir: Path) -> list[str]:
         "--train-iters", str(args.train_iters), "--lr", f"{point.lr:g}", "--lr-warmup-iters", str(point.lr_warmup_iters),
         "--lr-decay-style", "cosine", "--adam-beta2", f"{point.adam_beta2:g}", "--clip-grad", f"{point.clip_grad:g}",
         "--data-path", *args.data_path, "--split", args.split, "--data-cache-path", str(args.output_dir / "index-cache"),
-        *tokenizer,
+        *tokenizer, *architecture_flags(point.architecture, max(1, args.hidden_size // 64)),
         "--log-interval", str(args.log_interval), "--eval-interval", str(args.eval_interval),
         "--eval-iters", str(args.eval_iters), "--log-stability-interval", str(args.log_stability_interval),
         "--tensorboard-dir", str(run_dir / "tensorboard"),
@@ -191,6 +193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--lr-warmup-iters", nargs="+", type=int)
     grid.add_argument("--adam-beta2", nargs="+", type=float)
     grid.add_argument("--clip-grad", nargs="+", type=float, help="0: no clipping")
+    grid.add_argument("--architecture", nargs="+", choices=ARCHITECTURES, default=["gpt2"],
+                      help="gpt2 and/or llama (rotary, RMSNorm, SwiGLU, query groups, no biases)")
     fixed = p.add_argument_group("the same for every run")
     fixed.add_argument("--hidden-size", type=int)
     fixed.add_argument("--seq-length", type=int)
@@ -236,7 +240,7 @@ def main(argv=None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     points = [Point(*values) for values in itertools.product(
         args.embedding_norm, args.lr, args.seed, args.sigma, args.num_layers, args.lr_warmup_iters, args.adam_beta2,
-        args.clip_grad)]
+        args.clip_grad, args.architecture)]
     results: dict[str, dict] = {}
     pending = []
     for point in points:

@@ -42,6 +42,20 @@ def gpt2_config(gpt, vocab_size: int, eod: int | None):
     )
 
 
+def check_gpt2_architecture(gpt) -> None:
+    """Refuses, in one line, a checkpoint whose architecture GPT-2's classes cannot hold."""
+    differs = [flag for flag, other in (
+        (f"--position-embedding-type {gpt.position_embedding_type}", gpt.position_embedding_type != "learned_absolute"),
+        (f"--normalization {gpt.normalization}", gpt.normalization != "LayerNorm"),
+        ("--swiglu", gpt.swiglu), ("--group-query-attention", gpt.num_query_groups != gpt.num_attention_heads),
+        ("--kv-channels", gpt.kv_channels * gpt.num_attention_heads != gpt.hidden_size),
+        ("--disable-bias-linear", not gpt.add_bias_linear), ("--apply-layernorm-1p", gpt.apply_layernorm_1p),
+    ) if other]
+    if differs:
+        raise ValueError(f"this checkpoint is not a GPT-2 architecture ({', '.join(differs)}): export to Hugging Face "
+                         "is implemented for GPT-2 only; a Llama-family export is not implemented yet")
+
+
 def export_to_hf(ckpt: FullCheckpoint, output_dir: str, tokenizer: tuple[TokenizerSpec, Tokenizer] | None = None,
                  dtype: torch.dtype | None = None, max_shard_size: str = "5GB") -> None:
     """Writes `ckpt` as a transformers model under `output_dir` (with the tokenizer if given).
@@ -55,6 +69,7 @@ def export_to_hf(ckpt: FullCheckpoint, output_dir: str, tokenizer: tuple[Tokeniz
     vocab_size = tok.vocab_size if tok is not None else ckpt.vocab_rows
     eod = tok.eod if tok is not None else None
     gpt = ckpt.gpt_config(vocab_size)
+    check_gpt2_architecture(gpt)
     weights = to_hf_gpt2(ckpt.weights, gpt.num_layers, gpt.num_attention_heads, gpt.hidden_size,
                          gpt.embedding_norm, vocab_size)
     dtype = dtype or next(iter(weights.values())).dtype

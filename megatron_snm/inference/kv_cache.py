@@ -6,7 +6,7 @@ import torch
 
 
 class KVCache:
-    """One block's cache: [batch, local heads, max_length, head_dim] for keys and for values,
+    """One block's cache: [batch, local key/value heads (query groups), max_length, head_dim] for keys and values,
     allocated once; `append` writes the new positions and returns everything cached so far."""
 
     def __init__(self, batch: int, heads: int, max_length: int, head_dim: int, dtype: torch.dtype, device):

@@ -93,8 +93,9 @@ class InferenceGPT:
         self.dtype = dtype
 
     def new_caches(self, batch: int) -> list[KVCache]:
-        heads = self.config.num_attention_heads // state.get_tensor_model_parallel_world_size()
-        return [KVCache(batch, heads, self.config.seq_length, self.config.head_dim, self.dtype, self.runtime.device)
+        # Keys and values exist per query group (grouped-query attention shares them among the group's heads).
+        groups = self.config.num_query_groups // state.get_tensor_model_parallel_world_size()
+        return [KVCache(batch, groups, self.config.seq_length, self.config.head_dim, self.dtype, self.runtime.device)
                 for _ in self.blocks]
 
     @torch.no_grad()

@@ -10,3 +10,34 @@ MODEL_PRESETS = {
     "1.7b": dict(num_layers=24, hidden_size=2304, num_attention_heads=24, seq_length=2048),
     "13b": dict(num_layers=40, hidden_size=5120, num_attention_heads=40, seq_length=2048),
 }
+
+
+def architecture(name: str, num_attention_heads: int) -> dict:
+    """Model-config fields of an architecture family for the study tools: "gpt2" (the defaults:
+    learned positions, LayerNorm, GELU, biases) or "llama" (rotary positions, RMSNorm, SwiGLU, a
+    key/value head per two query heads, no biases)."""
+    if name == "gpt2":
+        return {}
+    if name == "llama":
+        return dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+                    num_query_groups=max(1, num_attention_heads // 2), add_bias_linear=False)
+    raise ValueError(f"unknown architecture {name!r} (gpt2 or llama)")
+
+
+ARCHITECTURES = ("gpt2", "llama")
+
+
+def architecture_flags(name: str, num_attention_heads: int) -> list[str]:
+    """The same as pretrain_gpt.py flags."""
+    fields = architecture(name, num_attention_heads)
+    flags = []
+    for field, value in fields.items():
+        if field == "num_query_groups":
+            flags += ["--group-query-attention", "--num-query-groups", str(value)]
+        elif field == "add_bias_linear":
+            flags += [] if value else ["--disable-bias-linear"]
+        elif value is True:
+            flags.append("--" + field.replace("_", "-"))
+        else:
+            flags += ["--" + field.replace("_", "-"), str(value)]
+    return flags
