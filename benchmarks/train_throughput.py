@@ -14,8 +14,9 @@ stability monitor is off, as on the loop's ordinary steps (it captures only ever
 --log-stability-interval steps and after a spike).
 torch.distributed is gloo on CPU, NCCL on GPU, as under the launchers.
 
-Model FLOPs per token: 6 N + 12 L h s (training/metrics.py, the figure the training log reports;
-N = the blocks' matrices + the embedding table, which the tied output layer multiplies with).
+Model FLOPs per token: 6 N + 12 L h s (training/metrics.py from model/describe.py, the figure the
+training log reports; N = the blocks' matrices + the embedding table, which the tied output layer
+multiplies with).
 Achieved TFLOP/s = tokens/s x that.
 
 The ceiling: F.linear (the call the model's layers make) over the model's own forward GEMM shapes
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 
 from megatron_snm.config import parse_args as parse_training_args, resolve
 from megatron_snm.model.config import GPTConfig
+from megatron_snm.model.describe import describe
 from megatron_snm.model.presets import MODEL_PRESETS
 from megatron_snm.parallel import distributed, state
 from megatron_snm.parallel.spawn import free_port, run_distributed
@@ -99,8 +101,10 @@ class GemmCeiling:
     `tokens` rows; one pass runs each shape once, and the rate is the pass's FLOPs over its time."""
 
     def __init__(self, config: GPTConfig, tokens: int, dtype, device):
-        h, f, v = config.hidden_size, config.ffn_hidden_size, config.padded_vocab_size
-        shapes = [(h, 3 * h), (h, h), (h, f), (f, h), (h, v)]  # (in, out)
+        # (in, out) of the first block's matrices and the output layer's table (model/describe.py)
+        model = describe(config)
+        shapes = [(w.shape[1], w.shape[0]) for w in model.weights.values()
+                  if w.matmul and (w.layer == 1 or w.vocabulary)]
         self.device = device
         self.operands = [(torch.randn(tokens, i, dtype=dtype, device=device),
                           torch.randn(o, i, dtype=dtype, device=device)) for i, o in shapes]

@@ -23,14 +23,21 @@ BASE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
         "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "1", "--seed", "3",
         "--tokenizer-type", "SentencePieceTokenizer"]
 
-# name -> extra flags. Every embedding mode from a TP=2 checkpoint; PP=2 and ZeRO-3 (DP=2) too.
+# name -> extra flags. Every embedding mode from a TP=2 checkpoint; PP=2 and ZeRO-3 (DP=2) too;
+# untied output tables and --max-position-embeddings > --seq-length under TP=2 and PP=2.
 CONFIGS = {
     **{f"tp2-{mode}": ["--tensor-model-parallel-size", "2", "--embedding-norm", mode]
        for mode in ("none", "layernorm", "scaled", "detach")},
     "pp2-layernorm": ["--pipeline-model-parallel-size", "2", "--embedding-norm", "layernorm"],
     "pp2-scaled": ["--pipeline-model-parallel-size", "2", "--embedding-norm", "scaled"],
     "zero3-layernorm": ["--zero-stage", "3", "--embedding-norm", "layernorm"],
+    # The output layer's own table, and a position table longer than the sequence (issue 17's bugs).
+    "tp2-untied-longpos": ["--tensor-model-parallel-size", "2", "--embedding-norm", "layernorm",
+                           "--untie-embeddings-and-output-weights", "--max-position-embeddings", "24"],
+    "pp2-untied-scaled": ["--pipeline-model-parallel-size", "2", "--embedding-norm", "scaled",
+                          "--untie-embeddings-and-output-weights", "--max-position-embeddings", "24"],
 }
+UNTIED = {name for name, flags in CONFIGS.items() if "--untie-embeddings-and-output-weights" in flags}
 
 
 @dataclass

@@ -13,7 +13,7 @@ from megatron_snm.checkpoint.tokenizer import checkpoint_tokenizer
 from megatron_snm.hf.export import export_to_hf
 from megatron_snm.model.gpt import GPTModel, gpt_loss
 from tests.conftest import load_tool
-from tests.hf_support import CONFIGS, TOKENIZER_VOCAB
+from tests.hf_support import BASE, CONFIGS, TOKENIZER_VOCAB, UNTIED, train_runs
 
 ATOL = 1e-4
 
@@ -52,7 +52,8 @@ def test_exported_logits_equal_ours(trained_checkpoints, exported, name, one_thr
     mode = ckpt.gpt_config().embedding_norm
     hf = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=mode == "layernorm").eval()
     assert type(hf).__name__ == ("GPT2EmbedLNLMHeadModel" if mode == "layernorm" else "GPT2LMHeadModel")
-    assert hf.config.tie_word_embeddings == (mode != "scaled")
+    assert hf.config.tie_word_embeddings == (mode != "scaled" and name not in UNTIED)
+    assert hf.config.n_positions == ckpt.gpt_config().max_position_embeddings
     assert hf.config.vocab_size == TOKENIZER_VOCAB  # the padding rows are cut
     tokens = torch.from_numpy(trained_checkpoints[name].test_samples)[:, :-1]
     with torch.no_grad():
@@ -114,3 +115,31 @@ def test_convert_refuses_bad_input(trained_checkpoints, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not the tokenizer this model was trained with" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("name", sorted(UNTIED))
+def test_untied_long_position_checkpoint_reshards_to_another_layout(trained_checkpoints, name, tmp_path, one_thread):
+    """Weights-only resharding of an untied checkpoint with more positions than --seq-length: written
+    for another TP x PP (PP=2 files included), read back equal, and trained from by that layout."""
+    from megatron_snm.checkpoint.write import write_checkpoint
+
+    ckpt = read_checkpoint(trained_checkpoints[name].save_dir)
+    assert ckpt.weights["embedding.position_embeddings"].shape[0] == 24
+    tp, pp = (1, 2) if name.startswith("tp2") else (2, 1)
+    written = write_checkpoint(str(tmp_path / "moved"), dict(ckpt.weights), ckpt.metadata, tp, pp,
+                               vocab_size=TOKENIZER_VOCAB)
+    back = read_checkpoint(written)
+    assert back.weights.keys() == ckpt.weights.keys()
+    for key, tensor in ckpt.weights.items():
+        rows = min(tensor.shape[0], back.weights[key].shape[0])  # the vocabulary re-padded for TP
+        assert torch.equal(back.weights[key][:rows], tensor[:rows]), key
+    # Training from it under the new layout: with a learning rate of 0 the test loss is the saved model's.
+    model_flags = CONFIGS[name][2:]  # after the parallel size
+    tokenizer = ckpt.metadata["args"]["tokenizer_model"]
+    result, = train_runs([BASE + model_flags + ["--tokenizer-model", tokenizer, "--load", str(tmp_path / "moved"),
+                                         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+                                         "--train-iters", "1", "--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0",
+                                         "--override-opt_param-scheduler"]],
+                         TOKENIZER_VOCAB)
+    assert not isinstance(result, Exception), result
+    assert result.test_loss == pytest.approx(trained_checkpoints[name].test_loss, rel=1e-5)

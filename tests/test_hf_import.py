@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from megatron_snm.checkpoint.layout import resize_vocabulary
+from megatron_snm.checkpoint.layout import resize_rows
 from megatron_snm.checkpoint.read import read_checkpoint
 from megatron_snm.checkpoint.tokenizer import checkpoint_tokenizer
 from megatron_snm.config import ConfigError
@@ -112,7 +112,7 @@ def test_training_starts_from_the_import(imported, gpt2_files, one_thread):
 def test_padding_rows_take_little_probability():
     """Rows added for a larger TP padding are the mean row: their logit is the average logit."""
     table = torch.randn(10, 4)
-    padded = resize_vocabulary({"embedding.word_embeddings.weight": table}, 16)["embedding.word_embeddings.weight"]
+    padded = resize_rows(table, 16)
     assert torch.equal(padded[:10], table) and torch.allclose(padded[10:], table.mean(0).expand(6, 4))
 
 

@@ -57,7 +57,7 @@ def test_kv_cache_gives_the_full_forward(trained_checkpoints, one_thread):
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["tp2-layernorm", "pp2-scaled"])
+@pytest.mark.parametrize("name", ["tp2-layernorm", "pp2-scaled", "tp2-untied-longpos", "pp2-untied-scaled"])
 def test_greedy_generation_equals_hugging_face(trained_checkpoints, tmp_path, name, one_thread, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -75,6 +75,26 @@ def test_greedy_generation_equals_hugging_face(trained_checkpoints, tmp_path, na
     result = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and result["token_ids"] == ours
     assert tokenizer.detokenize(prompt) + result["text"] == tokenizer.detokenize(prompt + ours)
+
+
+@pytest.mark.parametrize("name", ["tp2-untied-longpos", "pp2-untied-scaled"])
+def test_untied_long_position_checkpoint_evaluates(trained_checkpoints, documents, name, capsys, one_thread):
+    """The inference model of an untied checkpoint with more positions than --seq-length is the trained
+    model (its own output table), and the evaluation tool reads it."""
+    from megatron_snm.model.gpt import GPTModel
+
+    save_dir = trained_checkpoints[name].save_dir
+    model, tokenizer = inference_model(save_dir)
+    ckpt = read_checkpoint(save_dir)
+    trained = GPTModel(ckpt.gpt_config())
+    trained.load_state_dict(ckpt.weights)
+    tokens = torch.from_numpy(trained_checkpoints[name].test_samples[:, :16])
+    with torch.no_grad():
+        expected = trained.eval()(tokens)[..., :tokenizer.vocab_size]
+    assert (model.forward(tokens) - expected).abs().max().item() <= 1e-5
+    code, out, _ = run_tool("evaluate", ["--load", save_dir, "--jsonl", str(documents)], capsys)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["tokens"] > 1000 and 1 < result["perplexity"] < 1e6
 
 
 def test_sampling_is_seeded_and_stays_in_top_k(trained_checkpoints, one_thread):

@@ -3,11 +3,13 @@
     from megatron_snm.checkpoint.read import read_checkpoint        # any TP / PP / ZeRO 0-3 save
     ckpt = read_checkpoint(save_dir)            # .weights (full tensors, GPTModel's TP=1 names),
                                                 # .metadata (megatron_snm.json), .gpt_config()
+    model = ckpt.model                          # its description (model/describe.py)
     from megatron_snm.checkpoint.layout import split_for_tensor_parallel, resize_vocabulary
-    local = split_for_tensor_parallel(resize_vocabulary(ckpt.weights, rows), tp_size, tp_rank)
+    local = split_for_tensor_parallel(model, resize_vocabulary(model, ckpt.weights, rows), tp_size, tp_rank)
     from megatron_snm.checkpoint.write import write_checkpoint      # weights-only, for --load
 
-layout.py holds the rules (which dimension TP splits, which DeepSpeed pipeline layer a weight
-belongs to, vocabulary padding); read.py and write.py are the two directions; tokenizer.py finds
+layout.py cuts and joins by the model's description (which dimension TP splits, which DeepSpeed
+pipeline layer a weight belongs to: model/describe.py), and pads the vocabulary; metadata.py gives
+the description of a checkpoint's model; read.py and write.py are the two directions; tokenizer.py finds
 and checks the tokenizer a run recorded.
 """

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_snm.checkpoint.layout import WORD_EMBEDDINGS, full_name_of, join_tensor_parallel
+from megatron_snm.checkpoint.layout import WORD_EMBEDDINGS, join_tensor_parallel
+from megatron_snm.checkpoint.metadata import model_description
 from megatron_snm.config import Flags, flags_from_dict, gpt_config_of
 from megatron_snm.model.config import GPTConfig
+from megatron_snm.model.describe import ModelDescription
 from megatron_snm.training.checkpoint_errors import CheckpointError
 from megatron_snm.training.checkpointing import LATEST, METADATA, _safe_globals, read_latest
 
@@ -63,6 +65,11 @@ class FullCheckpoint:
         (padding included) stand for the vocabulary."""
         return gpt_config_of(self.run_config, vocab_size or self.vocab_rows)
 
+    @property
+    def model(self) -> ModelDescription:
+        """The description of the model these weights are (model/describe.py), at their padding."""
+        return model_description(self.metadata, self.vocab_rows)
+
 
 def checkpoint_dir(load_dir: str, tag: str | None = None) -> str:
     """The iter_N directory that `load_dir`'s `latest` (or `tag`) names, checked to exist."""
@@ -99,21 +106,25 @@ def read_checkpoint(load_dir: str, tag: str | None = None) -> FullCheckpoint:
     metadata = read_metadata(path)
     parallel = metadata["parallel"]
     tp = parallel["tensor_model_parallel_size"]
+    model = model_description(metadata)
     if parallel.get("zero_stage", 0) == 3 and not metadata.get("weights_only"):
         pieces = [_read_zero3_rank(path, tp_rank) for tp_rank in range(tp)]
     else:
-        pieces = [module_weights(path, metadata, tp_rank) for tp_rank in range(tp)]
-    weights = join_tensor_parallel(pieces, path)
+        pieces = [module_weights(path, metadata, tp_rank, model) for tp_rank in range(tp)]
+    try:
+        weights = join_tensor_parallel(model, pieces, path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     ckpt = FullCheckpoint(weights, metadata, path)
     check_shapes(ckpt)
     return ckpt
 
 
-def module_weights(path: str, metadata: dict, tp_rank: int) -> dict[str, torch.Tensor]:
+def module_weights(path: str, metadata: dict, tp_rank: int, model: ModelDescription | None = None) -> dict[str, torch.Tensor]:
     """TP rank tp_rank's weights (memory-mapped, layout-free names) of a checkpoint whose model
-    files hold them (every layout but ZeRO 3's)."""
+    files hold them (every layout but ZeRO 3's). `model`: the metadata's (model_description)."""
     if metadata["parallel"]["pipeline_model_parallel_size"] > 1:
-        return _read_pipeline_rank(path, tp_rank, metadata["model_shape"]["num_layers"])
+        return _read_pipeline_rank(path, tp_rank, model or model_description(metadata))
     return _module_of(os.path.join(path, f"mp_rank_{tp_rank:02d}_model_states.pt"))
 
 
@@ -124,11 +135,16 @@ def _module_of(path: str) -> dict[str, torch.Tensor]:
     return dict(module)
 
 
-def _read_pipeline_rank(path: str, tp_rank: int, num_layers: int) -> dict[str, torch.Tensor]:
+def _read_pipeline_rank(path: str, tp_rank: int, model: ModelDescription) -> dict[str, torch.Tensor]:
+    """Every pipeline layer's file that holds weights of its own (a tied output layer's are the
+    embedding's, in the embedding's file)."""
     weights = {}
-    for layer in range(num_layers + 2):
+    for layer in sorted({w.layer for w in model.weights.values()}):
         for name, tensor in load_file(os.path.join(path, f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt")).items():
-            weights[full_name_of(layer, name, num_layers)] = tensor
+            try:
+                weights[model.full_name_of(layer, name)] = tensor
+            except ValueError as err:
+                raise CheckpointError(f"{path}: {err}") from None
     return weights
 
 
@@ -172,29 +188,11 @@ def _read_zero3_rank(path: str, tp_rank: int) -> dict[str, torch.Tensor]:
                 raise CheckpointError(f"{path}: {err}") from None
 
 
-def full_weight_shapes(config: GPTConfig, vocab_rows: int) -> dict[str, tuple[int, ...]]:
-    """Every weight of the layout-free form and its shape, for a table of `vocab_rows` rows."""
-    h, f = config.hidden_size, config.ffn_hidden_size
-    shapes = {WORD_EMBEDDINGS: (vocab_rows, h), "embedding.position_embeddings": (config.seq_length, h)}
-    if config.embedding_norm == "layernorm":
-        shapes.update({"embedding.norm.weight": (h,), "embedding.norm.bias": (h,)})
-    for n in range(config.num_layers):
-        for name, shape in (("ln_1.weight", (h,)), ("ln_1.bias", (h,)),
-                            ("attention.qkv.weight", (3 * h, h)), ("attention.qkv.bias", (3 * h,)),
-                            ("attention.dense.weight", (h, h)), ("attention.dense.bias", (h,)),
-                            ("ln_2.weight", (h,)), ("ln_2.bias", (h,)),
-                            ("mlp.fc1.weight", (f, h)), ("mlp.fc1.bias", (f,)),
-                            ("mlp.fc2.weight", (h, f)), ("mlp.fc2.bias", (h,))):
-            shapes[f"layers.{n}.{name}"] = shape
-    shapes.update({"final_norm.norm.weight": (h,), "final_norm.norm.bias": (h,)})
-    return shapes
-
-
 def check_shapes(ckpt: FullCheckpoint) -> None:
     """Refuses weights that are not the recorded model's (names and shapes)."""
     if WORD_EMBEDDINGS not in ckpt.weights:
         raise CheckpointError(f"{ckpt.directory}: no {WORD_EMBEDDINGS}")
-    expected = full_weight_shapes(ckpt.gpt_config(), ckpt.vocab_rows)
+    expected = ckpt.model.shapes()
     got = {name: tuple(t.shape) for name, t in ckpt.weights.items()}
     if got != expected:
         missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))

@@ -35,9 +35,11 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_snm.checkpoint.layout import check_same_names, join_slices, tp_split_dim
+from megatron_snm.checkpoint.layout import check_same_names, join_slices
+from megatron_snm.checkpoint.metadata import model_description
 from megatron_snm.checkpoint.read import checkpoint_dir as find_checkpoint
 from megatron_snm.checkpoint.read import load_file, module_weights, read_checkpoint, read_metadata
+from megatron_snm.model.describe import ModelDescription
 from megatron_snm.training.checkpoint_errors import CheckpointError
 from megatron_snm.training.checkpointing import LAYOUT_RECORD
 
@@ -50,17 +52,20 @@ Thunk = Callable[[], torch.Tensor]  # builds one TP rank's piece of a tensor fro
 class LayoutFree(Mapping):
     """{layout-free name: whole tensor}, each joined from its TP ranks' pieces on lookup (not kept)."""
 
-    def __init__(self, per_tp_rank: list[dict[str, Thunk]], where: str):
+    def __init__(self, model: ModelDescription, per_tp_rank: list[dict[str, Thunk]], where: str):
         try:
             check_same_names(per_tp_rank, where)
         except ValueError as err:
             raise CheckpointError(str(err)) from None
-        self._ranks = per_tp_rank
+        unknown = sorted(set(per_tp_rank[0]) - set(model.weights))
+        if unknown:
+            raise CheckpointError(f"{where}: weights the model in its metadata does not have: {unknown[:4]}")
+        self._model, self._ranks = model, per_tp_rank
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if tp_split_dim(name) is None:  # replicated: only TP rank 0's is built
+        if self._model.split_dim(name) is None:  # replicated: only TP rank 0's is built
             return self._ranks[0][name]().float()
-        return join_slices(name, [rank[name]() for rank in self._ranks]).float()
+        return join_slices(self._model, name, [rank[name]() for rank in self._ranks]).float()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._ranks[0])
@@ -116,8 +121,9 @@ def read_training_state(checkpoint_dir: str, moments: bool = True) -> TrainingSt
     if not found[MASTER][0]:  # an fp32 run without ZeRO: the model's weights are the masters
         found[MASTER] = [{name: (lambda t=t: t) for name, t in module_weights(path, metadata, tp_rank).items()}
                          for tp_rank in range(parallel["tensor_model_parallel_size"])]
-    weights = LayoutFree(found[MASTER], path)
-    joined = {key: LayoutFree(found[key], path) for key in MOMENTS}
+    model = model_description(metadata)
+    weights = LayoutFree(model, found[MASTER], path)
+    joined = {key: LayoutFree(model, found[key], path) for key in MOMENTS}
     for key, tensors in joined.items():
         if tensors.keys() != weights.keys():
             raise CheckpointError(f"{path}: the optimizer's {key} does not cover the weights: "

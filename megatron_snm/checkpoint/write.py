@@ -16,7 +16,8 @@ import shutil
 
 import torch
 
-from megatron_snm.checkpoint.layout import WORD_EMBEDDINGS, pipeline_layer_of, resize_vocabulary, split_for_tensor_parallel
+from megatron_snm.checkpoint.layout import WORD_EMBEDDINGS, resize_vocabulary, split_for_tensor_parallel
+from megatron_snm.checkpoint.metadata import model_description
 from megatron_snm.model.config import padded_vocab_size
 from megatron_snm.atomic import fsync_dir, write_atomically
 from megatron_snm.training.checkpoint_manifest import write_local_manifest
@@ -49,7 +50,11 @@ def write_checkpoint(save_dir: str, weights: dict[str, torch.Tensor], metadata: 
         raise ValueError(f"--pipeline-model-parallel-size {pipeline_parallel} exceeds the model's {num_layers} layers")
     rows = padded_vocab_size(vocab_size or weights[WORD_EMBEDDINGS].shape[0], tensor_parallel,
                              args.get("make_vocab_size_divisible_by", 128))
-    weights = resize_vocabulary(weights, rows)
+    model = model_description(metadata, rows)
+    unknown, missing = sorted(set(weights) - set(model.weights)), sorted(set(model.weights) - set(weights))
+    if unknown or missing:
+        raise ValueError(f"the weights are not the model in the metadata: missing {missing[:4]}, unexpected {unknown[:4]}")
+    weights = resize_vocabulary(model, weights, rows)
 
     tag = tag_of(0)
     final_dir, tmp_dir = os.path.join(save_dir, tag), os.path.join(save_dir, tag + ".tmp")
@@ -57,14 +62,14 @@ def write_checkpoint(save_dir: str, weights: dict[str, torch.Tensor], metadata: 
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     for tp_rank in range(tensor_parallel):
-        local = split_for_tensor_parallel(weights, tensor_parallel, tp_rank)
+        local = split_for_tensor_parallel(model, weights, tensor_parallel, tp_rank)
         if pipeline_parallel == 1:
             torch.save(_deepspeed_header(local, tensor_parallel, 1),
                        os.path.join(tmp_dir, f"mp_rank_{tp_rank:02d}_model_states.pt"))
             continue
         layers: dict[int, dict] = {}
         for name, tensor in local.items():
-            layer, inner = pipeline_layer_of(name, num_layers)
+            layer, inner = model.pipeline_layer_of(name)
             layers.setdefault(layer, {})[inner] = tensor
         for layer, state in layers.items():
             torch.save(state, os.path.join(tmp_dir, f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"))

@@ -15,7 +15,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from megatron_snm.model.config import EMBEDDING_NORMS, INIT_METHODS, POSITION_EMBEDDING_TYPES
+from megatron_snm.model.config import (ATTENTION_BACKENDS, EMBEDDING_NORMS, INIT_METHODS, POSITION_EMBEDDING_TYPES,
+                                       RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS)
 from megatron_snm.model.presets import MODEL_PRESETS
 from megatron_snm.training.lr_schedule import STYLES
 
@@ -87,11 +88,11 @@ class ModelArgs:
                                        "--recompute-granularity selective", action="store_true")
     recompute_granularity: str | None = _opt(None, "recompute in the backward pass: 'full' (whole blocks, see "
                                              "--recompute-method) or 'selective' (attention's core only)",
-                                             choices=("full", "selective"))
+                                             choices=RECOMPUTE_GRANULARITIES)
     recompute_method: str | None = _opt(None, "with --recompute-granularity full: 'uniform' (chunks of "
                                         "--recompute-num-layers blocks, each recomputed as one) or 'block' (the "
                                         "first --recompute-num-layers blocks of each pipeline stage, one by one)",
-                                        choices=("uniform", "block"))
+                                        choices=RECOMPUTE_METHODS)
     recompute_num_layers: int | None = _opt(None, "blocks per chunk (uniform) or blocks recomputed (block); "
                                             "default 1 (uniform)", type=int)
     checkpoint_activations: bool = _opt(False, "old Megatron name: --recompute-granularity full "
@@ -100,7 +101,7 @@ class ModelArgs:
                                                     "--checkpoint-activations", action="store_true")
     attention_backend: str = _opt("auto", "PyTorch SDPA kernel: auto (PyTorch chooses), flash, fused (memory-"
                                   "efficient), unfused / local (math)",
-                                  choices=("auto", "flash", "fused", "unfused", "local"))
+                                  choices=ATTENTION_BACKENDS)
     use_flash_attn: bool = _opt(False, "--attention-backend flash", action="store_true")
     make_vocab_size_divisible_by: int = _opt(128, "pad the vocabulary to a multiple of this x TP", type=int)
     seed: int = _opt(1234, "initialisation, data-order and dropout seed", type=int)

@@ -3,6 +3,7 @@
     embedding_norm  what is written
     none, detach    GPT2LMHeadModel, tied embeddings (Embed Detach changes only training gradients)
     scaled          GPT2LMHeadModel, wte = sqrt(d) E and lm_head = E, untied
+    (any, with --untie-embeddings-and-output-weights: lm_head is the output layer's own table, untied)
     layernorm       GPT2EmbedLNLMHeadModel (modeling_gpt2_embed_ln.py, copied into the directory
                     and named in config.json's auto_map): load with trust_remote_code=True
 
@@ -19,6 +20,7 @@ import shutil
 import torch
 
 from megatron_snm.checkpoint.read import FullCheckpoint
+from megatron_snm.training.checkpoint_errors import CheckpointError
 from megatron_snm.checkpoint.tokenizer import TokenizerSpec
 from megatron_snm.data.tokenizers import Tokenizer
 from megatron_snm.hf.gpt2_mapping import to_hf_gpt2
@@ -32,12 +34,12 @@ def gpt2_config(gpt, vocab_size: int, eod: int | None):
 
     kind = GPT2EmbedLNConfig if gpt.embedding_norm == "layernorm" else GPT2Config
     return kind(
-        vocab_size=vocab_size, n_positions=gpt.seq_length, n_embd=gpt.hidden_size, n_layer=gpt.num_layers,
+        vocab_size=vocab_size, n_positions=gpt.max_position_embeddings, n_embd=gpt.hidden_size, n_layer=gpt.num_layers,
         n_head=gpt.num_attention_heads, n_inner=gpt.ffn_hidden_size,
         activation_function="gelu_new" if gpt.openai_gelu else "gelu",  # "gelu" is exact erf GELU, like F.gelu
         resid_pdrop=gpt.hidden_dropout, embd_pdrop=gpt.hidden_dropout, attn_pdrop=gpt.attention_dropout,
         layer_norm_epsilon=gpt.layernorm_epsilon, initializer_range=gpt.init_method_std,
-        tie_word_embeddings=gpt.embedding_norm != "scaled",
+        tie_word_embeddings=gpt.embedding_norm != "scaled" and not gpt.untie_embeddings_and_output_weights,
         bos_token_id=eod, eos_token_id=eod, pad_token_id=eod,
     )
 
@@ -70,8 +72,11 @@ def export_to_hf(ckpt: FullCheckpoint, output_dir: str, tokenizer: tuple[Tokeniz
     eod = tok.eod if tok is not None else None
     gpt = ckpt.gpt_config(vocab_size)
     check_gpt2_architecture(gpt)
-    weights = to_hf_gpt2(ckpt.weights, gpt.num_layers, gpt.num_attention_heads, gpt.hidden_size,
-                         gpt.embedding_norm, vocab_size)
+    try:
+        weights = to_hf_gpt2(ckpt.weights, ckpt.model, gpt.num_attention_heads, gpt.hidden_size, gpt.embedding_norm,
+                             vocab_size)
+    except ValueError as err:
+        raise CheckpointError(f"{ckpt.directory}: {err}") from None
     dtype = dtype or next(iter(weights.values())).dtype
     config = gpt2_config(gpt, vocab_size, eod)
     config.dtype = dtype

@@ -6,7 +6,8 @@ Both are the same pre-LN GPT-2; they differ in names and in three layouts:
   TP slice is whole heads; GPT-2's c_attn is [(q, k, v), head, head_dim].
 - the embedding: with `--embedding-norm scaled` ours multiplies the looked-up rows by sqrt(d) in the
   forward pass and uses the table unscaled as the output layer, so GPT-2 gets wte = sqrt(d) E and an
-  untied lm_head = E. With `layernorm` the embedding LayerNorm has no GPT-2 counterpart; it lives in
+  untied lm_head = E; an untied output table of ours (--untie-embeddings-and-output-weights) is
+  lm_head. With `layernorm` the embedding LayerNorm has no GPT-2 counterpart; it lives in
   our trust_remote_code class (modeling_gpt2_embed_ln.py) as `transformer.drop.norm`.
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from megatron_snm.model.describe import PIPELINE_PARTITION, ModelDescription
 
 # (our name, GPT-2's name, how the tensor changes on the way to GPT-2). {n} is the layer number
 # (from 0). The reverse direction applies each change's inverse.
@@ -84,19 +87,32 @@ def _table(num_layers: int):
     yield from MODEL_TABLE
 
 
-def to_hf_gpt2(weights: dict[str, torch.Tensor], num_layers: int, num_heads: int, hidden_size: int,
+def to_hf_gpt2(weights: dict[str, torch.Tensor], model: ModelDescription, num_heads: int, hidden_size: int,
                embedding_norm: str, vocab_size: int) -> dict[str, torch.Tensor]:
-    """GPT-2's state dict from our layout-free weights, the table cut to `vocab_size` rows."""
+    """GPT-2's state dict from our layout-free weights of `model` (its description, model/describe.py:
+    every weight it has is mapped, or refused), the tables cut to `vocab_size` rows. An untied output
+    table (--untie-embeddings-and-output-weights) becomes lm_head."""
+    num_layers = sum(kind == PIPELINE_PARTITION for kind in model.layer_kinds)
+    table = {ours: (theirs, change) for ours, theirs, change in _table(num_layers)}
+    output_tables = [name for name in model.vocabulary_tables() if name != WORD_EMBEDDINGS]
+    unmapped = [name for name in model.weights if name not in table and name != WORD_EMBEDDINGS
+                and name not in output_tables]
+    if unmapped or len(output_tables) > 1:
+        raise ValueError(f"weights with no GPT-2 counterpart: {(unmapped or output_tables)[:4]}; this model "
+                         "cannot be written as GPT-2")
     out = {}
-    for ours, theirs, change in _table(num_layers):
-        if ours in weights:
-            out[theirs] = _to_hf(change, weights[ours], num_heads).contiguous()
-    table = weights[WORD_EMBEDDINGS][:vocab_size]
-    if embedding_norm == "scaled":
-        out[HF_INPUT_EMBEDDINGS] = (table * math.sqrt(hidden_size)).contiguous()
-        out[HF_OUTPUT_LAYER] = table.contiguous()
-    else:  # none, detach (a training-time change only) and layernorm: one tied table
-        out[HF_INPUT_EMBEDDINGS] = table.contiguous()
+    for name in model.weights:
+        if name in table:
+            theirs, change = table[name]
+            out[theirs] = _to_hf(change, weights[name], num_heads).contiguous()
+    words = weights[WORD_EMBEDDINGS][:vocab_size]
+    # scaled: ours multiplies the looked-up rows by sqrt(d) in the forward pass only
+    out[HF_INPUT_EMBEDDINGS] = (words * math.sqrt(hidden_size) if embedding_norm == "scaled" else words).contiguous()
+    if output_tables:
+        out[HF_OUTPUT_LAYER] = weights[output_tables[0]][:vocab_size].contiguous()
+    elif embedding_norm == "scaled":
+        out[HF_OUTPUT_LAYER] = words.contiguous()
+    # else: none, detach (a training-time change only) and layernorm with a tied table: wte alone
     return out
 
 

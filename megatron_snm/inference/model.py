@@ -17,11 +17,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from megatron_snm.checkpoint.layout import pipeline_stage_layers, resize_vocabulary, split_for_tensor_parallel
+from megatron_snm.checkpoint.layout import resize_vocabulary, split_for_tensor_parallel
 from megatron_snm.checkpoint.read import FullCheckpoint
 from megatron_snm.inference.kv_cache import KVCache
-from megatron_snm.model.embedding import GPTEmbedding
-from megatron_snm.model.transformer import FinalNorm, TransformerBlock
+from megatron_snm.model.describe import describe
+from megatron_snm.model.gpt import gpt_layers
 from megatron_snm.parallel import distributed, state
 from megatron_snm.parallel.dims import ParallelDims
 from megatron_snm.parallel.mappings import gather_from_tensor_model_parallel_region
@@ -75,21 +75,28 @@ class InferenceGPT:
         config = replace(ckpt.gpt_config(vocab_size), hidden_dropout=0.0, attention_dropout=0.0, tensor_parallel_size=tp)
         self.config = config
         pp, stage = state.get_pipeline_model_parallel_world_size(), state.get_pipeline_model_parallel_rank()
-        local = split_for_tensor_parallel(resize_vocabulary(ckpt.weights, config.padded_vocab_size), tp, tp_rank)
-        self.block_numbers = pipeline_stage_layers(config.num_layers, pp, stage)
+        model = describe(config)
+        local = split_for_tensor_parallel(model, resize_vocabulary(model, ckpt.weights, config.padded_vocab_size),
+                                          tp, tp_rank)
         dtype = dtype or config.params_dtype
 
-        def build(module_cls, prefix: str, *args):
+        def build(index: int, layer) -> torch.nn.Module:
+            """Pipeline layer `index` of the model, with its weights (a tied layer's are its owner's)."""
             with torch.device("meta"):
-                module = module_cls(config, *args)
-            weights = {k[len(prefix):]: v for k, v in local.items() if k.startswith(prefix)}
+                module = layer.build()
+            weights = {name: local[model.full_name_of(index, name)] for name, _ in module.named_parameters()}
             module.load_state_dict(weights, assign=True)
             return module.to(device=runtime.device, dtype=dtype).eval()
 
-        # The last stage's output layer is the embedding table (tied), so it holds a copy too.
-        self.embedding = build(GPTEmbedding, "embedding.") if runtime.is_first_stage or runtime.is_last_stage else None
-        self.blocks = [build(TransformerBlock, f"layers.{n}.", n + 1) for n in self.block_numbers]
-        self.final_norm = build(FinalNorm, "final_norm.") if runtime.is_last_stage else None
+        # This stage's share of the layer list, as the pipeline cuts it (model/gpt.py, model/describe.py):
+        # the first stage's embedding, its blocks, the last stage's final norm and output layer.
+        layers = gpt_layers(config)
+        mine = model.stage_layers(pp, stage)
+        first, last = 0, len(layers) - 1
+        self.embedding = build(first, layers[first]) if first in mine else None
+        self.blocks = [build(i, layers[i]) for i in mine if i not in (first, last - 1, last)]
+        self.final_norm = build(last - 1, layers[last - 1]) if last - 1 in mine else None
+        self.output = build(last, layers[last]) if last in mine else None
         self.dtype = dtype
 
     def new_caches(self, batch: int) -> list[KVCache]:
@@ -115,5 +122,5 @@ class InferenceGPT:
         if not self.runtime.is_last_stage:
             dist.send(hidden.contiguous(), dst=ranks[stage + 1])
             return None
-        logits = gather_from_tensor_model_parallel_region(self.embedding.logits(self.final_norm(hidden)))
+        logits = gather_from_tensor_model_parallel_region(self.output(self.final_norm(hidden)))
         return logits[..., :self.vocab_size].float()

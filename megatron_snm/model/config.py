@@ -15,7 +15,7 @@ EMBEDDING_NORMS = ("none", "layernorm", "scaled", "detach")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope", "none")
 INIT_METHODS = ("normal", "small")
-RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_GRANULARITIES = ("full", "selective")  # or None: no recompute
 RECOMPUTE_METHODS = ("uniform", "block")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 
@@ -152,7 +152,7 @@ class GPTConfig:
         if self.max_position_embeddings < self.seq_length:
             raise ValueError(f"--max-position-embeddings ({self.max_position_embeddings}) must be >= --seq-length "
                              f"({self.seq_length})")
-        if self.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+        if self.recompute_granularity not in (None, *RECOMPUTE_GRANULARITIES):
             raise ValueError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
         if self.recompute_method not in RECOMPUTE_METHODS:
             raise ValueError(f"--recompute-method must be uniform or block, got {self.recompute_method!r}")

@@ -1,7 +1,8 @@
 """The GPT model: embedding -> N pre-norm blocks -> final norm -> vocabulary-parallel output
 (tied to the embedding's table, or its own with --untie-embeddings-and-output-weights).
 
-`gpt_layers(config)` describes the model once, as the sequence of its layers. `GPTModel` builds
+`gpt_layers(config)` describes the model once, as the sequence of its layers (model/describe.py
+walks it for every weight's name, shape, split and stage). `GPTModel` builds
 all of them in one process (where a tied output layer is the embedding's own table); the pipeline
 (pipeline/module.py) builds each stage's share of the same list, the last stage holding only the
 tied table (`TiedOutputLayer`) or the untied one. `gpt_loss` is the training loss, whoever computes it.
@@ -18,14 +19,15 @@ from megatron_snm.model.transformer import FinalNorm, TransformerBlock, recomput
 from megatron_snm.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
 TIED_EMBEDDING = "embedding"  # the layers that share `word_embeddings.weight`
+TIED_WEIGHT = "word_embeddings.weight"  # the weight tied layers share, by its name inside each of them
 
 
 @dataclass(frozen=True)
 class LayerDef:
-    name: str
+    name: str  # the prefix of its weights' layout-free names (GPTModel's attribute path)
     cls: type
     args: tuple
-    tied: str | None = None  # layers with the same key share their `word_embeddings.weight`
+    tied: str | None = None  # layers with the same key share their TIED_WEIGHT
 
     def build(self) -> torch.nn.Module:
         return self.cls(*self.args)
@@ -35,7 +37,7 @@ def gpt_layers(config: GPTConfig) -> list[LayerDef]:
     config.validate()
     return [
         LayerDef("embedding", GPTEmbedding, (config,), tied=TIED_EMBEDDING),
-        *[LayerDef(f"layers.{n}", TransformerBlock, (config, n)) for n in range(1, config.num_layers + 1)],
+        *[LayerDef(f"layers.{n - 1}", TransformerBlock, (config, n)) for n in range(1, config.num_layers + 1)],
         LayerDef("final_norm", FinalNorm, (config,)),
         LayerDef("output", UntiedOutputLayer, (config,)) if config.untie_embeddings_and_output_weights
         else LayerDef("output", TiedOutputLayer, (config,), tied=TIED_EMBEDDING),

@@ -19,9 +19,9 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-from megatron_snm.checkpoint.layout import full_name_of
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.model.gpt import gpt_layers
+from megatron_snm.model.describe import PIPELINE_PARTITION, ModelDescription
+from megatron_snm.model.gpt import TIED_WEIGHT, gpt_layers
 from megatron_snm.model.transformer import TransformerBlock, recompute_plan
 from megatron_snm.parallel.dims import ParallelDims
 from megatron_snm.parallel.rng import checkpoint
@@ -37,15 +37,18 @@ def _tied_output(module, hidden):
 def gpt_pipeline(config: GPTConfig, loss_fn: Callable, dims: ParallelDims) -> PipelineModule:
     """Builds this rank's stage of the GPT. Needs parallel/state.py's groups initialised and
     `loss_fn(logits, labels) -> scalar`."""
-    specs = [TiedLayerSpec(layer.tied, layer.cls, *layer.args, tied_weight_attr="word_embeddings.weight",
-                           forward_fn=None if layer.name == "embedding" else _tied_output)
-             if layer.tied else LayerSpec(layer.cls, *layer.args) for layer in gpt_layers(config)]
+    layers = gpt_layers(config)
+    # The first layer holding a tied weight owns it; the later ones (the output layer) call it.
+    owners = {layer.tied: index for index, layer in reversed(list(enumerate(layers))) if layer.tied}
+    specs = [TiedLayerSpec(layer.tied, layer.cls, *layer.args, tied_weight_attr=TIED_WEIGHT,
+                           forward_fn=None if owners[layer.tied] == index else _tied_output)
+             if layer.tied else LayerSpec(layer.cls, *layer.args) for index, layer in enumerate(layers)]
     topology = PipeModelDataParallelTopology(num_pp=dims.pipeline, num_mp=dims.tensor, num_dp=dims.data)
     # Activation recompute as in GPTModel, per stage: blocks alone by their `recompute`, chunks of
     # consecutive layers by DeepSpeed's interval (counted from the stage's first layer; a chunk
     # holding a layer other than a block, e.g. the embedding, is not recomputed).
     chunk = recompute_plan(config, config.num_layers)[1]
-    stage = PipelineModule(specs, loss_fn=loss_fn, topology=topology, partition_method="type:TransformerBlock",
+    stage = PipelineModule(specs, loss_fn=loss_fn, topology=topology, partition_method=f"type:{PIPELINE_PARTITION}",
                            activation_checkpoint_interval=chunk if chunk > 1 else 0,
                            activation_checkpoint_func=checkpoint, checkpointable_layers=["TransformerBlock"])
     blocks = [layer for layer in stage.forward_funcs if isinstance(layer, TransformerBlock)]
@@ -54,8 +57,8 @@ def gpt_pipeline(config: GPTConfig, loss_fn: Callable, dims: ParallelDims) -> Pi
     return stage
 
 
-def full_parameter_names(module: torch.nn.Module, num_layers: int) -> dict[str, str]:
-    """{name in `module`: layout-free name (checkpoint/layout.py)} for every parameter of a
+def full_parameter_names(module: torch.nn.Module, model: ModelDescription) -> dict[str, str]:
+    """{name in `module`: layout-free name (model/describe.py)} for every parameter of a
     PipelineModule stage (whose names are its layer indices and `tied_modules.*`) or of a GPTModel
     (whose names are the layout-free ones already)."""
     if not isinstance(module, PipelineModule):
@@ -66,5 +69,5 @@ def full_parameter_names(module: torch.nn.Module, num_layers: int) -> dict[str, 
         layer = layer.args[0] if isinstance(layer, functools.partial) else layer
         if isinstance(layer, torch.nn.Module):
             for name, param in layer.named_parameters():
-                full_by_id.setdefault(id(param), full_name_of(module._local_start + local, name, num_layers))
+                full_by_id.setdefault(id(param), model.full_name_of(module._local_start + local, name))
     return {name: full_by_id[id(param)] for name, param in module.named_parameters()}

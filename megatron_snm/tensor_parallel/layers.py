@@ -92,7 +92,11 @@ def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def _tp_rank(tp_size: int) -> int:
-    """This rank's place in its TP group, checked against the layer's `tp_size`."""
+    """This rank's place in its TP group, checked against the layer's `tp_size`. A layer of TP size 1
+    built on the meta device holds no values, so any process may build one: that is how a model
+    describes its layout-free form (model/describe.py)."""
+    if tp_size == 1 and torch.empty(0).device.type == "meta":
+        return 0
     if state.get_tensor_model_parallel_world_size() != tp_size:
         raise ValueError(f"layer built for tensor-parallel size {tp_size}, but the process groups have "
                          f"{state.get_tensor_model_parallel_world_size()} (--tensor-model-parallel-size)")
@@ -105,6 +109,7 @@ def _partitioned_parameter(full_shape, partition_dim, init_fn: InitFn, dtype, tp
     local_shape = list(full_shape)
     local_shape[partition_dim] = divide(full_shape[partition_dim], world, f"dimension {partition_dim} of {tuple(full_shape)}")
     param = torch.nn.Parameter(torch.empty(local_shape, dtype=dtype))  # honours a `with torch.device(...)`
+    param.partition_dim = partition_dim  # also at TP 1: the dimension a larger TP would split (model/describe.py)
     if world > 1:
         mark_tensor_parallel(param, partition_dim)
     if param.device.type != "meta":
@@ -118,6 +123,8 @@ def _partitioned_parameter(full_shape, partition_dim, init_fn: InitFn, dtype, tp
 
 def _zero_bias(size: int, dtype, partition_dim: int | None, tp_size: int) -> torch.nn.Parameter:
     bias = torch.nn.Parameter(torch.zeros(size, dtype=dtype))
+    if partition_dim is not None:
+        bias.partition_dim = partition_dim
     if partition_dim is not None and tp_size > 1:
         mark_tensor_parallel(bias, partition_dim)
     return bias

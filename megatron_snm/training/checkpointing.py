@@ -37,7 +37,9 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 
 from megatron_snm.atomic import fsync_dir, write_atomically
 from megatron_snm.config import ConfigError, RunConfig
+from megatron_snm.checkpoint.metadata import model_description
 from megatron_snm.model.config import GPTConfig
+from megatron_snm.model.describe import ModelDescription
 from megatron_snm.parallel import rng, state
 from megatron_snm.pipeline.module import full_parameter_names
 from megatron_snm.training.checkpoint_errors import CheckpointError
@@ -172,7 +174,7 @@ def start_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, faul
     try:
         # Our record of this rank's layout goes into DeepSpeed's model file: it lets any other layout
         # read the state back (training/reshard.py).
-        record = layout_record(engine, metadata["model_shape"]["num_layers"])
+        record = layout_record(engine, model_description(metadata))
         engine.save_checkpoint(save_dir, tag=os.path.basename(tmp_dir), save_latest=False,
                                client_state={LAYOUT_RECORD: record})
         target = os.path.join(tmp_dir, rng_file(rank))
@@ -310,12 +312,12 @@ def same_layout(saved: dict, current: dict, optimizer: bool = True) -> bool:
                 and (was["zero_stage"], was["data_parallel_size"]) != (now["zero_stage"], now["data_parallel_size"]))
 
 
-def layout_record(ds_engine, num_layers: int) -> dict:
+def layout_record(ds_engine, model: ModelDescription) -> dict:
     """What a model file must say for its state to be read back in any other layout
     (checkpoint/training_state.py): this rank's TP rank, each parameter's layout-free name and
     local shape, and, when the optimizer holds the model's own parameters (ZeRO 0), its groups'
     entries by name."""
-    names = full_parameter_names(ds_engine.module, num_layers)
+    names = full_parameter_names(ds_engine.module, model)
     by_id = {id(p): names[n] for n, p in ds_engine.module.named_parameters()}
     # DeepSpeed's bf16/fp16 wrapper without ZeRO steps fp32 copies; its fp16_groups are the model's.
     groups = getattr(ds_engine.optimizer, "fp16_groups", None) or [g["params"] for g in ds_engine.optimizer.param_groups]
@@ -344,6 +346,17 @@ def check_compatible(saved: dict, current: dict, checkpoint_dir: str, optimizer:
         diff = {k: (saved_shape.get(k), v) for k, v in current_shape.items() if saved_shape.get(k) != v}
         raise ConfigError(f"checkpoint {checkpoint_dir} holds a different model: "
                           + ", ".join(f"{k} saved {a} vs this run's {b}" for k, (a, b) in diff.items()))
+    # Whatever the shape fields do not name (an architecture flag), the weights' names and shapes
+    # tell (model/describe.py); the vocabulary tables' rows follow the TP size (re-padded on load).
+    saved_model, current_model = model_description(saved), model_description(current)
+
+    def weights(model: ModelDescription) -> dict:
+        return {n: w.shape[1:] if w.vocabulary else w.shape for n, w in model.weights.items()}
+    was_weights, now_weights = weights(saved_model), weights(current_model)
+    if was_weights != now_weights:
+        differ = sorted(n for n in was_weights.keys() | now_weights.keys() if was_weights.get(n) != now_weights.get(n))
+        raise ConfigError(f"checkpoint {checkpoint_dir} holds a different model: its weights differ from this run's "
+                          f"in {', '.join(f'{n} (saved {was_weights.get(n)} vs {now_weights.get(n)})' for n in differ[:3])}")
 
 
 def _read_metadata(checkpoint_dir: str) -> dict:
@@ -398,8 +411,7 @@ def load_checkpoint(engine, load_dir: str, current: dict, iteration: int | None 
         from megatron_snm.training.reshard import load_resharded  # it reads through checkpoint/read.py, which imports us
 
         try:
-            load_resharded(engine, checkpoint_dir, current["model_shape"]["num_layers"],
-                           current["model_shape"]["padded_vocab_size"], optimizer)
+            load_resharded(engine, checkpoint_dir, model_description(current), optimizer)
         except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
             raise CheckpointError(f"resharding checkpoint {checkpoint_dir} ({describe_layout(saved['parallel'])}) "
                                   f"into {describe_layout(current['parallel'])} failed: {type(err).__name__}: {err}") \

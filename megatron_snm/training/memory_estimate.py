@@ -5,7 +5,7 @@
     print(format_table(estimate)); estimate.per_rank_bytes
 
 What is counted, per rank of each pipeline stage (all ranks of a stage hold the same amounts: TP
-splits evenly, ZeRO partitions evenly over DP). P is the stage's parameters on one rank (its TP
+splits evenly, ZeRO partitions evenly over DP). P is the stage's parameters on one rank (model/describe.py: its TP
 slice; the last stage of a pipeline holds the tied embedding again), w the parameter dtype's bytes:
 
 - weights: w P; under ZeRO-3 w P / DP plus the parameters too small to partition
@@ -58,7 +58,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-RECOMPUTE_GRANULARITIES = ("none", "selective", "full")
+from megatron_snm.model.config import RECOMPUTE_GRANULARITIES as MODEL_RECOMPUTE_GRANULARITIES
+from megatron_snm.model.describe import PIPELINE_PARTITION, ModelDescription, WeightInfo, describe
+
+RECOMPUTE_GRANULARITIES = ("none", *MODEL_RECOMPUTE_GRANULARITIES)  # "none": the model config's None
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 # DeepSpeed's own defaults (deepspeed/runtime/zero/config.py, deepspeed/runtime/engine.py).
@@ -93,6 +96,7 @@ class MemoryPlan:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     zero: dict = field(default_factory=dict)  # the DeepSpeed JSON's zero_optimization section
+    model: ModelDescription | None = None  # its weights (model/describe.py); plan_from_config fills it
 
     def zero_setting(self, name: str):
         value = self.zero.get(name)
@@ -137,62 +141,33 @@ class MemoryEstimate:
         return max(self.stages, key=lambda stage: stage.peak_bytes)
 
 
-# --- parameters --------------------------------------------------------------------------------
-def block_parameters(plan: MemoryPlan) -> int:
-    """One TransformerBlock's parameters on one TP rank (model/transformer.py, attention.py, mlp.py)."""
-    h, f, tp = plan.hidden_size, plan.ffn_hidden_size, plan.tensor_parallel
-    norms = 2 * 2 * h
-    attention = 3 * h * h // tp + 3 * h // tp + h * h // tp + h  # QKV (column) + W_O (row; bias whole)
-    mlp = f * h // tp + f // tp + h * f // tp + h  # W_1 (column) + W_2 (row; bias whole)
-    return norms + attention + mlp
+# --- parameters (from the model's description, model/describe.py) ------------------------------
+def stage_weights(plan: MemoryPlan, stage: int) -> list[WeightInfo]:
+    """The weights one rank of `stage` holds (the last stage of a pipeline holds a tied table again)."""
+    return plan.model.stage_weights(plan.pipeline_parallel, stage)
 
 
-def embedding_parameters(plan: MemoryPlan) -> int:
-    """GPTEmbedding on one TP rank: vocabulary-split word table, whole position table, Embed LN."""
-    h = plan.hidden_size
-    norm = 2 * h if plan.embedding_norm == "layernorm" else 0
-    return plan.padded_vocab_size // plan.tensor_parallel * h + plan.seq_length * h + norm
+def blocks_per_stage(plan: MemoryPlan) -> list[int]:
+    """Transformer blocks per pipeline stage, as DeepSpeed cuts them (pipeline/module.py)."""
+    return [sum(plan.model.layer_kinds[i] == PIPELINE_PARTITION for i in plan.model.stage_layers(plan.pipeline_parallel, s))
+            for s in range(plan.pipeline_parallel)]
 
 
-def blocks_per_stage(num_layers: int, stages: int) -> list[int]:
-    """DeepSpeed's uniform split (runtime/utils.partition_uniform): the first stages take the remainder."""
-    base, extra = divmod(num_layers, stages)
-    return [base + (1 if s < extra else 0) for s in range(stages)]
+def _local(plan: MemoryPlan, weights: list[WeightInfo]) -> list[int]:
+    return [w.local_numel(plan.tensor_parallel) for w in weights]
 
 
-def stage_modules(plan: MemoryPlan, stage: int) -> dict[str, int]:
-    """Parameters per kind of module on one rank of `stage`."""
-    last, first = stage == plan.pipeline_parallel - 1, stage == 0
-    modules = {"blocks": blocks_per_stage(plan.num_layers, plan.pipeline_parallel)[stage] * block_parameters(plan)}
-    if first:
-        modules["embedding"] = embedding_parameters(plan)
-    if last:
-        modules["final_norm"] = 2 * plan.hidden_size
-        if not first:  # the tied output layer builds the embedding again (pipeline/module.py)
-            modules["output_embedding"] = embedding_parameters(plan)
-    return modules
-
-
-def _small_parameters(plan: MemoryPlan, modules: dict[str, int], threshold: int) -> int:
+def _small_parameters(plan: MemoryPlan, weights: list[WeightInfo], threshold: int) -> int:
     """Parameters of numel <= threshold (ZeRO-3 keeps them whole on every rank)."""
-    h, f, tp = plan.hidden_size, plan.ffn_hidden_size, plan.tensor_parallel
-    per_block = [h, h, h, h, 3 * h // tp, h, f // tp, h]  # LN gains/biases, then the four linear biases
-    small = sum(n for n in per_block if n <= threshold) * (modules["blocks"] // block_parameters(plan))
-    for name in ("embedding", "output_embedding"):
-        if name in modules and plan.embedding_norm == "layernorm" and h <= threshold:
-            small += 2 * h
-    if "final_norm" in modules and h <= threshold:
-        small += 2 * h
-    return small
+    return sum(n for n in _local(plan, weights) if n <= threshold)
 
 
-def _largest_module(plan: MemoryPlan, modules: dict[str, int]) -> int:
+def _largest_module(plan: MemoryPlan, weights: list[WeightInfo]) -> int:
     """The most parameters one module gathers at once under ZeRO-3 (an embedding, or an MLP linear)."""
-    h, f, tp = plan.hidden_size, plan.ffn_hidden_size, plan.tensor_parallel
-    candidates = [f * h // tp + f // tp] if modules["blocks"] else []
-    if "embedding" in modules or "output_embedding" in modules:
-        candidates.append(plan.padded_vocab_size // tp * h)
-    return max(candidates or [0])
+    modules: dict[str, int] = {}
+    for w, n in zip(weights, _local(plan, weights)):
+        modules[w.module] = modules.get(w.module, 0) + n
+    return max(modules.values(), default=0)
 
 
 # --- activations -------------------------------------------------------------------------------
@@ -241,7 +216,7 @@ def stage_activation_bytes(plan: MemoryPlan, stage: int) -> dict[str, int]:
     """Activations a stage holds at its peak (all its in-flight micro-batches) and the logits."""
     s, b, h, e = plan.seq_length, plan.micro_batch_size, plan.hidden_size, _DTYPE_BYTES[plan.precision]
     sbh = s * b * h // (plan.tensor_parallel if plan.sequence_parallel else 1)  # a replicated unit
-    blocks = blocks_per_stage(plan.num_layers, plan.pipeline_parallel)[stage]
+    blocks = blocks_per_stage(plan)[stage]
     per_micro = blocks * activation_bytes_per_block(plan)
     if plan.recompute_granularity == "full" and blocks:
         per_micro += activation_bytes_per_block(plan, "none")  # one block recomputed in the backward pass
@@ -263,8 +238,8 @@ def stage_activation_bytes(plan: MemoryPlan, stage: int) -> dict[str, int]:
 def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
     w = _DTYPE_BYTES[plan.precision]
     dp, zero, mixed = plan.data_parallel, plan.zero_stage, plan.precision != "fp32"
-    modules = stage_modules(plan, stage)
-    params = sum(modules.values())
+    weights = stage_weights(plan, stage)
+    params = sum(_local(plan, weights))
     part = math.ceil(params / dp)
     persistent: dict[str, int] = {}
     backward = stage_activation_bytes(plan, stage)
@@ -276,8 +251,8 @@ def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
     # That transient meets the most activations at the first gradient of the backward pass: the
     # output layer's (the embedding table) on the last stage, a block's W_1/W_2 elsewhere.
     grads_before_backward = plan.gradient_accumulation_steps > 1 or plan.pipeline_parallel > 1
-    first_gradient = _largest_module(plan, modules) if stage == plan.pipeline_parallel - 1 else \
-        plan.ffn_hidden_size * plan.hidden_size // plan.tensor_parallel
+    first_gradient = _largest_module(plan, weights) if stage == plan.pipeline_parallel - 1 else \
+        max(w.local_numel(plan.tensor_parallel) for w in weights if w.matmul and not w.vocabulary)
     accumulating = {"gradients": gradients_whole,
                     "gradient_being_accumulated": w * first_gradient} if grads_before_backward else {}
 
@@ -308,7 +283,7 @@ def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
         step.setdefault("reduce_bucket", backward.get("reduce_bucket", 0))
     else:  # ZeRO-3
         threshold = int(plan.zero_setting("stage3_param_persistence_threshold"))
-        small = _small_parameters(plan, modules, threshold)
+        small = _small_parameters(plan, weights, threshold)
         persistent["weights"] = w * (math.ceil((params - small) / dp) + small)
         # DeepSpeed (0.19) shares the partition as the fp32 master only when its device compares
         # equal to the optimizer's device name, a torch.device against a str: never, so it clones.
@@ -318,10 +293,10 @@ def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
         if plan.zero_setting("contiguous_gradients"):
             persistent["reduce_bucket"] = w * int(plan.zero_setting("reduce_bucket_size"))
         live = int(plan.zero_setting("stage3_max_live_parameters"))
-        gathered = min(params - small, _largest_module(plan, modules) + live)
+        gathered = min(params - small, _largest_module(plan, weights) + live)
         backward["gathered_parameters"] = w * gathered
         # A gathered parameter's gradient is whole until reduce-scattered; the largest is the embedding's.
-        backward["unreduced_gradient"] = w * _largest_module(plan, modules)
+        backward["unreduced_gradient"] = w * _largest_module(plan, weights)
         step["gathered_parameters"] = 0
 
     offloaded = {}
@@ -338,8 +313,7 @@ def estimate_stage(plan: MemoryPlan, stage: int) -> StageMemory:
             offloaded["gradient_partition"] = persistent.pop("gradient_partition")
     if zero == 3 and _offload_device(plan.zero.get("offload_param")):
         offloaded["weights"] = persistent.pop("weights")
-    return StageMemory(stage=stage, parameters=params, offloaded=offloaded, layers=blocks_per_stage(plan.num_layers,
-                       plan.pipeline_parallel)[stage], in_flight=in_flight_micro_batches(plan, stage),
+    return StageMemory(stage=stage, parameters=params, offloaded=offloaded, layers=blocks_per_stage(plan)[stage], in_flight=in_flight_micro_batches(plan, stage),
                        persistent=persistent, backward_pass=_drop_zeros(backward), optimizer_step=_drop_zeros(step))
 
 
@@ -362,20 +336,19 @@ def estimate_memory(plan: MemoryPlan) -> MemoryEstimate:
 def plan_from_config(run, vocab_size: int, ds_config: dict) -> MemoryPlan:
     """The plan of a resolved RunConfig (config/resolve.py) and its DeepSpeed config (`run.deepspeed`
     with training/zero3.py's stage-3 defaults applied)."""
-    from megatron_snm.model.config import padded_vocab_size
-
     model, parallel = run.model, run.parallel
+    description = describe(run.model_config(vocab_size))
     precision = "bf16" if parallel.bf16 else "fp16" if parallel.fp16 else "fp32"
     return MemoryPlan(
         num_layers=model.num_layers, hidden_size=model.hidden_size, num_attention_heads=model.num_attention_heads,
         ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size, seq_length=model.seq_length,
-        padded_vocab_size=padded_vocab_size(vocab_size, run.dims.tensor, model.make_vocab_size_divisible_by),
+        padded_vocab_size=description.vocab_rows,
         embedding_norm=model.embedding_norm, tensor_parallel=run.dims.tensor, pipeline_parallel=run.dims.pipeline,
         data_parallel=run.dims.data, zero_stage=parallel.zero_stage, precision=precision,
         micro_batch_size=run.batch.micro_batch_size, gradient_accumulation_steps=run.gradient_accumulation_steps,
         recompute_granularity=model.recompute_granularity or "none", sequence_parallel=parallel.sequence_parallel,
         hidden_dropout=model.hidden_dropout, attention_dropout=model.attention_dropout,
-        zero=dict(ds_config.get("zero_optimization", {})),
+        zero=dict(ds_config.get("zero_optimization", {})), model=description,
     )
 
 

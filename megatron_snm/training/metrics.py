@@ -18,16 +18,15 @@ import torch
 
 from megatron_snm.config import RunConfig
 from megatron_snm.model.config import GPTConfig
+from megatron_snm.model.describe import describe
 from megatron_snm.training.callbacks import Callback, StepReport
 
 
 def model_flops_per_token(config: GPTConfig) -> float:
-    """Training FLOPs per token, forward + backward, no recompute: 6N + 12 L h s, with N the
-    parameters touched per token (blocks + embedding table used as the output layer)."""
-    h, L, s, f = config.hidden_size, config.num_layers, config.seq_length, config.ffn_hidden_size
-    per_block = 4 * h * h + 2 * h * f  # QKV + output projection, two FFN matrices
-    n = L * per_block + config.padded_vocab_size * h
-    return 6.0 * n + 12.0 * L * h * s
+    """Training FLOPs per token, forward + backward, no recompute, from the model's description
+    (model/describe.py): for GPT-2 6N + 12 L h s, with N the parameters multiplied per token
+    (the blocks' matrices + the table used as the output layer)."""
+    return describe(config).flops_per_token()
 
 
 def _duration(seconds: float) -> str:

@@ -25,25 +25,27 @@ import torch
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-from megatron_snm.checkpoint.layout import WORD_EMBEDDINGS, resize_rows, tensor_parallel_slice
+from megatron_snm.checkpoint.layout import resize_rows, tensor_parallel_slice
 from megatron_snm.checkpoint.training_state import MOMENTS, TrainingState, read_training_state
+from megatron_snm.model.describe import ModelDescription
 from megatron_snm.parallel import state
 from megatron_snm.pipeline.module import full_parameter_names
 
 
-def load_resharded(ds_engine, checkpoint_dir: str, num_layers: int, padded_vocab_size: int,
-                   optimizer: bool) -> TrainingState:
+def load_resharded(ds_engine, checkpoint_dir: str, model: ModelDescription, optimizer: bool) -> TrainingState:
     """Puts the checkpoint's weights (and with `optimizer` Adam's state and DeepSpeed's step
-    counters) into this rank's engine, whatever layout either has. No collectives: each rank reads
-    what it needs."""
+    counters) into this rank's engine, whatever layout either has. `model`: this run's description
+    (its vocabulary padding). No collectives: each rank reads what it needs."""
     saved = read_training_state(checkpoint_dir, moments=optimizer)
     tp_size, tp_rank = state.get_tensor_model_parallel_world_size(), state.get_tensor_model_parallel_rank()
     zero = ds_engine.zero_optimization_stage()
 
+    tables = model.vocabulary_tables()
+
     def local(name: str, tensor: torch.Tensor, weight: bool) -> torch.Tensor:
-        if name in (WORD_EMBEDDINGS, "output.weight"):  # this layout's vocabulary padding
-            tensor = resize_rows(tensor, padded_vocab_size, fill="mean" if weight else "zero")
-        return tensor_parallel_slice(name, tensor, tp_size, tp_rank)
+        if name in tables:  # this layout's vocabulary padding
+            tensor = resize_rows(tensor, model.vocab_rows, fill="mean" if weight else "zero")
+        return tensor_parallel_slice(model, name, tensor, tp_size, tp_rank)
 
     # ZeRO 1-2 and DeepSpeed's BF16_Optimizer keep flat fp32 partitions, mapped to each parameter.
     flat = zero in (1, 2) or isinstance(ds_engine.optimizer, BF16_Optimizer)
@@ -52,7 +54,7 @@ def load_resharded(ds_engine, checkpoint_dir: str, num_layers: int, padded_vocab
     masters = _zero0_masters(ds_engine.optimizer) if not (flat or zero == 3) else {}
     params = dict(ds_engine.module.named_parameters())
     with torch.no_grad():
-        for module_name, name in full_parameter_names(ds_engine.module, num_layers).items():
+        for module_name, name in full_parameter_names(ds_engine.module, model).items():
             param, weight = params[module_name], local(name, saved.weights[name], weight=True)
             moments = {key: local(name, saved.moments[key][name], weight=False) for key in saved.moments}
             if zero == 3:

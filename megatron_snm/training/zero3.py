@@ -22,13 +22,17 @@ from __future__ import annotations
 import torch
 
 from megatron_snm.model.config import GPTConfig
+from megatron_snm.model.describe import PIPELINE_PARTITION, describe
 from megatron_snm.model.gpt import GPTModel
 
 
 def block_parameter_count(gpt_config: GPTConfig, tensor_parallel: int) -> int:
-    """One Transformer block's weight elements on one TP rank (QKV, W_O, W_1, W_2)."""
-    h, f = gpt_config.hidden_size, gpt_config.ffn_hidden_size
-    return (4 * h * h + 2 * h * f) // tensor_parallel
+    """The largest Transformer block's matrix elements on one TP rank (GPT-2's: QKV, W_O, W_1, W_2),
+    from the model's description (model/describe.py)."""
+    model = describe(gpt_config)
+    blocks = [i for i, kind in enumerate(model.layer_kinds) if kind == PIPELINE_PARTITION]
+    return max(sum(w.local_numel(tensor_parallel) for w in model.weights.values() if w.layer == block and w.matmul)
+               for block in blocks)
 
 
 def stage3_settings(gpt_config: GPTConfig, tensor_parallel: int) -> dict:
