@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "layer_norm_cuda.h"
 
@@ -367,6 +369,24 @@ cudaError_t dispatch(DType x, DType w, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// Calls f(TypePair<T, W>{}, std::integral_constant<int, N>{}) with N elements per load: the
+// 16-byte pack width where cols is a multiple of it, every row pointer in `rows_data` is 16-byte
+// aligned and every weight in `weights` aligned to one pack of W; else 1 (the scalar path).
+template <typename F>
+cudaError_t dispatch_packed(DType x, DType w, int64_t cols, std::initializer_list<const void*> rows_data,
+                            std::initializer_list<const void*> weights, F&& f) {
+  if (cols <= 0 || cols > 0x7fffffff) return cudaErrorInvalidValue;
+  return dispatch(x, w, [&](auto types) {
+    using T = typename decltype(types)::T;
+    using W = typename decltype(types)::W;
+    constexpr int N = pack_width<T>();
+    bool vectorised = cols % N == 0;
+    for (const void* p : rows_data) vectorised = vectorised && aligned(p, 16);
+    for (const void* p : weights) vectorised = vectorised && aligned(p, sizeof(Pack<W, N>));
+    return vectorised ? f(types, std::integral_constant<int, N>{}) : f(types, std::integral_constant<int, 1>{});
+  });
+}
+
 constexpr int64_t kMaxGrid = 0x7fffffff;
 
 template <typename T, typename W, int N>
@@ -449,15 +469,9 @@ cudaError_t cuda_forward(DType x_type, DType w_type, const void* x, const void* 
                          const void* beta, void* y, void* mean, void* rstd, int64_t rows,
                          int64_t cols, double eps, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  if (cols <= 0 || cols > 0x7fffffff) return cudaErrorInvalidValue;
-  return dispatch(x_type, w_type, [&](auto types) {
-    using T = typename decltype(types)::T;
-    using W = typename decltype(types)::W;
-    constexpr int N = pack_width<T>();
-    const bool vectorised = cols % N == 0 && aligned(x, 16) && aligned(y, 16) &&
-                            aligned(gamma, sizeof(Pack<W, N>)) && aligned(beta, sizeof(Pack<W, N>));
-    return vectorised ? launch_forward<T, W, N>(x, gamma, beta, y, mean, rstd, rows, cols, eps, stream)
-                      : launch_forward<T, W, 1>(x, gamma, beta, y, mean, rstd, rows, cols, eps, stream);
+  return dispatch_packed(x_type, w_type, cols, {x, y}, {gamma, beta}, [&](auto types, auto n) {
+    return launch_forward<typename decltype(types)::T, typename decltype(types)::W, decltype(n)::value>(
+        x, gamma, beta, y, mean, rstd, rows, cols, eps, stream);
   });
 }
 
@@ -469,29 +483,18 @@ cudaError_t cuda_backward(DType x_type, DType w_type, const void* dy, const void
                           const void* mean, const void* rstd, const void* gamma, void* dx,
                           void* dgamma, void* dbeta, void* workspace, int64_t rows, int64_t cols,
                           cudaStream_t stream) {
-  if (cols <= 0 || cols > 0x7fffffff) return cudaErrorInvalidValue;
-  return dispatch(x_type, w_type, [&](auto types) {
-    using T = typename decltype(types)::T;
-    using W = typename decltype(types)::W;
-    constexpr int N = pack_width<T>();
-    const bool vectorised = cols % N == 0 && aligned(x, 16) && aligned(dy, 16) && aligned(dx, 16) &&
-                            aligned(gamma, sizeof(Pack<W, N>));
-    return vectorised ? launch_backward<T, W, N, true>(dy, x, mean, rstd, gamma, dx, dgamma, dbeta, workspace, rows, cols, stream)
-                      : launch_backward<T, W, 1, true>(dy, x, mean, rstd, gamma, dx, dgamma, dbeta, workspace, rows, cols, stream);
+  return dispatch_packed(x_type, w_type, cols, {x, dy, dx}, {gamma}, [&](auto types, auto n) {
+    return launch_backward<typename decltype(types)::T, typename decltype(types)::W, decltype(n)::value, true>(
+        dy, x, mean, rstd, gamma, dx, dgamma, dbeta, workspace, rows, cols, stream);
   });
 }
 
 cudaError_t cuda_rms_forward(DType x_type, DType w_type, const void* x, const void* gamma, void* y,
                              void* rstd, int64_t rows, int64_t cols, double eps, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  if (cols <= 0 || cols > 0x7fffffff) return cudaErrorInvalidValue;
-  return dispatch(x_type, w_type, [&](auto types) {
-    using T = typename decltype(types)::T;
-    using W = typename decltype(types)::W;
-    constexpr int N = pack_width<T>();
-    const bool vectorised = cols % N == 0 && aligned(x, 16) && aligned(y, 16) && aligned(gamma, sizeof(Pack<W, N>));
-    return vectorised ? launch_rms_forward<T, W, N>(x, gamma, y, rstd, rows, cols, eps, stream)
-                      : launch_rms_forward<T, W, 1>(x, gamma, y, rstd, rows, cols, eps, stream);
+  return dispatch_packed(x_type, w_type, cols, {x, y}, {gamma}, [&](auto types, auto n) {
+    return launch_rms_forward<typename decltype(types)::T, typename decltype(types)::W, decltype(n)::value>(
+        x, gamma, y, rstd, rows, cols, eps, stream);
   });
 }
 
@@ -502,15 +505,9 @@ size_t cuda_rms_backward_workspace_bytes(DType x_type, DType /*w_type*/, int64_t
 cudaError_t cuda_rms_backward(DType x_type, DType w_type, const void* dy, const void* x, const void* rstd,
                               const void* gamma, void* dx, void* dgamma, void* workspace, int64_t rows,
                               int64_t cols, cudaStream_t stream) {
-  if (cols <= 0 || cols > 0x7fffffff) return cudaErrorInvalidValue;
-  return dispatch(x_type, w_type, [&](auto types) {
-    using T = typename decltype(types)::T;
-    using W = typename decltype(types)::W;
-    constexpr int N = pack_width<T>();
-    const bool vectorised = cols % N == 0 && aligned(x, 16) && aligned(dy, 16) && aligned(dx, 16) &&
-                            aligned(gamma, sizeof(Pack<W, N>));
-    return vectorised ? launch_backward<T, W, N, false>(dy, x, nullptr, rstd, gamma, dx, dgamma, nullptr, workspace, rows, cols, stream)
-                      : launch_backward<T, W, 1, false>(dy, x, nullptr, rstd, gamma, dx, dgamma, nullptr, workspace, rows, cols, stream);
+  return dispatch_packed(x_type, w_type, cols, {x, dy, dx}, {gamma}, [&](auto types, auto n) {
+    return launch_backward<typename decltype(types)::T, typename decltype(types)::W, decltype(n)::value, false>(
+        dy, x, nullptr, rstd, gamma, dx, dgamma, nullptr, workspace, rows, cols, stream);
   });
 }
 
