@@ -90,9 +90,9 @@ class FusedRMSNorm(torch.nn.Module):
 
     `sequence_parallel=True`: the input is one TP rank's shard of the sequence, so the weight's
     gradient is summed over the TP ranks (tensor_parallel/layers.sequence_parallel_parameter).
-    `zero_centered_gamma=True` is Megatron's --apply-layernorm-1p: the stored weight is gamma - 1
-    (initialised to zeros) and the norm multiplies by weight + 1; such a state_dict is not
-    torch.nn.RMSNorm's."""
+    `zero_centered_gamma=True` is Megatron's --apply-layernorm-1p (layernorm_zero_centered_gamma):
+    the stored weight is gamma - 1, initialised to zeros, and the norm multiplies by weight + 1;
+    such a state_dict is not torch.nn.RMSNorm's."""
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, device=None, dtype=None,
                  sequence_parallel=False, zero_centered_gamma=False):
