@@ -1,9 +1,9 @@
 """Builds megatron-snm and its native extensions.
 
 Extensions:
-  megatron_snm._layer_norm        fused LayerNorm, CPU kernels + torch glue (always)
-  megatron_snm._layer_norm_cuda   fused LayerNorm, CUDA kernels + torch glue (only where the
-                                  installed torch has CUDA and nvcc is found)
+  megatron_snm._layer_norm        fused LayerNorm and RMSNorm, CPU kernels + torch glue (always)
+  megatron_snm._layer_norm_cuda   fused LayerNorm and RMSNorm, CUDA kernels + torch glue (only
+                                  where the installed torch has CUDA and nvcc is found)
   megatron_snm.data._helpers      sample-index and blending-index builders (pybind11 + numpy)
 
 Install with `pip install --no-build-isolation -e .`: an isolated build cannot see the torch
@@ -23,10 +23,10 @@ except ImportError as e:  # pragma: no cover - a clear message beats a pybind11 
     ) from e
 from pybind11.setup_helpers import Pybind11Extension
 
-# The fused LayerNorm: no global -march, so the extension loads on any x86-64 CPU; the AVX2 build
-# of the kernels is chosen at run time (csrc/layer_norm/layer_norm_cpu_avx2.cpp). -fopenmp makes
-# at::parallel_for use torch's OpenMP threads. -Wno-psabi: 32-byte vectors pass by value only
-# between the kernels' own inline helpers.
+# The fused LayerNorm and RMSNorm: no global -march, so the extension loads on any x86-64 CPU; the
+# AVX2 build of the kernels is chosen at run time (csrc/layer_norm/layer_norm_cpu_avx2.cpp).
+# -fopenmp makes at::parallel_for use torch's OpenMP threads. -Wno-psabi: 32-byte vectors pass by
+# value only between the kernels' own inline helpers.
 LAYER_NORM_CXX_FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]
 # nvcc: sm_80 (A100) and sm_90 (H100/H200) code, plus PTX for newer GPUs to JIT from.
 LAYER_NORM_NVCC_FLAGS = [

@@ -3,8 +3,8 @@
 # carried as wheels in .whl/). Five minutes, extension build included:
 #   1. install the wheels in .whl/ (offline: pip --no-index --no-deps), if there are any
 #   2. build the C++/CUDA extensions in place        (python setup.py build_ext --inplace)
-#   3. the CUDA tests of the fused LayerNorm and the model (pytest --cuda -m cuda)
-#   4. the LayerNorm benchmark on the GPU              (benchmarks/layer_norm.py --device cuda)
+#   3. the CUDA tests of the fused LayerNorm, RMSNorm and the model (pytest --cuda -m cuda)
+#   4. the LayerNorm and RMSNorm benchmarks on the GPU (benchmarks/{layer,rms}_norm.py --device cuda)
 #   5. training throughput of the 350M preset in bf16, 30 steps, NCCL process group, tokens/s and
 #      MFU against the H200's dense bf16 peak          (benchmarks/train_throughput.py)
 #   6. the real job, 350M bf16 for 30 steps on one GPU under torchrun with NCCL, through
@@ -77,9 +77,11 @@ fi
 
 step build 200 "$PYTHON" setup.py build_ext --inplace
 step pytest_cuda 120 "$PYTHON" -m pytest -q -p no:cacheprovider "${PYTEST_CUDA[@]}" \
-    tests/test_layer_norm.py tests/test_model_cuda.py
-step layer_norm_bench 90 "$PYTHON" benchmarks/layer_norm.py --device "$DEVICE" \
-    $([[ "$DEVICE" == cpu ]] && echo --repeats 1)
+    tests/test_layer_norm.py tests/test_rms_norm.py tests/test_model_cuda.py
+for norm in layer_norm rms_norm; do
+    step "${norm}_bench" 90 "$PYTHON" "benchmarks/$norm.py" --device "$DEVICE" \
+        $([[ "$DEVICE" == cpu ]] && echo --repeats 1)
+done
 
 if [[ "$DEVICE" == cuda ]]; then
     step train_throughput 150 "$PYTHON" benchmarks/train_throughput.py --device cuda --model-size 350m \
@@ -99,7 +101,9 @@ fi
 echo
 echo "== summary ($DEVICE; logs in $LOGS)"
 printf '%s\n' "${SUMMARY[@]}"
-[[ -f "$LOGS/layer_norm_bench.log" ]] && tail -n 1 "$LOGS/layer_norm_bench.log"
+for norm in layer_norm rms_norm; do
+    [[ -f "$LOGS/${norm}_bench.log" ]] && tail -n 1 "$LOGS/${norm}_bench.log"
+done
 if [[ -f "$LOGS/train_throughput.log" ]]; then
     grep -E "^(leg|$LEG) " "$LOGS/train_throughput.log"
     tail -n 1 "$LOGS/train_throughput.log"

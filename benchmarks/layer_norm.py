@@ -1,4 +1,5 @@
-"""Forward+backward time of our fused LayerNorm against torch.nn.functional.layer_norm.
+"""Forward+backward time of our fused LayerNorm against torch.nn.functional.layer_norm (and, through
+run(), of any fused norm against its torch function: benchmarks/rms_norm.py).
 
 Both run in this process on the same tensors, interleaved repeat by repeat so that load from
 other processes hits both alike. After a warm-up, a case repeats at least --repeats times and
@@ -6,8 +7,8 @@ for at least --min-seconds; each time is the median over the repeats, and each s
 median over the repeats of torch_time / our_time taken side by side (on a shared machine that
 is steadier than a ratio of medians measured moments apart). Prints a table, then as its last
 line one JSON object whose "ratio" is the smallest ratio over the shapes (higher is better).
-On CUDA it also reports the achieved bandwidth: the bytes a LayerNorm must move (forward reads x
-and writes y; backward reads x and dy and writes dx) over the time, against the device's peak.
+On CUDA it also reports the achieved bandwidth: the bytes a norm must move (forward reads x and
+writes y; backward reads x and dy and writes dx) over the time, against the device's peak.
 
     python benchmarks/layer_norm.py [--device cpu|cuda] [--repeats N] [--min-seconds S]
 """
@@ -15,15 +16,43 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from megatron_snm.model.layer_norm import backend_name, fused_layer_norm
+from megatron_snm.model import layer_norm
 
 SHAPES = [(2048, 512), (8192, 2304), (16384, 2304)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A norm to time: `torch_fn` and `ours` take (x, *params) for params made by `make_params`."""
+
+    title: str  # "LayerNorm"
+    benchmark: str  # the JSON's "benchmark"
+    torch_fn: Callable
+    ours: Callable
+    backend_name: Callable
+    make_params: Callable  # (cols, dtype, device, generator) -> tuple of parameters
+
+
+def _layer_norm_params(cols, dtype, device, gen):
+    weight = 1 + 0.1 * torch.randn(cols, dtype=dtype, device=device, generator=gen)
+    bias = 0.1 * torch.randn(cols, dtype=dtype, device=device, generator=gen)
+    return weight, bias
+
+
+LAYER_NORM = Norm(
+    "LayerNorm", "layer_norm",
+    lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, EPS),
+    lambda x, w, b: layer_norm.fused_layer_norm(x, w, b, EPS),
+    layer_norm.backend_name, _layer_norm_params,
+)
 
 
 def parse_args():
@@ -69,43 +98,40 @@ def copy_bandwidth_gbps(device):
     return 2 * src.numel() * 20 / (time.perf_counter() - start) / 1e9
 
 
-def time_fwd_bwd(layer_norm, x, weight, bias, dy, device):
-    """Seconds for one forward+backward (all three gradients)."""
+def time_fwd_bwd(norm_fn, x, params, dy, device):
+    """Seconds for one forward+backward (the gradients of x and every parameter)."""
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    y = layer_norm(x, weight, bias)
-    torch.autograd.grad(y, (x, weight, bias), dy)
+    y = norm_fn(x, *params)
+    torch.autograd.grad(y, (x, *params), dy)
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def bench_case(rows, cols, dtype, device, warmup, repeats, min_seconds):
+def bench_case(norm, rows, cols, dtype, device, warmup, repeats, min_seconds):
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(rows, cols, dtype=dtype, device=device, generator=gen).requires_grad_()
-    weight = (1 + 0.1 * torch.randn(cols, dtype=dtype, device=device, generator=gen)).requires_grad_()
-    bias = (0.1 * torch.randn(cols, dtype=dtype, device=device, generator=gen)).requires_grad_()
+    params = tuple(p.requires_grad_() for p in norm.make_params(cols, dtype, device, gen))
     dy = torch.randn(rows, cols, dtype=dtype, device=device, generator=gen)
-    impls = {
-        "torch": lambda x, w, b: F.layer_norm(x, (cols,), w, b, EPS),
-        "ours": lambda x, w, b: fused_layer_norm(x, w, b, EPS),
-    }
+    impls = {"torch": norm.torch_fn, "ours": norm.ours}
     for _ in range(warmup):
         for fn in impls.values():
-            time_fwd_bwd(fn, x, weight, bias, dy, device)
+            time_fwd_bwd(fn, x, params, dy, device)
     times = {name: [] for name in impls}
     while len(times["ours"]) < repeats or sum(times["ours"]) + sum(times["torch"]) < min_seconds:
         for name, fn in impls.items():
-            times[name].append(time_fwd_bwd(fn, x, weight, bias, dy, device))
+            times[name].append(time_fwd_bwd(fn, x, params, dy, device))
     ratio = statistics.median(t / o for t, o in zip(times["torch"], times["ours"]))
     return {name: statistics.median(ts) for name, ts in times.items()} | {"ratio": ratio}
 
 
-def main():
+def run(norm):
+    """Times `norm` against its torch function on every shape and dtype; prints the table and the JSON."""
     args = parse_args()
     device = args.device
-    print(f"LayerNorm forward+backward, device={device}, ours = {backend_name(device)}")
+    print(f"{norm.title} forward+backward, device={device}, ours = {norm.backend_name(device)}")
     if device == "cpu":
         from megatron_snm import _layer_norm
 
@@ -124,7 +150,7 @@ def main():
     ratios, gbps = {}, {}
     for dtype_name, dtype in DTYPES.items():
         for rows, cols in SHAPES:
-            t = bench_case(rows, cols, dtype, device, args.warmup, args.repeats, args.min_seconds)
+            t = bench_case(norm, rows, cols, dtype, device, args.warmup, args.repeats, args.min_seconds)
             key = f"{dtype_name} {rows}x{cols}"
             ratios[key] = round(t["ratio"], 3)
             line = f"{dtype_name:>9} {rows:>5}x{cols:<6} {t['torch'] * 1e3:9.3f} {t['ours'] * 1e3:9.3f} {ratios[key]:6.2f}"
@@ -135,7 +161,7 @@ def main():
             print(line, flush=True)
 
     result = {
-        "benchmark": "layer_norm",
+        "benchmark": norm.benchmark,
         "ratio": min(ratios.values()),
         "device": device,
         "ratios": ratios,
@@ -147,4 +173,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(LAYER_NORM)

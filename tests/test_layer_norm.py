@@ -9,47 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from megatron_snm.model import layer_norm as ln_front
+from megatron_snm.model import norm_backend
 from megatron_snm.model.layer_norm import FusedLayerNorm, backend_name, fused_layer_norm
-
-cpu_ext = pytest.importorskip("megatron_snm._layer_norm", reason="build the extensions: python setup.py build_ext --inplace")
-
-# (input dtype, parameter dtype)
-DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float16),
-    (torch.float16, torch.float32),
-]
-# A 1-D input, one row, a single column, hidden sizes that leave vector tails, a 3-D input, a wide row.
-SHAPES = [(16,), (1, 64), (3, 1), (7, 37), (16, 127), (5, 1023), (2, 3, 40), (9, 2304)]
-# (rtol, atol) for outputs rounded to each dtype; the statistics are float32 throughout.
-TOLERANCE = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-4, 1e-4),
-    torch.bfloat16: (2e-2, 2e-2),
-    torch.float16: (4e-3, 4e-3),
-}
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-
-
-def cpu_isas():
-    isas = ["generic"]
-    try:
-        cpu_ext.set_isa("avx2")
-        isas.append("avx2")
-    except RuntimeError:
-        pass  # this CPU lacks AVX2/FMA/F16C
-    return isas
-
-
-@pytest.fixture(params=cpu_isas())
-def cpu_isa(request):
-    previous = cpu_ext.isa()
-    cpu_ext.set_isa(request.param)
-    yield request.param
-    cpu_ext.set_isa(previous)
+from tests.norm_cases import (  # noqa: F401 (cpu_isa is a fixture)
+    CUDA_SHAPES,
+    DEVICES,
+    DTYPE_PAIRS,
+    SHAPES,
+    assert_grads_match,
+    cpu_ext,
+    cpu_isa,
+    dtype_id,
+    shape_id,
+)
 
 
 def make_inputs(shape, dtype, param_dtype, device, seed=0):
@@ -79,16 +51,11 @@ def ours(x, weight, bias, dy, eps=1e-5):
 
 
 def assert_matches(got, want, dtype, dtypes):
-    rtol, atol = TOLERANCE[dtype]
-    for name, g, w, expected_dtype in zip(("y", "dx", "dweight", "dbias"), got, want, dtypes):
-        assert g.dtype == expected_dtype, f"{name} is {g.dtype}, expected {expected_dtype}"
-        # Gradients of the parameters are sums over rows: scale the tolerance with their size.
-        scale = max(1.0, w.abs().max().item()) if name.startswith("dw") or name == "dbias" else 1.0
-        torch.testing.assert_close(g.double().cpu(), w.cpu(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}")
+    assert_grads_match(("y", "dx", "dweight", "dbias"), got, want, dtype, dtypes)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS, ids=dtype_id)
 def test_cpu_matches_torch(cpu_isa, shape, dtype, param_dtype):
     x, w, b, dy = make_inputs(shape, dtype, param_dtype, "cpu")
     assert_matches(ours(x, w, b, dy), reference(x, w, b, dy), dtype, (dtype, dtype, param_dtype, param_dtype))
@@ -147,6 +114,23 @@ def test_module_matches_nn_layer_norm_and_state_dict():
     torch.testing.assert_close(mine(x), torch.nn.LayerNorm((4, 6), eps=1e-6)(x), rtol=1e-5, atol=1e-5)
 
 
+def test_zero_centered_gamma_stores_gamma_minus_one():
+    # Megatron's --apply-layernorm-1p: the weight starts at 0, the norm scales by weight + 1, and
+    # the stored weight's gradient is gamma's.
+    norm = FusedLayerNorm(24, zero_centered_gamma=True)
+    assert torch.equal(norm.weight.detach(), torch.zeros(24)) and torch.equal(norm.bias.detach(), torch.zeros(24))
+    x, gamma, beta, dy = make_inputs((6, 24), torch.float32, torch.float32, "cpu", seed=2)
+    with torch.no_grad():
+        norm.weight.copy_(gamma - 1)
+        norm.bias.copy_(beta)
+    x.requires_grad_()
+    y = norm(x)
+    y.backward(dy)
+    want = reference(x, gamma, beta, dy)
+    assert_matches((y.detach(), x.grad, norm.weight.grad, norm.bias.grad), want, torch.float32, (torch.float32,) * 4)
+    assert "zero_centered_gamma=True" in repr(norm)
+
+
 def test_cpu_backend_is_our_kernel_and_is_logged_once(caplog):
     ln_front._backend.cache_clear()
     with caplog.at_level(logging.INFO, logger="megatron_snm"):
@@ -159,8 +143,8 @@ def test_cpu_backend_is_our_kernel_and_is_logged_once(caplog):
 
 
 def test_falls_back_to_torch_without_the_extension(monkeypatch):
-    real_import = ln_front._import_optional
-    monkeypatch.setattr(ln_front, "_import_optional", lambda m: None if m.startswith("megatron_snm.") else real_import(m))
+    real_import = norm_backend.import_optional
+    monkeypatch.setattr(norm_backend, "import_optional", lambda m: None if m.startswith("megatron_snm.") else real_import(m))
     ln_front._backend.cache_clear()
     try:
         assert backend_name("cpu") == "torch.nn.functional.layer_norm"
@@ -205,13 +189,9 @@ def test_cuda_backend_is_our_kernel():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize(
-    "shape", SHAPES + [(5000, 512), (300, 12288), (64, 4101)], ids=lambda s: "x".join(map(str, s))
-)
-@pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS, ids=dtype_id)
 def test_cuda_matches_torch(shape, dtype, param_dtype):
-    # Also many rows (grid-stride and many dgamma partials), a hidden size whose accumulators need
-    # opted-in shared memory, and an odd one that takes the scalar (unvectorised) path.
     x, w, b, dy = make_inputs(shape, dtype, param_dtype, "cuda")
     got = ours(x, w, b, dy)
     torch.cuda.synchronize()

@@ -1,4 +1,4 @@
-// Python bindings of the CPU fused LayerNorm (megatron_snm._layer_norm): torch tensors in,
+// Python bindings of the CPU fused LayerNorm and RMSNorm (megatron_snm._layer_norm): torch tensors in,
 // raw pointers to layer_norm_cpu.h out.
 #include <torch/extension.h>
 
@@ -66,6 +66,34 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> bac
   return {dx, dgamma, dbeta};
 }
 
+std::tuple<at::Tensor, at::Tensor> rms_forward(const at::Tensor& x_in, const at::Tensor& weight_in, double eps) {
+  ln::check_input_and_weight("fused RMSNorm", x_in, weight_in);
+  check_cpu(x_in);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::Tensor y = empty_output(x);
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(ln::stats_dtype(x)));
+  ln::cpu_rms_forward(ln::to_dtype(x.scalar_type()), ln::to_dtype(weight.scalar_type()), x.data_ptr(),
+                      weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, cols, eps);
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> rms_backward(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                                              const at::Tensor& rstd, const at::Tensor& weight_in,
+                                                              bool weight_grad) {
+  ln::check_rms_backward_args(dy_in, x_in, rstd, weight_in);
+  check_cpu(x_in);
+  const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous();
+  const int64_t rows = x.size(0), cols = x.size(1);
+  at::Tensor dx = empty_output(x);
+  std::optional<at::Tensor> dgamma;
+  if (weight_grad) dgamma = at::empty_like(weight);
+  ln::cpu_rms_backward(ln::to_dtype(x.scalar_type()), ln::to_dtype(weight.scalar_type()), dy.data_ptr(),
+                       x.data_ptr(), rstd.data_ptr(), weight.data_ptr(), dx.data_ptr(),
+                       weight_grad ? dgamma->data_ptr() : nullptr, rows, cols);
+  return {dx, dgamma};
+}
+
 void set_isa(const std::string& name) {
   TORCH_CHECK(ln::set_cpu_isa(name.c_str()), "megatron_snm._layer_norm: ISA '", name,
               "' is unknown or not supported by this CPU (choose 'avx2' or 'generic')");
@@ -74,13 +102,17 @@ void set_isa(const std::string& name) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Fused LayerNorm over the last dimension, CPU kernels (float32 statistics)";
+  m.doc() = "Fused LayerNorm and RMSNorm over the last dimension, CPU kernels (float32 statistics)";
   m.def("forward", &forward, "(x[rows, cols], weight[cols], bias[cols], eps) -> (y, mean, rstd)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
   m.def("backward", &backward,
         "(dy, x, mean, rstd, weight, weight_grads) -> (dx, dweight | None, dbias | None)",
         py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
         py::arg("weight_grads"));
+  m.def("rms_forward", &rms_forward, "(x[rows, cols], weight[cols], eps) -> (y, rstd)", py::arg("x"),
+        py::arg("weight"), py::arg("eps"));
+  m.def("rms_backward", &rms_backward, "(dy, x, rstd, weight, weight_grad) -> (dx, dweight | None)",
+        py::arg("dy"), py::arg("x"), py::arg("rstd"), py::arg("weight"), py::arg("weight_grad"));
   m.def("isa", &ln::cpu_isa, "instruction set the kernels run with: 'avx2' or 'generic'");
   m.def("set_isa", &set_isa, "force the kernels' instruction set ('avx2' or 'generic'); for tests");
 }

@@ -1,5 +1,5 @@
-// CPU fused LayerNorm over the last dimension of a row-major [rows, cols] array: a plain C++
-// interface (raw pointers, sizes, element types) so the kernels know nothing of torch.
+// CPU fused LayerNorm and RMSNorm over the last dimension of a row-major [rows, cols] array: a
+// plain C++ interface (raw pointers, sizes, element types) so the kernels know nothing of torch.
 //
 // Supported (x, weight) types: (f32, f32), (f64, f64), (bf16, bf16), (bf16, f32), (f16, f16),
 // (f16, f32). y/dx have x's type, dgamma/dbeta the weight's, mean/rstd are float32 (float64 for
@@ -21,7 +21,16 @@ void cpu_backward(DType x_type, DType w_type, const void* dy, const void* x, con
                   const void* rstd, const void* gamma, void* dx, void* dgamma, void* dbeta,
                   int64_t rows, int64_t cols);
 
-// The instruction set the kernels run with: "avx2" (AVX2+FMA+F16C, chosen at run time where the
+// RMSNorm: y = x * rstd * gamma, rstd = 1 / sqrt(mean(x^2) + eps), row by row; also writes
+// rstd[rows]. Same type rules as the LayerNorm; gamma must be given.
+void cpu_rms_forward(DType x_type, DType w_type, const void* x, const void* gamma, void* y,
+                     void* rstd, int64_t rows, int64_t cols, double eps);
+
+// dx (always) and, when dgamma is non-null, dgamma summed over rows.
+void cpu_rms_backward(DType x_type, DType w_type, const void* dy, const void* x, const void* rstd,
+                      const void* gamma, void* dx, void* dgamma, int64_t rows, int64_t cols);
+
+// The instruction set the kernels (both norms) run with: "avx2" (AVX2+FMA+F16C, chosen at run time where the
 // CPU has it) or "generic" (baseline x86-64 / the target's default). set_cpu_isa() forces one, so
 // tests and benchmarks can exercise both; it returns false for an ISA this CPU cannot run.
 const char* cpu_isa();

@@ -1,4 +1,4 @@
-// The CPU LayerNorm kernels compiled for AVX2 + FMA + F16C. Only this file is built for that
+// The CPU LayerNorm and RMSNorm kernels compiled for AVX2 + FMA + F16C. Only this file is built for that
 // instruction set (by a target pragma, not a global -mavx2), and layer_norm_cpu.cpp calls into it
 // only on a CPU that has it, so the extension still loads and runs on older x86 CPUs.
 #include <cmath>
@@ -22,6 +22,7 @@
 namespace ln {
 namespace avx2 {
 KernelSet kernel_set(DType, DType) { return {}; }  // never chosen off x86-64
+KernelSet rms_kernel_set(DType, DType) { return {}; }
 }  // namespace avx2
 }  // namespace ln
 #endif

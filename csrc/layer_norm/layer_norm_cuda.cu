@@ -1,5 +1,6 @@
-// CUDA fused LayerNorm kernels behind layer_norm_cuda.h. No torch headers: nvcc compiles this
-// file on its own (tools/check_cuda_kernels.sh) and cuda_glue.cpp adapts it to torch tensors.
+// CUDA fused LayerNorm and RMSNorm kernels behind layer_norm_cuda.h. No torch headers: nvcc
+// compiles this file on its own (tools/check_cuda_kernels.sh) and cuda_glue.cpp adapts it to
+// torch tensors.
 //
 // Forward: one block per row (grid-stride over rows). Each thread reads 16-byte packs of x,
 // folds each pack into a running Welford (count, mean, M2) in float32 (float64 for float64),
@@ -8,12 +9,18 @@
 // sum(g * xhat) (g = dy * gamma) and writes dx; meanwhile each thread adds dy * xhat and dy for
 // its own columns into the block's shared-memory dgamma/dbeta accumulators (no atomics: a
 // thread owns the same columns in every row). Stage two adds the per-block partials up.
+// RMSNorm (y = x * rstd * gamma, rstd = 1 / sqrt(mean(x^2) + eps)) is LayerNorm without the
+// centring and the bias: its forward kernel sums squares instead of merging Welford summaries,
+// and its backward pass is the LayerNorm kernel with the mean terms and dbeta compiled out
+// (kCentred = false).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "layer_norm_cuda.h"
 
@@ -98,6 +105,17 @@ __device__ __forceinline__ Sum2<A> warp_reduce(Sum2<A> s) {
   return s;
 }
 
+__device__ __forceinline__ float warp_reduce(float v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+__device__ __forceinline__ double warp_reduce(double v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float zero_of(float) { return 0.f; }
+__device__ __forceinline__ double zero_of(double) { return 0.0; }
 __device__ __forceinline__ Welford<float> zero_of(Welford<float>) { return {0.f, 0.f, 0.f}; }
 __device__ __forceinline__ Welford<double> zero_of(Welford<double>) { return {0.0, 0.0, 0.0}; }
 __device__ __forceinline__ Sum2<float> zero_of(Sum2<float>) { return {0.f, 0.f}; }
@@ -164,12 +182,48 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// With xhat = (x - mean) * rstd and g = dy * gamma:
+// RMSNorm: one block per row, as the LayerNorm forward; the statistic is the sum of squares.
+template <typename T, typename W, int N>
+__global__ void __launch_bounds__(kMaxThreads)
+    rms_forward_kernel(const T* __restrict__ x, const W* __restrict__ gamma, T* __restrict__ y,
+                       Acc<T>* __restrict__ rstd, int64_t rows, int cols, Acc<T> eps) {
+  using A = Acc<T>;
+  __shared__ A scratch[kMaxThreads / kWarp];
+  const int stride = blockDim.x * N;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* xr = x + row * cols;
+    A sq = 0;
+    for (int c = threadIdx.x * N; c < cols; c += stride) {
+      const Pack<T, N> p = load_pack<T, N>(xr + c);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const A v = to_acc(p.v[i]);
+        sq += v * v;
+      }
+    }
+    sq = block_reduce(sq, scratch);
+    const A rs = A(1) / sqrt(sq / A(cols) + eps);
+    if (threadIdx.x == 0) rstd[row] = rs;
+    T* yr = y + row * cols;
+    for (int c = threadIdx.x * N; c < cols; c += stride) {
+      const Pack<T, N> p = load_pack<T, N>(xr + c);
+      const Pack<W, N> g = load_pack<W, N>(gamma + c);
+      Pack<T, N> out;
+#pragma unroll
+      for (int i = 0; i < N; ++i) from_acc(to_acc(p.v[i]) * rs * to_acc(g.v[i]), out.v[i]);
+      store_pack<T, N>(yr + c, out);
+    }
+  }
+}
+
+// LayerNorm, with xhat = (x - mean) * rstd and g = dy * gamma:
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+// RMSNorm (kCentred = false; `mean` unused), with xhat = x * rstd:
+//   dx = rstd * (g - xhat * mean(g * xhat)), and no dbeta.
 // The shared-memory accumulators are laid out so that, for each element of a pack, consecutive
 // threads hit consecutive words (no bank conflicts): column chunk + t*N + i lives at
 // chunk + i*blockDim + t. `acc_cols` is cols rounded up to whole chunks.
-template <typename T, typename W, int N, bool kWeightGrads>
+template <typename T, typename W, int N, bool kWeightGrads, bool kCentred>
 __global__ void __launch_bounds__(kMaxThreads)
     backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const Acc<T>* __restrict__ mean,
                     const Acc<T>* __restrict__ rstd, const W* __restrict__ gamma, T* __restrict__ dx,
@@ -178,18 +232,21 @@ __global__ void __launch_bounds__(kMaxThreads)
   __shared__ Sum2<A> scratch[kMaxThreads / kWarp];
   extern __shared__ __align__(16) unsigned char dynamic_smem[];
   A* acc_gamma = reinterpret_cast<A*>(dynamic_smem);
-  A* acc_beta = acc_gamma + acc_cols;
+  A* acc_beta = acc_gamma + acc_cols;  // LayerNorm only
   const int stride = blockDim.x * N;
   const A inv_cols = A(1) / A(cols);
 
   if (kWeightGrads) {
-    for (int k = threadIdx.x; k < acc_cols; k += blockDim.x) acc_gamma[k] = acc_beta[k] = A(0);
+    for (int k = threadIdx.x; k < acc_cols; k += blockDim.x) {
+      acc_gamma[k] = A(0);
+      if (kCentred) acc_beta[k] = A(0);
+    }
     __syncthreads();
   }
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* xr = x + row * cols;
     const T* dyr = dy + row * cols;
-    const A m = mean[row], rs = rstd[row];
+    const A m = kCentred ? mean[row] : A(0), rs = rstd[row];
     Sum2<A> s{A(0), A(0)};
     for (int chunk = 0; chunk < cols; chunk += stride) {
       const int c = chunk + threadIdx.x * N;
@@ -202,17 +259,17 @@ __global__ void __launch_bounds__(kMaxThreads)
         const A d = to_acc(pd.v[i]);
         const A xhat = (to_acc(px.v[i]) - m) * rs;
         const A g = d * to_acc(pg.v[i]);
-        s.a += g;
+        if (kCentred) s.a += g;
         s.b += g * xhat;
         if (kWeightGrads) {
           const int k = chunk + i * blockDim.x + threadIdx.x;
           acc_gamma[k] += d * xhat;
-          acc_beta[k] += d;
+          if (kCentred) acc_beta[k] += d;
         }
       }
     }
     s = block_reduce(s, scratch);
-    const A a = s.a * inv_cols, b = s.b * inv_cols;
+    const A a = kCentred ? s.a * inv_cols : A(0), b = s.b * inv_cols;
     T* dxr = dx + row * cols;
     for (int c = threadIdx.x * N; c < cols; c += stride) {
       const Pack<T, N> pd = load_pack<T, N>(dyr + c);
@@ -229,8 +286,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
   }
   if (kWeightGrads) {
-    // This block's partial sums, in plain column order.
-    A* out = partials + static_cast<int64_t>(blockIdx.x) * 2 * cols;
+    // This block's partial sums, in plain column order: dgamma, then (LayerNorm) dbeta.
+    constexpr int kGrads = kCentred ? 2 : 1;
+    A* out = partials + static_cast<int64_t>(blockIdx.x) * kGrads * cols;
     for (int chunk = 0; chunk < cols; chunk += stride) {
       const int c = chunk + threadIdx.x * N;
       if (c >= cols) break;
@@ -238,15 +296,16 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int i = 0; i < N; ++i) {
         const int k = chunk + i * blockDim.x + threadIdx.x;
         out[c + i] = acc_gamma[k];
-        out[cols + c + i] = acc_beta[k];
+        if (kCentred) out[cols + c + i] = acc_beta[k];
       }
     }
   }
 }
 
-// Stage two: dgamma[c] and dbeta[c] are the sums of the `parts` partial rows. A block takes 32
-// columns; its 8 rows of threads split the partials and meet in shared memory.
-template <typename W, typename A>
+// Stage two: dgamma[c] and (LayerNorm, kGrads = 2) dbeta[c] are the sums of the `parts` partial
+// rows of kGrads * cols. A block takes 32 columns; its 8 rows of threads split the partials and
+// meet in shared memory.
+template <typename W, typename A, int kGrads>
 __global__ void __launch_bounds__(256) reduce_partials_kernel(const A* __restrict__ partials, int parts,
                                                                 int cols, W* __restrict__ dgamma,
                                                                 W* __restrict__ dbeta) {
@@ -255,8 +314,8 @@ __global__ void __launch_bounds__(256) reduce_partials_kernel(const A* __restric
   A g = 0, b = 0;
   if (c < cols) {
     for (int p = threadIdx.y; p < parts; p += blockDim.y) {
-      g += partials[static_cast<int64_t>(p) * 2 * cols + c];
-      b += partials[static_cast<int64_t>(p) * 2 * cols + cols + c];
+      g += partials[static_cast<int64_t>(p) * kGrads * cols + c];
+      if (kGrads == 2) b += partials[static_cast<int64_t>(p) * kGrads * cols + cols + c];
     }
   }
   sum_gamma[threadIdx.y][threadIdx.x] = g;
@@ -268,7 +327,7 @@ __global__ void __launch_bounds__(256) reduce_partials_kernel(const A* __restric
       b += sum_beta[r][threadIdx.x];
     }
     from_acc(g, dgamma[c]);
-    from_acc(b, dbeta[c]);
+    if (kGrads == 2) from_acc(b, dbeta[c]);
   }
 }
 
@@ -310,6 +369,24 @@ cudaError_t dispatch(DType x, DType w, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// Calls f(TypePair<T, W>{}, std::integral_constant<int, N>{}) with N elements per load: the
+// 16-byte pack width where cols is a multiple of it, every row pointer in `rows_data` is 16-byte
+// aligned and every weight in `weights` aligned to one pack of W; else 1 (the scalar path).
+template <typename F>
+cudaError_t dispatch_packed(DType x, DType w, int64_t cols, std::initializer_list<const void*> rows_data,
+                            std::initializer_list<const void*> weights, F&& f) {
+  if (cols <= 0 || cols > 0x7fffffff) return cudaErrorInvalidValue;
+  return dispatch(x, w, [&](auto types) {
+    using T = typename decltype(types)::T;
+    using W = typename decltype(types)::W;
+    constexpr int N = pack_width<T>();
+    bool vectorised = cols % N == 0;
+    for (const void* p : rows_data) vectorised = vectorised && aligned(p, 16);
+    for (const void* p : weights) vectorised = vectorised && aligned(p, sizeof(Pack<W, N>));
+    return vectorised ? f(types, std::integral_constant<int, N>{}) : f(types, std::integral_constant<int, 1>{});
+  });
+}
+
 constexpr int64_t kMaxGrid = 0x7fffffff;
 
 template <typename T, typename W, int N>
@@ -324,11 +401,23 @@ cudaError_t launch_forward(const void* x, const void* gamma, const void* beta, v
   return cudaGetLastError();
 }
 
+template <typename T, typename W, int N>
+cudaError_t launch_rms_forward(const void* x, const void* gamma, void* y, void* rstd, int64_t rows,
+                               int64_t cols, double eps, cudaStream_t stream) {
+  const int threads = threads_for(cols, N);
+  const unsigned blocks = static_cast<unsigned>(std::min(rows, kMaxGrid));
+  rms_forward_kernel<T, W, N><<<blocks, threads, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const W*>(gamma), static_cast<T*>(y),
+      static_cast<Acc<T>*>(rstd), rows, static_cast<int>(cols), static_cast<Acc<T>>(eps));
+  return cudaGetLastError();
+}
+
 int64_t backward_blocks_bound(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, static_cast<int64_t>(sm_count()) * kMaxBackwardBlocksPerSm));
 }
 
-template <typename T, typename W, int N>
+// kCentred: LayerNorm (dgamma and dbeta); otherwise RMSNorm (dgamma only; mean and dbeta null).
+template <typename T, typename W, int N, bool kCentred>
 cudaError_t launch_backward(const void* dy, const void* x, const void* mean, const void* rstd,
                             const void* gamma, void* dx, void* dgamma, void* dbeta, void* workspace,
                             int64_t rows, int64_t cols, cudaStream_t stream) {
@@ -336,9 +425,10 @@ cudaError_t launch_backward(const void* dy, const void* x, const void* mean, con
   const int threads = threads_for(cols, N);
   const int64_t chunk = static_cast<int64_t>(threads) * N;
   const int acc_cols = static_cast<int>((cols + chunk - 1) / chunk * chunk);
-  const bool weight_grads = dgamma != nullptr && dbeta != nullptr;
-  auto kernel = weight_grads ? backward_kernel<T, W, N, true> : backward_kernel<T, W, N, false>;
-  const size_t smem = weight_grads ? 2 * static_cast<size_t>(acc_cols) * sizeof(A) : 0;
+  constexpr int kGrads = kCentred ? 2 : 1;
+  const bool weight_grads = dgamma != nullptr && (!kCentred || dbeta != nullptr);
+  auto kernel = weight_grads ? backward_kernel<T, W, N, true, kCentred> : backward_kernel<T, W, N, false, kCentred>;
+  const size_t smem = weight_grads ? kGrads * static_cast<size_t>(acc_cols) * sizeof(A) : 0;
   cudaError_t err;
   if (smem > 48 * 1024) {  // beyond the default: opt in, up to what the device allows
     int device = 0, optin = 0;
@@ -361,10 +451,16 @@ cudaError_t launch_backward(const void* dy, const void* x, const void* mean, con
   if ((err = cudaGetLastError()) != cudaSuccess || !weight_grads) return err;
   const dim3 reduce_threads(kWarp, 8);
   const unsigned reduce_blocks = static_cast<unsigned>((cols + kWarp - 1) / kWarp);
-  reduce_partials_kernel<W, A><<<reduce_blocks, reduce_threads, 0, stream>>>(
+  reduce_partials_kernel<W, A, kGrads><<<reduce_blocks, reduce_threads, 0, stream>>>(
       static_cast<const A*>(workspace), static_cast<int>(blocks), static_cast<int>(cols),
       static_cast<W*>(dgamma), static_cast<W*>(dbeta));
   return cudaGetLastError();
+}
+
+// Bytes of the per-block partials of `grads` weight gradients (2: LayerNorm, 1: RMSNorm).
+size_t workspace_bytes(DType x_type, int grads, int64_t rows, int64_t cols) {
+  const size_t acc_bytes = x_type == DType::kFloat64 ? sizeof(double) : sizeof(float);
+  return static_cast<size_t>(backward_blocks_bound(rows)) * grads * static_cast<size_t>(cols) * acc_bytes;
 }
 
 }  // namespace
@@ -373,36 +469,45 @@ cudaError_t cuda_forward(DType x_type, DType w_type, const void* x, const void* 
                          const void* beta, void* y, void* mean, void* rstd, int64_t rows,
                          int64_t cols, double eps, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  if (cols <= 0 || cols > 0x7fffffff) return cudaErrorInvalidValue;
-  return dispatch(x_type, w_type, [&](auto types) {
-    using T = typename decltype(types)::T;
-    using W = typename decltype(types)::W;
-    constexpr int N = pack_width<T>();
-    const bool vectorised = cols % N == 0 && aligned(x, 16) && aligned(y, 16) &&
-                            aligned(gamma, sizeof(Pack<W, N>)) && aligned(beta, sizeof(Pack<W, N>));
-    return vectorised ? launch_forward<T, W, N>(x, gamma, beta, y, mean, rstd, rows, cols, eps, stream)
-                      : launch_forward<T, W, 1>(x, gamma, beta, y, mean, rstd, rows, cols, eps, stream);
+  return dispatch_packed(x_type, w_type, cols, {x, y}, {gamma, beta}, [&](auto types, auto n) {
+    return launch_forward<typename decltype(types)::T, typename decltype(types)::W, decltype(n)::value>(
+        x, gamma, beta, y, mean, rstd, rows, cols, eps, stream);
   });
 }
 
 size_t cuda_backward_workspace_bytes(DType x_type, DType /*w_type*/, int64_t rows, int64_t cols) {
-  const size_t acc_bytes = x_type == DType::kFloat64 ? sizeof(double) : sizeof(float);
-  return static_cast<size_t>(backward_blocks_bound(rows)) * 2 * static_cast<size_t>(cols) * acc_bytes;
+  return workspace_bytes(x_type, 2, rows, cols);
 }
 
 cudaError_t cuda_backward(DType x_type, DType w_type, const void* dy, const void* x,
                           const void* mean, const void* rstd, const void* gamma, void* dx,
                           void* dgamma, void* dbeta, void* workspace, int64_t rows, int64_t cols,
                           cudaStream_t stream) {
-  if (cols <= 0 || cols > 0x7fffffff) return cudaErrorInvalidValue;
-  return dispatch(x_type, w_type, [&](auto types) {
-    using T = typename decltype(types)::T;
-    using W = typename decltype(types)::W;
-    constexpr int N = pack_width<T>();
-    const bool vectorised = cols % N == 0 && aligned(x, 16) && aligned(dy, 16) && aligned(dx, 16) &&
-                            aligned(gamma, sizeof(Pack<W, N>));
-    return vectorised ? launch_backward<T, W, N>(dy, x, mean, rstd, gamma, dx, dgamma, dbeta, workspace, rows, cols, stream)
-                      : launch_backward<T, W, 1>(dy, x, mean, rstd, gamma, dx, dgamma, dbeta, workspace, rows, cols, stream);
+  return dispatch_packed(x_type, w_type, cols, {x, dy, dx}, {gamma}, [&](auto types, auto n) {
+    return launch_backward<typename decltype(types)::T, typename decltype(types)::W, decltype(n)::value, true>(
+        dy, x, mean, rstd, gamma, dx, dgamma, dbeta, workspace, rows, cols, stream);
+  });
+}
+
+cudaError_t cuda_rms_forward(DType x_type, DType w_type, const void* x, const void* gamma, void* y,
+                             void* rstd, int64_t rows, int64_t cols, double eps, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  return dispatch_packed(x_type, w_type, cols, {x, y}, {gamma}, [&](auto types, auto n) {
+    return launch_rms_forward<typename decltype(types)::T, typename decltype(types)::W, decltype(n)::value>(
+        x, gamma, y, rstd, rows, cols, eps, stream);
+  });
+}
+
+size_t cuda_rms_backward_workspace_bytes(DType x_type, DType /*w_type*/, int64_t rows, int64_t cols) {
+  return workspace_bytes(x_type, 1, rows, cols);
+}
+
+cudaError_t cuda_rms_backward(DType x_type, DType w_type, const void* dy, const void* x, const void* rstd,
+                              const void* gamma, void* dx, void* dgamma, void* workspace, int64_t rows,
+                              int64_t cols, cudaStream_t stream) {
+  return dispatch_packed(x_type, w_type, cols, {x, dy, dx}, {gamma}, [&](auto types, auto n) {
+    return launch_backward<typename decltype(types)::T, typename decltype(types)::W, decltype(n)::value, false>(
+        dy, x, nullptr, rstd, gamma, dx, dgamma, nullptr, workspace, rows, cols, stream);
   });
 }
 

@@ -90,7 +90,10 @@ class CausalSelfAttention(torch.nn.Module):
         # the per-rank stream.
         rng = get_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
         with rng, attention_kernel(self.backend):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+            # With query groups, k and v hold one head per group: SDPA lets each group's key/value head
+            # serve its query heads without copying it heads / groups times (enable_gqa).
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                                  enable_gqa=k.shape[1] != q.shape[1])
 
     def forward(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
         """x [b, s, h] (with --sequence-parallel this rank's shard [b, s / TP, h]; QKV gathers the
@@ -112,8 +115,6 @@ class CausalSelfAttention(torch.nn.Module):
             if past:  # new token i sits at position past + i: it sees keys 0 .. past + i
                 causal = False
                 mask = None if s == 1 else torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
-        if per_group > 1:  # each group's key/value head serves its query heads
-            k, v = k.repeat_interleave(per_group, dim=1), v.repeat_interleave(per_group, dim=1)
         if self.recompute_core and self.training and torch.is_grad_enabled():
             context = checkpoint(self.core, q, k, v)  # replays the dropout mask exactly
         else:

@@ -2,7 +2,7 @@
 
 `FusedLayerNorm` is a drop-in for torch.nn.LayerNorm (same arguments, same `weight`/`bias`
 state_dict keys) and `fused_layer_norm` its functional form. Per device type the backend is, in
-order of preference:
+order of preference (model/norm_backend.py, shared with RMSNorm):
   1. our fused kernels in csrc/layer_norm (`megatron_snm._layer_norm` for CPU tensors,
      `megatron_snm._layer_norm_cuda` for CUDA tensors), wrapped in an autograd Function that
      saves the per-row mean and inverse std for the backward pass;
@@ -11,19 +11,14 @@ order of preference:
 The choice is logged once per device type (logger "megatron_snm").
 """
 import functools
-import importlib
-import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from megatron_snm.model.norm_backend import check_input, choose_backend, normalized_shape_of
 from megatron_snm.tensor_parallel.layers import sequence_parallel_parameter
-
-logger = logging.getLogger("megatron_snm")
-
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 class _FusedLayerNormFunction(torch.autograd.Function):
@@ -53,25 +48,11 @@ class _FusedLayerNormFunction(torch.autograd.Function):
         )
 
 
-def _import_optional(module):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
 @functools.cache
 def _backend(device_type):
     """(name, callable(x, normalized_shape, weight, bias, eps)) for tensors on `device_type`."""
-    extension = {"cpu": "megatron_snm._layer_norm", "cuda": "megatron_snm._layer_norm_cuda"}.get(device_type)
-    if extension is not None and (module := _import_optional(extension)) is not None:
-        name, fn = f"fused kernels from csrc/layer_norm ({extension})", functools.partial(_ours, module)
-    elif device_type == "cuda" and (apex := _import_optional("apex.normalization.fused_layer_norm")):
-        name, fn = "apex FusedLayerNorm", functools.partial(_apex, apex)
-    else:
-        name, fn = "torch.nn.functional.layer_norm", F.layer_norm
-    logger.info("LayerNorm backend for %s tensors: %s", device_type, name)
-    return name, fn
+    return choose_backend("LayerNorm", device_type, _ours, "fused_layer_norm_affine", _apex,
+                          "torch.nn.functional.layer_norm", F.layer_norm)
 
 
 def backend_name(device_type):
@@ -112,22 +93,7 @@ def _apex(apex, x, normalized_shape, weight, bias, eps):
 
 
 def _check(x, normalized_shape, weight, bias):
-    if x.dim() < len(normalized_shape) or tuple(x.shape[x.dim() - len(normalized_shape) :]) != normalized_shape:
-        raise ValueError(
-            f"LayerNorm over the last dimension(s) {list(normalized_shape)} got an input of shape {list(x.shape)}"
-        )
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"LayerNorm: unsupported input dtype {x.dtype} (supported: float32, float64, bfloat16, float16)")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        if tuple(p.shape) != normalized_shape:
-            raise ValueError(f"LayerNorm: {name} has shape {list(p.shape)}, expected {list(normalized_shape)}")
-        if p.dtype != x.dtype and (p.dtype != torch.float32 or x.dtype == torch.float64):
-            raise TypeError(
-                f"LayerNorm: {name} is {p.dtype} but the input is {x.dtype}; "
-                f"parameters must have the input's dtype or float32"
-            )
+    check_input("LayerNorm", x, normalized_shape, weight=weight, bias=bias)
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         raise TypeError(f"LayerNorm: weight is {weight.dtype} but bias is {bias.dtype}")
 
@@ -136,9 +102,7 @@ def fused_layer_norm(x, weight, bias, eps=1e-5, normalized_shape=None):
     """LayerNorm of `x` over its trailing `normalized_shape` (default: weight's shape, else the
     last dimension), then `* weight + bias` where given. The output has x's dtype; statistics are
     computed in float32 (float64 for float64 input)."""
-    if normalized_shape is None:
-        normalized_shape = weight.shape if weight is not None else bias.shape if bias is not None else x.shape[-1:]
-    normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    normalized_shape = normalized_shape_of(normalized_shape, weight if weight is not None else bias, x)
     _check(x, normalized_shape, weight, bias)
     return _backend(x.device.type)[1](x, normalized_shape, weight, bias, eps)
 
@@ -147,7 +111,10 @@ class FusedLayerNorm(torch.nn.Module):
     """torch.nn.LayerNorm's interface and parameters, computed by `fused_layer_norm`.
 
     `sequence_parallel=True`: the input is one TP rank's shard of the sequence, so the gradients of
-    weight and bias are summed over the TP ranks (tensor_parallel/layers.sequence_parallel_parameter)."""
+    weight and bias are summed over the TP ranks (tensor_parallel/layers.sequence_parallel_parameter).
+    `zero_centered_gamma=True` is Megatron's --apply-layernorm-1p (layernorm_zero_centered_gamma):
+    the stored weight is gamma - 1, initialised to zeros, and the norm multiplies by weight + 1;
+    such a state_dict is not torch.nn.LayerNorm's."""
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, device=None, dtype=None,
                  sequence_parallel=False, zero_centered_gamma=False):
@@ -160,25 +127,26 @@ class FusedLayerNorm(torch.nn.Module):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
-            init = torch.zeros if zero_centered_gamma else torch.ones
-            self.weight = torch.nn.Parameter(init(self.normalized_shape, device=device, dtype=dtype))
-            self.bias = torch.nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype))
+            self.weight = torch.nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+            self.bias = torch.nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+            self.reset_parameters()
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
     def reset_parameters(self):
         if self.elementwise_affine:
-            torch.nn.init.ones_(self.weight)
+            torch.nn.init.constant_(self.weight, 0.0 if self.zero_centered_gamma else 1.0)
             torch.nn.init.zeros_(self.bias)
 
     def forward(self, x):
         weight, bias = self.weight, self.bias
         if self.sequence_parallel:
             weight, bias = sequence_parallel_parameter(weight), sequence_parallel_parameter(bias)
-        if self.zero_centered_gamma:
+        if self.zero_centered_gamma and weight is not None:
             weight = weight + 1
         return fused_layer_norm(x, weight, bias, self.eps, self.normalized_shape)
 
     def extra_repr(self):
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+                + (", zero_centered_gamma=True" if self.zero_centered_gamma else ""))

@@ -25,7 +25,10 @@ slice; the last stage of a pipeline holds the tied embedding again), w the param
   (what stage3_prefetch_bucket_size and stage3_max_reuse_distance keep gathered), at most the stage.
 - activations per micro-batch, from what autograd saves in our blocks (model/transformer.py), in
   units of s b h (sequence x micro-batch x hidden) elements of the parameter dtype:
-      none       4 + 12/TP per block (LN inputs/outputs, QKV, attention output, FC1, GELU),
+      none       4 + 12/TP per block (LN inputs/outputs, QKV, attention output, FC1, GELU) for GPT-2;
+                 a Llama-family block keeps Q, K, V (K and V per query group) and, with rotary
+                 positions, the rotated Q and K, and SwiGLU's four f-wide tensors (gate, SiLU, up,
+                 their product): 4 + ((a + 2g) k + (a + g) k + a k + 4 f) / (h TP) with g groups, k channels,
                  + (2e + 1) a s / h per block with attention dropout (the probabilities, their
                  mask and the dropped copy; flash attention saves no s x s matrix without it),
                  + 2 one-byte dropout masks with hidden dropout;
@@ -95,6 +98,11 @@ class MemoryPlan:
     sequence_parallel: bool = False
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # The architecture (GPT-2's by default): key/value heads, channels per head, SwiGLU, rotary positions.
+    num_query_groups: int | None = None  # default: num_attention_heads
+    kv_channels: int | None = None  # default: hidden_size / num_attention_heads
+    swiglu: bool = False
+    rotary: bool = False
     zero: dict = field(default_factory=dict)  # the DeepSpeed JSON's zero_optimization section
     model: ModelDescription | None = None  # its weights (model/describe.py); plan_from_config fills it
 
@@ -181,8 +189,15 @@ def activation_bytes_per_block(plan: MemoryPlan, granularity: str | None = None)
     replicated_split = tp if plan.sequence_parallel else 1
     if granularity == "full":
         return sbh * e // replicated_split
-    # 4 replicated units (LN_1 in/out, LN_2 in/out); TP-split: QKV 3, attention output 1, FC1 and GELU f/h each.
-    split = (3 + 1 + 2 * plan.ffn_hidden_size / h) / tp
+    # 4 replicated units (norm_1 in/out, norm_2 in/out). TP-split: the QKV output (q heads x head_dim plus
+    # K and V of each query group; the cores keep it through views), the rotated Q and K with rotary
+    # positions (new tensors), attention's output, and the MLP's: FC1 and GELU f/h each, or SwiGLU's
+    # gate, SiLU, up and their product, 4 f/h.
+    groups, kv = plan.num_query_groups or a, plan.kv_channels or h // a
+    qkv = (a + 2 * groups) * kv / h
+    rotated = (a + groups) * kv / h if plan.rotary else 0
+    mlp = (4 if plan.swiglu else 2) * plan.ffn_hidden_size / h
+    split = (qkv + rotated + a * kv / h + mlp) / tp
     units = 4 / replicated_split + split
     total = units * sbh * e
     if plan.hidden_dropout > 0:
@@ -341,14 +356,15 @@ def plan_from_config(run, vocab_size: int, ds_config: dict) -> MemoryPlan:
     precision = "bf16" if parallel.bf16 else "fp16" if parallel.fp16 else "fp32"
     return MemoryPlan(
         num_layers=model.num_layers, hidden_size=model.hidden_size, num_attention_heads=model.num_attention_heads,
-        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size, seq_length=model.seq_length,
+        ffn_hidden_size=model.ffn_hidden_size, seq_length=model.seq_length,
         padded_vocab_size=description.vocab_rows,
         embedding_norm=model.embedding_norm, tensor_parallel=run.dims.tensor, pipeline_parallel=run.dims.pipeline,
         data_parallel=run.dims.data, zero_stage=parallel.zero_stage, precision=precision,
         micro_batch_size=run.batch.micro_batch_size, gradient_accumulation_steps=run.gradient_accumulation_steps,
         recompute_granularity=model.recompute_granularity or "none", sequence_parallel=parallel.sequence_parallel,
         hidden_dropout=model.hidden_dropout, attention_dropout=model.attention_dropout,
-        zero=dict(ds_config.get("zero_optimization", {})), model=description,
+        num_query_groups=model.num_query_groups, kv_channels=model.kv_channels, swiglu=model.swiglu,
+        rotary=model.position_embedding_type == "rope", zero=dict(ds_config.get("zero_optimization", {})), model=description,
     )
 
 
