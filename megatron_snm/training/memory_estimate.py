@@ -196,8 +196,11 @@ def activation_bytes_per_block(plan: MemoryPlan, granularity: str | None = None)
     groups, kv = plan.num_query_groups or a, plan.kv_channels or h // a
     qkv = (a + 2 * groups) * kv / h
     rotated = (a + groups) * kv / h if plan.rotary else 0
+    # With query groups, PyTorch's math kernel (CPU) keeps K and V repeated to every query head; flash
+    # attention (GPU) does not, so there the estimate is high by this term.
+    repeated = 2 * (a - groups) * kv / h
     mlp = (4 if plan.swiglu else 2) * plan.ffn_hidden_size / h
-    split = (qkv + rotated + a * kv / h + mlp) / tp
+    split = (qkv + rotated + repeated + a * kv / h + mlp) / tp
     units = 4 / replicated_split + split
     total = units * sbh * e
     if plan.hidden_dropout > 0:
