@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from megatron_snm.config import parse_args as parse_training_args, resolve
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.describe import describe
-from megatron_snm.model.presets import MODEL_PRESETS
+from megatron_snm.model.presets import ARCHITECTURES, MODEL_PRESETS, architecture, architecture_flags
 from megatron_snm.parallel import distributed, state
 from megatron_snm.parallel.spawn import free_port, run_distributed
 from megatron_snm.training.metrics import model_flops_per_token
@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--model-size", choices=sorted(MODEL_PRESETS), help="a preset instead of the issue's 6-layer GPT")
+    p.add_argument("--architecture", choices=ARCHITECTURES, default="gpt2",
+                   help="gpt2, or llama: rotary positions, RMSNorm, SwiGLU, a key/value head per two query heads, "
+                   "no biases (the FLOPs count SwiGLU's three matrices and the smaller K/V)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per step and process")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per leg")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
@@ -86,7 +89,8 @@ def parse_args(argv=None):
 
 def gpt_config(args, dtype: torch.dtype) -> GPTConfig:
     shape = MODEL_PRESETS[args.model_size] if args.model_size else ISSUE_SHAPE
-    return GPTConfig(**shape, vocab_size=GPT2_VOCAB, init_method="small", params_dtype=dtype)
+    return GPTConfig(**shape, vocab_size=GPT2_VOCAB, init_method="small", params_dtype=dtype,
+                     **architecture(args.architecture, shape["num_attention_heads"]))
 
 
 # --- the ceiling -----------------------------------------------------------------------------
@@ -133,7 +137,8 @@ class TrainStep:
     def __init__(self, args, precision: str, tensor_parallel: int = 1):
         shape = ["--model-size", args.model_size] if args.model_size else \
             [f"--{k.replace('_', '-')}={v}" for k, v in ISSUE_SHAPE.items()]
-        flags = parse_training_args([*shape, "--init-method", "small", "--micro-batch-size", str(args.micro_batch_size),
+        heads = (MODEL_PRESETS[args.model_size] if args.model_size else ISSUE_SHAPE)["num_attention_heads"]
+        flags = parse_training_args([*shape, *architecture_flags(args.architecture, heads), "--init-method", "small", "--micro-batch-size", str(args.micro_batch_size),
                                      "--train-iters", "1000000", "--lr", "1e-4", "--lr-warmup-iters", "0",
                                      "--lr-decay-style", "constant", "--zero-stage", "0",
                                      "--log-interval", "1000000",
@@ -258,7 +263,7 @@ def main(argv=None):
               f"{[round(c, 1) for c in ceilings]} GFLOP/s ({time.perf_counter() - start:.0f} s with set-up)",
               flush=True)
 
-    summary = {"benchmark": "train_throughput", "device": args.device, "model_flops_per_token": flops_per_token,
+    summary = {"benchmark": "train_throughput", "device": args.device, "architecture": args.architecture, "model_flops_per_token": flops_per_token,
                "tokens_per_step_per_process": tokens_per_step}
     print(f"\n{'leg':6} {'tokens/s':>10} {'TFLOP/s':>9} {'GEMM ceiling':>13} {'of ceiling':>11} "
           f"{'best step s':>12} {'median s':>9}")
