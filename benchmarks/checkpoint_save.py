@@ -27,7 +27,7 @@ VOCAB = 32000
 
 def _body(rank, world, args):
     from megatron_snm.config import parse_args, resolve
-    from megatron_snm.training.checkpointing import start_checkpoint
+    from megatron_snm.checkpoint.save_load import start_checkpoint
     from megatron_snm.training.trainer import build_run
 
     flags = parse_args(["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),

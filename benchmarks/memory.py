@@ -6,7 +6,7 @@
 
 Each configuration runs in fresh gloo processes (spawned): the training engine of pretrain_gpt.py
 (training/engine.py, built from the same flags) is built and trains --steps global batches on random
-tokens. Measured per rank (training/memory_measure.py): `tracked`, the peak of torch's live CPU
+tokens. Measured per rank (analysis/memory_measure.py): `tracked`, the peak of torch's live CPU
 allocations from before the model is built to after the last step (what the estimate predicts, and
 what torch.cuda.max_memory_allocated measures on a GPU), and `rss`, the peak resident set above the
 process's own before the build (the operating system's view: adds the allocator's and libraries'
@@ -24,7 +24,7 @@ import torch
 
 from megatron_snm.parallel.spawn import run_distributed
 from megatron_snm.training.memory_estimate import human
-from megatron_snm.training.memory_measure import measure_run
+from megatron_snm.analysis.memory_measure import measure_run
 
 GPT2_VOCAB = 50257
 SMALL = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4", "--seq-length", "256",

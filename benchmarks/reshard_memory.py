@@ -1,4 +1,4 @@
-"""Host memory a rank needs to read a checkpoint layout-free for resharding (training/reshard.py).
+"""Host memory a rank needs to read a checkpoint layout-free for resharding (checkpoint/reshard.py).
 
     python benchmarks/reshard_memory.py [--num-layers 8 --hidden-size 512]
 
@@ -24,7 +24,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.training_harness import TINY, run_configs
+from megatron_snm.parallel.spawn import run_distributed
+
+VOCAB = 96
+FLAGS = ["--seq-length", "16", "--make-vocab-size-divisible-by", "16", "--micro-batch-size", "2",
+         "--global-batch-size", "8", "--lr", "3e-3", "--seed", "7"]
+
+
+def save_one_step(rank: int, world_size: int, argv: list[str]) -> None:
+    """One training step of the real trainer on random tokens, saved (`argv` has --save)."""
+    import numpy as np
+    import torch
+
+    from megatron_snm.config import parse_args, resolve
+    from megatron_snm.training.trainer import build_run
+
+    torch.set_num_threads(1)
+    run = resolve(parse_args(argv), world_size)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (run.batch.global_batch_size, run.model.seq_length + 1))
+    samples = [{"text": row} for row in tokens]
+    build_run(run, VOCAB).train((samples, samples, samples))
 
 
 def rss_anon() -> int:
@@ -64,7 +83,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         shape = ["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
                  "--num-attention-heads", "8", "--train-iters", "1", "--lr-warmup-iters", "0", "--eval-iters", "0"]
-        run_configs(2, [TINY + shape + ["--zero-stage", "1", "--save", tmp]])
+        run_distributed(save_one_step, 2, FLAGS + shape + ["--zero-stage", "1", "--save", tmp])
         directory = str(Path(tmp) / "iter_0000001")
         figures = {}
         for mode in ("held", "lazy"):

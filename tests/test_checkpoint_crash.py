@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from megatron_snm.training.checkpointing import LATEST, METADATA, read_latest, tag_of
-from megatron_snm.training.fault_injection import SLEEP_IN_SAVE_ENV
+from megatron_snm.checkpoint.format import LATEST, METADATA, read_latest, tag_of
+from tests.training_harness import SLEEP_IN_SAVE_ENV
 from tests.training_harness import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ layout is resharded: tests/test_reshard.py)."""
 import pytest
 
 from megatron_snm.config import ConfigError
-from megatron_snm.training.checkpointing import read_latest, tag_of
+from megatron_snm.checkpoint.format import read_latest, tag_of
 from tests.training_harness import TINY, run_configs
 
 RUN = TINY + ["--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--lr-decay-iters", "10"]

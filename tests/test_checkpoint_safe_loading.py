@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from megatron_snm.training.checkpointing import SafeCheckpointEngine
+from megatron_snm.checkpoint.save_load import SafeCheckpointEngine
 
 
 class Payload:

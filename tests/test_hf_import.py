@@ -96,7 +96,7 @@ def test_training_starts_from_the_import(imported, gpt2_files, one_thread):
     results = train_runs([run + ["--openai-gelu", "--tensor-model-parallel-size", "2", "--load", imported["tp2"]],
                           run + ["--openai-gelu", "--pipeline-model-parallel-size", "2", "--load", imported["pp2"]],
                           run + ["--tensor-model-parallel-size", "2", "--load", imported["tp2"]],
-                          # ZeRO-3 partitions the weights-only checkpoint as it loads (training/reshard.py)
+                          # ZeRO-3 partitions the weights-only checkpoint as it loads (checkpoint/reshard.py)
                           run + ["--openai-gelu", "--zero-stage", "3", "--load", imported["pp2"]]], GPT2_VOCAB)
     batch = torch.from_numpy(__import__("numpy").stack([s["text"] for s in token_samples(4, 1, GPT2_VOCAB)]))
     for layout, result in zip(("tp2", "pp2", None, "pp2"), results):
@@ -107,6 +107,35 @@ def test_training_starts_from_the_import(imported, gpt2_files, one_thread):
             expected = gpt_loss(our_model(ckpt)(batch[:, :-1]), batch[:, 1:]).item()
         assert result.losses[1] == pytest.approx(expected, rel=1e-5)
     assert isinstance(results[2], ConfigError) and "--openai-gelu" in str(results[2])
+
+
+def test_untied_lm_head_is_imported_as_an_untied_output_layer(gpt2_dir, gpt2_files, tmp_path, one_thread):
+    """A GPT-2 whose lm_head is its own table: imported for PP=2 (the output layer's file on the last
+    stage) with --untie-embeddings-and-output-weights, its logits GPT-2's, and exported back unchanged."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    model.config.tie_word_embeddings = False
+    untied = GPT2LMHeadModel(model.config)
+    untied.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        untied.lm_head.weight.copy_(torch.randn_like(untied.lm_head.weight) * 0.02)
+    untied.save_pretrained(tmp_path / "untied")
+    for f in gpt2_files:
+        shutil.copy(f, tmp_path / "untied")
+    convert = load_tool("convert_checkpoint")
+    assert convert.main(["--from", "hf", "--input", str(tmp_path / "untied"), "--save", str(tmp_path / "ours"),
+                         "--pipeline-model-parallel-size", "2"]) == 0
+    ckpt = read_checkpoint(str(tmp_path / "ours"))
+    assert ckpt.gpt_config().untie_embeddings_and_output_weights and "output.weight" in ckpt.weights
+    tokens = torch.randint(0, GPT2_VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = our_model(ckpt)(tokens)[..., :GPT2_VOCAB]
+    assert (ours - gpt2_logits(tmp_path / "untied", tokens)).abs().max().item() <= 1e-4
+    export_to_hf(ckpt, str(tmp_path / "back"), checkpoint_tokenizer(ckpt))
+    back = GPT2LMHeadModel.from_pretrained(tmp_path / "back")
+    assert not back.config.tie_word_embeddings
+    assert all(torch.equal(untied.state_dict()[k], back.state_dict()[k]) for k in untied.state_dict())
 
 
 def test_padding_rows_take_little_probability():

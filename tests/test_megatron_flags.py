@@ -24,7 +24,7 @@ from megatron_snm.config import parse_args, resolve
 from megatron_snm.config.errors import ConfigError
 from megatron_snm.parallel.spawn import run_distributed
 from megatron_snm.training.exit_conditions import EXIT_RESUMABLE
-from megatron_snm.training.trainer import lr_schedule
+from megatron_snm.training.lr_schedule import lr_schedule
 from tests.training_harness import SEQ, TINY, run_configs
 
 REPO = Path(__file__).resolve().parents[1]

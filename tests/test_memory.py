@@ -1,5 +1,5 @@
 """Memory: the estimate (training/memory_estimate.py) against the measured peak of real training
-steps per rank (training/memory_measure.py: peak of torch's tracked allocations), and ZeRO-3 built
+steps per rank (analysis/memory_measure.py: peak of torch's tracked allocations), and ZeRO-3 built
 partitioned (training/zero3.py) with the weights and losses of the unpartitioned runs. The
 activations --sequence-parallel saves, measured exactly (what autograd saves for the backward pass),
 against the estimate's.
@@ -56,7 +56,7 @@ def layouts(tmp_path) -> dict[str, list[str]]:
 def _measure_all(rank, world_size, runs):
     import torch
 
-    from megatron_snm.training.memory_measure import measure_run
+    from megatron_snm.analysis.memory_measure import measure_run
 
     torch.set_num_threads(1)
     return {name: measure_run(argv, VOCAB, STEPS) for name, argv in runs.items()}
@@ -112,7 +112,7 @@ def _saved_activations(rank, world_size):
     from megatron_snm.model.transformer import run_blocks
     from megatron_snm.parallel import rng, state
     from megatron_snm.training import memory_estimate
-    from megatron_snm.training.memory_measure import SavedActivations
+    from megatron_snm.analysis.memory_measure import SavedActivations
 
     torch.set_num_threads(1)
     state.initialize_model_parallel(world_size)
@@ -163,7 +163,7 @@ def _build_zero3(rank, world_size, argv, vocab_size):
     from megatron_snm.model.gpt import GPTModel
     from megatron_snm.parallel import distributed, rng, state
     from megatron_snm.training.deepspeed_adapter import ParallelStateMPU, init_distributed
-    from megatron_snm.training.memory_measure import PeakMemory
+    from megatron_snm.analysis.memory_measure import PeakMemory
     from megatron_snm.training.zero3 import apply_zero_defaults, build_gpt_model
 
     torch.set_num_threads(1)

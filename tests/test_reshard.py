@@ -1,4 +1,4 @@
-"""Resharding on load (training/reshard.py): a checkpoint saved under TP2, PP2, DP2 x ZeRO-1 or
+"""Resharding on load (checkpoint/reshard.py): a checkpoint saved under TP2, PP2, DP2 x ZeRO-1 or
 DP2 x ZeRO-3 resumes in one process and under another layout, and its next 5 losses equal those
 of a resume with the layout unchanged (weights and Adam's moments both restored: a lost moment
 changes the first step after the resume). No dropout: RNG states are per rank and are not carried
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_snm.checkpoint.training_state import read_training_state
-from megatron_snm.training.checkpointing import tag_of
+from megatron_snm.checkpoint.format import tag_of
 from tests.training_harness import TINY, run_configs
 
 RUN = TINY + ["--hidden-dropout", "0", "--attention-dropout", "0", "--lr-decay-iters", "10", "--eval-interval", "100"]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from megatron_snm.training.checkpointing import read_latest, tag_of
+from megatron_snm.checkpoint.format import read_latest, tag_of
 from megatron_snm.training.skip_ledger import LEDGER
 from megatron_snm.training.spikes import SpikePolicy
 from tests.training_harness import TINY, run_configs

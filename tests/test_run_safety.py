@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from megatron_snm.training.checkpoint_errors import CheckpointError
-from megatron_snm.training.checkpointing import LATEST, METADATA, read_latest, rng_file, tag_of
-from megatron_snm.training.fault_injection import SLEEP_IN_SAVE_ENV
-from megatron_snm.training.save_dir import LOCK
+from megatron_snm.checkpoint.errors import CheckpointError
+from megatron_snm.checkpoint.format import LATEST, METADATA, read_latest, rng_file, tag_of
+from tests.training_harness import SLEEP_IN_SAVE_ENV
+from megatron_snm.checkpoint.save_dir import LOCK
 from tests.test_checkpoint_crash import launch
 from tests.training_harness import TINY, run_configs
 

@@ -12,8 +12,8 @@ import os
 import pytest
 import torch
 
-from megatron_snm.training.checkpointing import _safe_globals, read_latest, tag_of
-from megatron_snm.training.fault_injection import INJECT_LOSS_ENV
+from megatron_snm.checkpoint.format import read_latest, safe_globals, tag_of
+from tests.training_harness import INJECT_LOSS_ENV
 from tests.training_harness import TINY, run_configs
 
 SPIKY = TINY + ["--train-iters", "9", "--spike-window", "3", "--spike-factor", "3", "--save-interval", "1"]
@@ -35,7 +35,7 @@ def tensors(checkpoint_dir):
 
     for name in sorted(os.listdir(checkpoint_dir)):
         if name.endswith(".pt") and not name.startswith("rng_state"):
-            with torch.serialization.safe_globals(_safe_globals()):
+            with torch.serialization.safe_globals(safe_globals()):
                 walk(name, torch.load(os.path.join(checkpoint_dir, name), weights_only=True))
     assert found
     return found

@@ -9,9 +9,27 @@ seq_length + 1 tokens; the dataset builders have their own tests).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from megatron_snm.parallel.spawn import run_distributed
+
+# Faults a test injects into the runs of this harness (training/fault_injection.py), by environment
+# variable so that a run launched as a subprocess gets them too:
+INJECT_LOSS_ENV = "MEGATRON_SNM_TEST_INJECT_LOSS"     # "4:nan,8:50": the loss of iteration 4 x NaN, of 8 x 50
+SLEEP_IN_SAVE_ENV = "MEGATRON_SNM_TEST_SLEEP_IN_SAVE"  # "6:120": sleep 120 s in the save of iteration 6,
+                                                       # before it is published (to kill a run mid-save)
+
+
+def _pairs(spec: str) -> dict[int, float]:
+    return {int(it): float(value) for it, value in (item.split(":") for item in spec.split(",") if item)}
+
+
+def injected_faults():
+    from megatron_snm.training.fault_injection import FaultInjection
+
+    return FaultInjection(_pairs(os.environ.get(INJECT_LOSS_ENV, "")), _pairs(os.environ.get(SLEEP_IN_SAVE_ENV, "")))
 
 VOCAB = 96
 SEQ = 16
@@ -39,7 +57,7 @@ def _body(rank, world_size, runs, vocab=VOCAB, data=token_samples):
 
     from megatron_snm.config import ConfigError, parse_args, resolve
     from megatron_snm.parallel import state
-    from megatron_snm.training.checkpoint_errors import CheckpointError
+    from megatron_snm.checkpoint.errors import CheckpointError
     from megatron_snm.training.trainer import build_run
 
     torch.set_num_threads(1)  # 2 shared cores: OpenMP spinning across ranks costs 20x
@@ -50,7 +68,7 @@ def _body(rank, world_size, runs, vocab=VOCAB, data=token_samples):
         eval_samples = run.eval.eval_iters * run.batch.global_batch_size
         datasets = (data(samples, 1), data(eval_samples, 2), data(eval_samples, 3))
         try:
-            results.append(build_run(run, vocab).train(datasets))
+            results.append(build_run(run, vocab, injected_faults()).train(datasets))
         except (ConfigError, CheckpointError) as err:  # e.g. a refused checkpoint: returned for the test to inspect
             results.append(err)
         finally:
@@ -66,7 +84,6 @@ def run_configs(world_size: int, runs: list[list[str]], vocab: int = VOCAB, data
 
 
 if __name__ == "__main__":
-    import os
     import sys
 
     from megatron_snm.parallel.spawn import free_port

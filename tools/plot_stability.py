@@ -1,6 +1,6 @@
 """Plots of stability runs: loss and gradient-norm curves, validation perplexity against learning
 rate per method (the paper's main picture), and the stability monitor's per-layer figures over
-training. Spikes are marked (the rules of megatron_snm/training/run_history.py).
+training. Spikes are marked (the rules of megatron_snm/analysis/run_history.py).
 
     python tools/plot_stability.py sweeps/lr sweeps/noclip --output-dir docs/stability
 
@@ -29,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from megatron_snm.training.run_history import RunHistory, SpikeRules, spikes  # noqa: E402
+from megatron_snm.analysis.run_history import RunHistory, SpikeRules, spikes  # noqa: E402
 
 METHOD_COLOURS = {"none": "tab:red", "layernorm": "tab:blue", "scaled": "tab:green", "detach": "tab:orange"}
 GROUP_AXES = ("sigma", "num_layers", "lr_warmup_iters", "adam_beta2", "clip_grad")

@@ -14,7 +14,7 @@ DIR/summary.csv after every run.
         --embedding-norm none layernorm scaled --lr 1e-3 1e-2 3e-2 --seed 1 2
     python tools/stability_sweep.py ... --quick    # a 4-run grid of tiny models, ~1 minute
 
-Rules (megatron_snm/training/run_history.py): a loss spike is a step whose training loss exceeds
+Rules (megatron_snm/analysis/run_history.py): a loss spike is a step whose training loss exceeds
 --spike-factor (1.5) x the mean of the previous --spike-window (20) steps (at least 5); a grad-norm spike the
 same for the global gradient norm with --grad-spike-factor (4); a run diverged when a loss or
 gradient norm was non-finite, the trainer stopped it, or its final loss (mean of the last window)
@@ -41,8 +41,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from megatron_snm.model.config import EMBEDDING_NORMS
+from megatron_snm.analysis.run_history import RunHistory, SpikeRules, stability_verdict
 from megatron_snm.model.presets import ARCHITECTURES, architecture_flags
-from megatron_snm.training.run_history import RunHistory, SpikeRules, stability_verdict
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain_gpt.py"
 

@@ -1,4 +1,11 @@
-"""Checkpoints as layout-free weights: read any saved layout, write any layout.
+"""The one home of checkpoints (it imports nothing from training/; the trainer calls it).
+
+A training run's checkpoints: save_load.py (save through DeepSpeed's engine, sync or --async-save
+with background_writer.py; load, resharded by reshard.py when the layout differs; the run metadata
+and its compatibility check; retention), save_dir.py (one run owns --save), format.py (names,
+`latest`, weights-only loading, `publish`), manifest.py (checksums), errors.py.
+
+Checkpoints as layout-free weights: read any saved layout, write any layout.
 
     from megatron_snm.checkpoint.read import read_checkpoint        # any TP / PP / ZeRO 0-3 save
     ckpt = read_checkpoint(save_dir)            # .weights (full tensors, GPTModel's TP=1 names),

@@ -5,7 +5,7 @@
     ckpt.gpt_config()   # the model's GPTConfig, from the run's recorded arguments
     ckpt.run_config     # the run's Flags as recorded, e.g. its tokenizer
 
-Layouts (training/checkpointing.py writes them through DeepSpeed):
+Layouts (save_load.py writes them through DeepSpeed):
     PP = 1, ZeRO 0-2   mp_rank_{tp}_model_states.pt: the module's weights of TP rank tp
     PP > 1             layer_{i}-model_{tp}-model_states.pt: pipeline layer i of TP rank tp
     PP = 1, ZeRO 3     the module's weights are partitioned over the data-parallel ranks inside
@@ -16,6 +16,8 @@ arbitrary objects), memory-mapped so only the weights themselves are read.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -28,16 +30,15 @@ from megatron_snm.checkpoint.metadata import model_description
 from megatron_snm.config import Flags, flags_from_dict, gpt_config_of
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.describe import ModelDescription
-from megatron_snm.training.checkpoint_errors import CheckpointError
-from megatron_snm.training.checkpointing import LATEST, METADATA, _safe_globals, read_latest
+from megatron_snm.checkpoint.errors import CheckpointError
+from megatron_snm.checkpoint.format import LATEST, METADATA, load_weights_only, read_latest
 
 
 def load_file(path: str) -> dict:
     """One of DeepSpeed's checkpoint files, weights-only and memory-mapped."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file (the checkpoint is incomplete)")
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return load_weights_only(path, mmap=True)
 
 
 @dataclass
@@ -156,10 +157,8 @@ class _WeightsOnlyTorch:
         return getattr(torch, name)
 
     @staticmethod
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(*args, **kwargs)
+    def load(path, map_location="cpu", **_):
+        return load_weights_only(path, map_location)
 
 
 def _read_zero3_rank(path: str, tp_rank: int) -> dict[str, torch.Tensor]:
@@ -180,8 +179,8 @@ def _read_zero3_rank(path: str, tp_rank: int) -> dict[str, torch.Tensor]:
         os.mkdir(os.path.join(tmp, "tag"))
         for f in mine:
             os.symlink(os.path.abspath(os.path.join(path, f)), os.path.join(tmp, "tag", f))
-        with mock.patch.object(zero_to_fp32, "torch", _WeightsOnlyTorch()), \
-                mock.patch("builtins.print"):  # it prints progress lines meant for its own CLI
+        # It prints progress lines meant for its own command line: kept out of the caller's output.
+        with mock.patch.object(zero_to_fp32, "torch", _WeightsOnlyTorch()), contextlib.redirect_stdout(io.StringIO()):
             try:
                 return dict(zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag"))
             except (ValueError, FileNotFoundError) as err:

@@ -1,5 +1,5 @@
 """Reads the optimizer's state of a checkpoint of any layout into the layout-free form, beside its
-weights (read.py), so that training can resume under another layout (training/reshard.py).
+weights (read.py), so that training can resume under another layout (reshard.py).
 
     state = read_training_state("runs/tiny/checkpoints/iter_0000100")
     state.weights["layers.0.attention.qkv.weight"]             # whole fp32 master weight
@@ -7,7 +7,7 @@ weights (read.py), so that training can resume under another layout (training/re
     state.step                                                 # Adam's step count
 
 Where DeepSpeed keeps them, per model-parallel rank (one TP rank of one pipeline stage;
-`layout` is what training/checkpointing.py records in each of its model files: the TP rank, and
+`layout` is what save_load.py records in each of its model files: the TP rank, and
 every parameter's layout-free name and local shape):
     ZeRO 0     mp_rank_XX_model_states.pt: the optimizer's own state dict, keyed by position in its
                parameter groups (the record lists those groups' names); under bf16/fp16 inside
@@ -40,8 +40,8 @@ from megatron_snm.checkpoint.metadata import model_description
 from megatron_snm.checkpoint.read import checkpoint_dir as find_checkpoint
 from megatron_snm.checkpoint.read import load_file, module_weights, read_checkpoint, read_metadata
 from megatron_snm.model.describe import ModelDescription
-from megatron_snm.training.checkpoint_errors import CheckpointError
-from megatron_snm.training.checkpointing import LAYOUT_RECORD
+from megatron_snm.checkpoint.errors import CheckpointError
+from megatron_snm.checkpoint.format import LAYOUT_RECORD
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 MASTER = "fp32"  # the fp32 master weights, where the optimizer holds its own copy

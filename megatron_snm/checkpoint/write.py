@@ -5,8 +5,8 @@
 The result is a weights-only checkpoint: the model files DeepSpeed's engine reads (the same
 names and contents as a ZeRO-0 save of that layout), `megatron_snm.json` with `weights_only: true`
 and iteration 0, and no optimizer or RNG state. Loading it starts a run from these weights with a
-fresh optimizer (training/checkpointing.load_checkpoint), under any layout and ZeRO stage
-(another TP/PP or ZeRO 3 through training/reshard.py). Like every save it is written under a temporary name, then published by `latest`.
+fresh optimizer (save_load.load_checkpoint), under any layout and ZeRO stage
+(another TP/PP or ZeRO 3 through reshard.py). Like every save it is written under a temporary name, then published by `latest`.
 """
 from __future__ import annotations
 
@@ -19,10 +19,8 @@ import torch
 from megatron_snm.checkpoint.layout import WORD_EMBEDDINGS, resize_vocabulary, split_for_tensor_parallel
 from megatron_snm.checkpoint.metadata import model_description
 from megatron_snm.model.config import padded_vocab_size
-from megatron_snm.atomic import fsync_dir, write_atomically
-from megatron_snm.training.checkpoint_manifest import write_local_manifest
-from megatron_snm.training.checkpointing import LATEST, METADATA, tag_of
-from megatron_snm.training.spikes import SpikePolicy
+from megatron_snm.checkpoint.format import METADATA, publish, tag_of
+from megatron_snm.checkpoint.manifest import write_local_manifest
 
 
 def _deepspeed_header(module, tp: int, pp: int) -> dict:
@@ -56,8 +54,7 @@ def write_checkpoint(save_dir: str, weights: dict[str, torch.Tensor], metadata: 
         raise ValueError(f"the weights are not the model in the metadata: missing {missing[:4]}, unexpected {unknown[:4]}")
     weights = resize_vocabulary(model, weights, rows)
 
-    tag = tag_of(0)
-    final_dir, tmp_dir = os.path.join(save_dir, tag), os.path.join(save_dir, tag + ".tmp")
+    tmp_dir = os.path.join(save_dir, tag_of(0) + ".tmp")
     os.makedirs(save_dir, exist_ok=True)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
@@ -83,12 +80,8 @@ def write_checkpoint(save_dir: str, weights: dict[str, torch.Tensor], metadata: 
                 parallel=dict(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
                               data_parallel_size=1, zero_stage=0),
                 model_shape=dict(metadata["model_shape"], padded_vocab_size=rows))
-    meta["spike_policy"] = SpikePolicy(0.0, 1, False, 0).state_dict()  # a fresh run's: no history
+    meta.pop("spike_policy", None)  # no training state: a run from it starts its own spike history
     with open(os.path.join(tmp_dir, METADATA), "w") as f:
         json.dump(meta, f, indent=1)
     write_local_manifest(tmp_dir)
-    shutil.rmtree(final_dir, ignore_errors=True)
-    os.replace(tmp_dir, final_dir)
-    fsync_dir(save_dir)
-    write_atomically(os.path.join(save_dir, LATEST), tag)
-    return final_dir
+    return publish(save_dir, 0)

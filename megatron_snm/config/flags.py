@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from megatron_snm.model.config import (ATTENTION_BACKENDS, EMBEDDING_NORMS, INIT_METHODS, POSITION_EMBEDDING_TYPES,
                                        RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS)
 from megatron_snm.model.presets import MODEL_PRESETS
-from megatron_snm.training.lr_schedule import STYLES
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")  # training/lr_schedule.py
 
 
 def _opt(default, help: str, **argparse_kwargs):
@@ -180,7 +181,7 @@ class OptimizerArgs:
     lr_decay_samples: int | None = _opt(None, "samples over which to decay", type=int)
     lr_decay_tokens: int | None = _opt(None, "tokens over which to decay (overrides the iteration/sample decay)",
                                        type=int)
-    lr_decay_style: str = _opt("cosine", "decay shape after warm-up", choices=STYLES)
+    lr_decay_style: str = _opt("cosine", "decay shape after warm-up", choices=LR_DECAY_STYLES)
     weight_decay: float = _opt(0.01, "AdamW weight decay (never on biases and norms)", type=float)
     no_weight_decay_embeddings: bool = _opt(False, "no weight decay on the embeddings either", action="store_true")
     adam_beta1: float = _opt(0.9, "AdamW beta1", type=float)

@@ -30,7 +30,7 @@ from megatron_snm.model.attention import check_attention_backend
 from megatron_snm.model.config import GPTConfig, default_ffn_hidden_size
 from megatron_snm.model.presets import MODEL_PRESETS
 from megatron_snm.parallel.dims import ParallelDims
-from megatron_snm.training import deepspeed_config
+from megatron_snm.config import deepspeed_config
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class RunConfig:
     deepspeed: dict  # the DeepSpeed config handed to deepspeed.initialize
     lr_schedule: LRScheduleLengths
     notes: tuple[str, ...] = ()  # one log line per flag accepted with no effect
+    divergence_iterations: tuple[int, ...] = ()  # --inject-divergence-at, parsed
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -451,7 +452,8 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
         raise ConfigError("--on-divergence rollback needs checkpoints to roll back to: give --save and --save-interval")
     if spike.on_divergence == "rollback" and not (spike.max_skipped_steps or spike.max_spiky_steps):
         raise ConfigError("--on-divergence rollback needs a divergence rule: --max-skipped-steps or --max-spiky-steps")
-    for value in [*(spike.iterations_to_skip or []), *parse_iteration_list(spike.inject_divergence_at)]:
+    divergences = tuple(parse_iteration_list(spike.inject_divergence_at))
+    for value in [*(spike.iterations_to_skip or []), *divergences]:
         if value < 1:
             raise ConfigError(f"--iterations-to-skip / --inject-divergence-at: iterations count from 1, got {value}")
     for item in spike.skip_samples or []:
@@ -463,4 +465,4 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
                      logging=logging_args, checkpoint=flags.checkpoint, spike=spike, compat=flags.compat, dims=dims,
                      gradient_accumulation_steps=gas,
                      deepspeed=deepspeed_config.build(ds_json, parallel, batch, optim, gas),
-                     lr_schedule=lr_schedule, notes=tuple(notes))
+                     lr_schedule=lr_schedule, notes=tuple(notes), divergence_iterations=divergences)

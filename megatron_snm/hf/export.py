@@ -20,7 +20,7 @@ import shutil
 import torch
 
 from megatron_snm.checkpoint.read import FullCheckpoint
-from megatron_snm.training.checkpoint_errors import CheckpointError
+from megatron_snm.checkpoint.errors import CheckpointError
 from megatron_snm.checkpoint.tokenizer import TokenizerSpec
 from megatron_snm.data.tokenizers import Tokenizer
 from megatron_snm.hf.gpt2_mapping import to_hf_gpt2

@@ -5,7 +5,8 @@
 
 Reads `GPT2LMHeadModel` directories (safetensors or pytorch_model.bin, sharded or not; never runs
 code from the directory) and our own exports (the Embed LN class, the untied Scaled Embed
-form). GPT-2's GELU is the tanh approximation, recorded as `--openai-gelu`. The tokenizer files
+form). An lm_head of its own (neither the input table nor 1/sqrt(d) of it) becomes
+--untie-embeddings-and-output-weights. GPT-2's GELU is the tanh approximation, recorded as `--openai-gelu`. The tokenizer files
 beside the model are copied into CKPT/tokenizer/ and recorded as the run's tokenizer.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from megatron_snm.checkpoint.read import CheckpointError
 from megatron_snm.checkpoint.write import write_checkpoint
 from megatron_snm.config import flags_from_dict
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.training.checkpointing import LATEST
+from megatron_snm.checkpoint.format import LATEST
 from megatron_snm.hf.gpt2_mapping import HF_INPUT_EMBEDDINGS, HF_OUTPUT_LAYER, from_hf_gpt2
 
 _ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu": False}  # -> --openai-gelu
@@ -62,17 +63,19 @@ def _canonical(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _embedding_norm(config, weights: dict[str, torch.Tensor], directory: str) -> str:
+def _embedding_norm(config, weights: dict[str, torch.Tensor]) -> tuple[str, bool]:
+    """Our --embedding-norm, and whether lm_head is a table of its own
+    (--untie-embeddings-and-output-weights)."""
+    tied = HF_OUTPUT_LAYER not in weights or weights[HF_OUTPUT_LAYER] is weights[HF_INPUT_EMBEDDINGS] or \
+        torch.equal(weights[HF_OUTPUT_LAYER], weights[HF_INPUT_EMBEDDINGS])
     if config.model_type == "gpt2_embed_ln":
-        return "layernorm"
-    if HF_OUTPUT_LAYER not in weights or weights[HF_OUTPUT_LAYER] is weights[HF_INPUT_EMBEDDINGS] or \
-            torch.equal(weights[HF_OUTPUT_LAYER], weights[HF_INPUT_EMBEDDINGS]):
-        return "none"
+        return "layernorm", not tied and not config.tie_word_embeddings
+    if tied:
+        return "none", False
     scaled = weights[HF_OUTPUT_LAYER].float() * math.sqrt(config.n_embd)
     if torch.allclose(scaled, weights[HF_INPUT_EMBEDDINGS].float(), rtol=1e-3, atol=1e-6):
-        return "scaled"
-    raise CheckpointError(f"{directory}: lm_head is not tied to the input embedding (nor sqrt(d) times it); "
-                          "our GPT ties its output layer, so this model cannot be imported")
+        return "scaled", False
+    return "none", True
 
 
 def _check_supported(config, directory: str) -> None:
@@ -139,11 +142,13 @@ def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipe
     if pipeline_parallel > config.n_layer:
         raise CheckpointError(f"--pipeline-model-parallel-size {pipeline_parallel} exceeds the model's {config.n_layer} layers")
     hf = _canonical(_read_hf_weights(directory))
-    embedding_norm = _embedding_norm(config, hf, directory)
+    embedding_norm, untied = _embedding_norm(config, hf)
     weights = from_hf_gpt2(hf, config.n_layer, config.n_head)
     if embedding_norm == "scaled":
         weights["embedding.word_embeddings.weight"] = hf[HF_OUTPUT_LAYER].contiguous()
-    args = dict(shape, embedding_norm=embedding_norm,
+    if untied:
+        weights["output.weight"] = hf[HF_OUTPUT_LAYER].contiguous()
+    args = dict(shape, embedding_norm=embedding_norm, untie_embeddings_and_output_weights=untied,
                 openai_gelu=_ACTIVATIONS[config.activation_function], layernorm_epsilon=config.layer_norm_epsilon,
                 init_method_std=config.initializer_range, hidden_dropout=config.resid_pdrop,
                 attention_dropout=config.attn_pdrop, tensor_model_parallel_size=tensor_parallel,
@@ -152,5 +157,5 @@ def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipe
                 fp16=weights["embedding.word_embeddings.weight"].dtype == torch.float16,
                 **_copy_tokenizer(directory, save_dir, config.vocab_size))
     metadata = dict(args=flags_from_dict(args).as_dict(), imported_from=os.path.abspath(directory),
-                    model_shape=dict(shape, embedding_norm=embedding_norm))
+                    model_shape=dict(shape, embedding_norm=embedding_norm, untie_embeddings_and_output_weights=untied))
     return write_checkpoint(save_dir, weights, metadata, tensor_parallel, pipeline_parallel, vocab_size=config.vocab_size)

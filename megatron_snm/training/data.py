@@ -18,13 +18,6 @@ import torch
 from megatron_snm.data.vocabulary_check import check_token_ids
 
 
-def micro_batch_indices(consumed_samples: int, total_samples: int, micro_batch_size: int,
-                        dp_rank: int, dp_size: int) -> Iterator[list[int]]:
-    """Indices of this DP rank's micro-batches, in order, from `consumed_samples` on."""
-    batches = MicroBatches(None, consumed_samples, total_samples, micro_batch_size, dp_rank, dp_size)
-    return (batches.indices(k) for k in range(len(batches)))
-
-
 def _collate(dataset, indices: list[int], vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     text = torch.from_numpy(np.stack([np.asarray(dataset[i]["text"], dtype=np.int64) for i in indices]))
     if vocab_size is not None:

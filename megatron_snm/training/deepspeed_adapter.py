@@ -56,7 +56,7 @@ class ParallelStateMPU:
 def initialize(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, *, pipelined: bool,
                optimizer_measures_norm: bool):
     """The DeepSpeed engine (a PipelineEngine when `module` is a PipelineModule)."""
-    from megatron_snm.training.checkpointing import SafeCheckpointEngine
+    from megatron_snm.checkpoint.save_load import SafeCheckpointEngine
 
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
                                       mpu=None if pipelined else ParallelStateMPU)

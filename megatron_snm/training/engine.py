@@ -23,13 +23,12 @@ from megatron_snm.config import RunConfig
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.gpt import gpt_loss
 from megatron_snm.parallel import rng, state
-from megatron_snm.pipeline.module import gpt_pipeline
 from megatron_snm.tensor_parallel.utils import is_tensor_parallel
 from megatron_snm.training import deepspeed_adapter
 from megatron_snm.training.fault_injection import FaultInjection
 from megatron_snm.training.optimizer import GatedAdamW, param_groups
 from megatron_snm.training.spikes import UpdateGate
-from megatron_snm.training.zero3 import apply_zero_defaults, build_gpt_model
+from megatron_snm.training.zero3 import build_module
 
 
 @dataclass(frozen=True)
@@ -58,9 +57,7 @@ class TrainEngine:
         self.sharded_state = run.parallel.zero_stage > 0 or bool(run.parallel.bf16)  # DeepSpeed's flat shards
         rng.model_parallel_seed(run.model.seed)
         # Under ZeRO-3: stage-3 settings sized to the model, and the model partitioned as it is built.
-        ds_config = apply_zero_defaults(run.deepspeed, model_config, run.dims.tensor)
-        module = gpt_pipeline(model_config, self._loss, run.dims) if self.pipelined else \
-            build_gpt_model(model_config, ds_config, deepspeed_adapter.ParallelStateMPU)
+        module, ds_config = build_module(run, model_config, self._loss)
         # Under ZeRO-0 in fp32 DeepSpeed hands the gradients straight to our optimizer without
         # measuring their norm; there the optimizer measures and clips (see GatedAdamW).
         own_norm = run.parallel.zero_stage == 0 and not (run.parallel.fp16 or run.parallel.bf16)

@@ -8,7 +8,7 @@
 Exit status 4 (EXIT_RESUMABLE) means "saved and stopped early: run the same command again with
 --load to continue"; examples/pretrain_gpt_slurm.sbatch requeues the job on it. The handler only
 records the signal, so a second signal during the save changes nothing (the save itself is
-crash-safe in any case: training/checkpointing.py). Every rank must stop at the same iteration, so
+crash-safe in any case: checkpoint/save_load.py). Every rank must stop at the same iteration, so
 the decision is one all-reduce (MAX) of each rank's view after every step.
 """
 from __future__ import annotations

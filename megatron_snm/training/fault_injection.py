@@ -1,28 +1,19 @@
-"""Test hooks: faults a test can inject into a real run. Off unless their environment variable is set.
+"""Faults injected into a real run: none unless given.
 
-    MEGATRON_SNM_TEST_INJECT_LOSS="4:nan,8:50"   multiply the training loss of iteration 4 by NaN and of
-                                                 iteration 8 by 50 (a non-finite step, a loss spike)
-    MEGATRON_SNM_TEST_SLEEP_IN_SAVE="6:120"      sleep 120 s inside the save of iteration 6, after the
-                                                 files are written and before they are published, so a
-                                                 test can kill the run mid-save
+    FaultInjection(loss_factors={4: nan, 8: 50.0},   multiply the training loss of iteration 4 by NaN
+                   save_pauses={6: 120.0})           and of 8 by 50 (a non-finite step, a loss spike);
+                                                     sleep 120 s inside the save of iteration 6, after
+                                                     the files are written and before they are published
 
-`--inject-divergence-at ITER,...` (a documented flag, for rollback drills) adds NaN factors the
-same way. Each factor fires once: after a rollback or a resume it does not fire again (the
-trainer records the fired iterations in its checkpoints). This is the only place production code
-reads such hooks: the trainer arms the loss factor of each iteration, the engine's loss function
-applies it, and the checkpoint writer asks for the pause.
+`--inject-divergence-at ITER,...` (a documented flag, for rollback drills) adds NaN factors; the test
+harness (tests/training_harness.py) builds the rest and hands it to `build_run`. Each factor fires
+once: after a rollback or a resume it does not fire again (the trainer records the fired iterations
+in its checkpoints). The trainer arms the loss factor of each iteration, the engine's loss function
+applies it, and the checkpoint's publication waits for the pause.
 """
 from __future__ import annotations
 
-import os
 import time
-
-INJECT_LOSS_ENV = "MEGATRON_SNM_TEST_INJECT_LOSS"
-SLEEP_IN_SAVE_ENV = "MEGATRON_SNM_TEST_SLEEP_IN_SAVE"
-
-
-def _pairs(spec: str) -> dict[int, float]:
-    return {int(it): float(value) for it, value in (item.split(":") for item in spec.split(",") if item)}
 
 
 class FaultInjection:
@@ -31,10 +22,8 @@ class FaultInjection:
         self.fired: list[int] = []
         self._factor: float | None = None
 
-    @classmethod
-    def from_env(cls, divergences: list[int] = ()) -> "FaultInjection":
-        factors = {**_pairs(os.environ.get(INJECT_LOSS_ENV, "")), **{it: float("nan") for it in divergences}}
-        return cls(factors, _pairs(os.environ.get(SLEEP_IN_SAVE_ENV, "")))
+    def add_loss_factors(self, factors: dict[int, float]) -> None:
+        self.loss_factors.update(factors)
 
     def forget(self, fired: list[int]) -> None:
         """Iterations whose faults already fired (read back from a checkpoint)."""

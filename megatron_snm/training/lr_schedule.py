@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-STYLES = ("cosine", "linear", "constant", "inverse-square-root")
+from megatron_snm.config.flags import LR_DECAY_STYLES as STYLES
 
 
 @dataclass(frozen=True)
@@ -42,3 +42,10 @@ class LRSchedule:
         else:
             raise ValueError(f"--lr-decay-style must be one of {STYLES}, got {self.style!r}")
         return self.min_lr + coeff * (self.max_lr - self.min_lr)
+
+
+def lr_schedule(run) -> LRSchedule:
+    """The schedule of a resolved run (config/resolve.py's RunConfig: its --lr flags and lengths)."""
+    optim, lengths = run.optim, run.lr_schedule
+    return LRSchedule(optim.lr, optim.min_lr, lengths.warmup, lengths.decay, optim.lr_decay_style,
+                      optim.lr_warmup_init)

@@ -25,23 +25,23 @@ import torch
 import torch.distributed as dist
 
 from megatron_snm.config import ConfigError, RunConfig
-from megatron_snm.config.resolve import parse_iteration_list
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.parallel import state
 from megatron_snm.parallel.distributed import DistEnv, device, discover
 from megatron_snm.training import deepspeed_adapter
 from megatron_snm.training.callbacks import StabilityCallback, StepReport
-from megatron_snm.training.checkpoint_errors import CheckpointError
-from megatron_snm.training.checkpointing import (
-    PendingSave, load_checkpoint, prune_checkpoints, run_metadata, start_checkpoint, tag_of,
+from megatron_snm.checkpoint.errors import CheckpointError
+from megatron_snm.checkpoint.format import tag_of
+from megatron_snm.checkpoint.save_dir import claim_save_dir
+from megatron_snm.checkpoint.save_load import (
+    PendingSave, load_checkpoint, prune_checkpoints, run_metadata, start_checkpoint,
 )
 from megatron_snm.training.data import micro_batches
 from megatron_snm.training.engine import TrainEngine
 from megatron_snm.training.exit_conditions import ExitConditions
 from megatron_snm.training.fault_injection import FaultInjection
-from megatron_snm.training.lr_schedule import LRSchedule
+from megatron_snm.training.lr_schedule import LRSchedule, lr_schedule
 from megatron_snm.training.metrics import TrainingMetrics, model_flops_per_token
-from megatron_snm.training.save_dir import claim_save_dir
 from megatron_snm.training.skip_ledger import LEDGER, append_ledger, ledger_iterations, read_ledger
 from megatron_snm.training.spikes import SpikePolicy
 
@@ -67,19 +67,15 @@ class TrainResult:
         return self.stopped == "diverged"
 
 
-def lr_schedule(run: RunConfig) -> LRSchedule:
-    optim, lengths = run.optim, run.lr_schedule
-    return LRSchedule(optim.lr, optim.min_lr, lengths.warmup, lengths.decay, optim.lr_decay_style,
-                      optim.lr_warmup_init)
-
-
 class Trainer:
     def __init__(self, run: RunConfig, model_config: GPTConfig, faults: FaultInjection | None = None,
                  start_time: float | None = None):
         self.run, self.model_config = run, model_config
         self.start_time = start_time if start_time is not None else time.time()
         spike = run.spike
-        self.faults = faults or FaultInjection.from_env(parse_iteration_list(spike.inject_divergence_at))
+        # --inject-divergence-at's NaN losses, and what a test harness injects (training/fault_injection.py)
+        self.faults = faults or FaultInjection()
+        self.faults.add_loss_factors({it: float("nan") for it in run.divergence_iterations})
         self.metrics = TrainingMetrics(run, model_flops_per_token(model_config), rank=dist.get_rank())
         for note in run.notes:
             self.metrics.print(f" {note}")
@@ -183,7 +179,8 @@ class Trainer:
                                 **options)
         if saved is not None and not options.get("weights_only"):
             self.iteration, self.consumed_samples = saved["iteration"], saved["consumed_train_samples"]
-            self.policy.load_state_dict(saved["spike_policy"])
+            if "spike_policy" in saved:  # not in a weights-only checkpoint (checkpoint/write.py)
+                self.policy.load_state_dict(saved["spike_policy"])
         return saved
 
     def load(self) -> None:
@@ -301,7 +298,7 @@ class Trainer:
                     self.last_good_checkpoint = self.iteration
                 start = time.perf_counter()
                 self.pending = start_checkpoint(self.engine.ds, ckpt.save, self.iteration, self._metadata(),
-                                                self.faults, asynchronous=ckpt.async_save)
+                                                self.faults.pause_in_save, asynchronous=ckpt.async_save)
                 self.pending.blocked_s, self.pending.started = time.perf_counter() - start, start
                 last_saved = self.iteration
                 if not ckpt.async_save:

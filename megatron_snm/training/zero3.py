@@ -1,5 +1,7 @@
-"""ZeRO-3 that saves what it promises: the model built partitioned, stage-3 settings sized to it.
+"""The module a rank trains, built once, and ZeRO-3 that saves what it promises: the model built
+partitioned, stage-3 settings sized to it.
 
+    module, ds_config = build_module(run, gpt_config, loss_fn)   # the engine's one call
     ds_config = apply_zero_defaults(ds_config, gpt_config, tensor_parallel)   # what the JSON leaves open
     module = build_gpt_model(gpt_config, ds_config, mpu)
 
@@ -77,3 +79,16 @@ def build_gpt_model(gpt_config: GPTConfig, ds_config: dict, mpu) -> torch.nn.Mod
     # ZeRO-3 must gather it for the whole model's forward and backward.
     deepspeed.zero.register_external_parameter(model, model.embedding.word_embeddings.weight)
     return model
+
+
+def build_module(run, gpt_config: GPTConfig, loss_fn) -> tuple[torch.nn.Module, dict]:
+    """This rank's module and the DeepSpeed config sized to it (apply_zero_defaults): its pipeline
+    stage (PP > 1, pipeline/module.py; `loss_fn(logits, labels)` on the last stage), else GPTModel,
+    partitioned as it is built under ZeRO-3. `run`: the resolved RunConfig."""
+    from megatron_snm.pipeline.module import gpt_pipeline
+    from megatron_snm.training.deepspeed_adapter import ParallelStateMPU
+
+    ds_config = apply_zero_defaults(run.deepspeed, gpt_config, run.dims.tensor)
+    if run.dims.pipeline > 1:
+        return gpt_pipeline(gpt_config, loss_fn, run.dims), ds_config
+    return build_gpt_model(gpt_config, ds_config, ParallelStateMPU), ds_config

@@ -19,7 +19,7 @@ import re
 import shutil
 import socket
 
-from megatron_snm.training.checkpoint_errors import CheckpointError
+from megatron_snm.checkpoint.errors import CheckpointError
 
 LOCK = ".megatron_snm.lock"
 log = logging.getLogger(__name__)

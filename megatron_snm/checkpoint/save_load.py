@@ -1,4 +1,6 @@
-"""Checkpoints: crash-safe saving, checked and unpickling-free loading.
+"""A training run's checkpoints through DeepSpeed's engine: crash-safe saving (sync or --async-save),
+checked and unpickling-free loading (resharded when the layout differs, reshard.py), retention, and
+the run metadata with its compatibility check. The trainer calls these; nothing here knows it.
 
 Layout of `--save DIR`:
     DIR/latest                      the tag of the newest complete checkpoint (DeepSpeed's convention)
@@ -8,10 +10,10 @@ Layout of `--save DIR`:
                                     arguments, parallel sizes and model shape
         rng_state_00003.pt          ours: every rank's RNG states
 
-        manifest.json               ours: every file's size and checksum (checkpoint_manifest.py)
+        manifest.json               ours: every file's size and checksum (manifest.py)
 
 Crash safety: a checkpoint is written as `iter_N.tmp/`, renamed to `iter_N/` when every rank has
-finished, and only then is `latest` replaced (write + fsync + os.replace, atomic). A kill at any
+finished, and only then is `latest` replaced (format.publish). A kill at any
 moment leaves `latest` naming a complete checkpoint; a stale `.tmp` is removed by the next save.
 A failed write (full disk, read-only file system) on any rank removes the partial checkpoint and
 raises CheckpointError everywhere. Loading reads the tag on rank 0 and broadcasts it (all ranks
@@ -27,42 +29,26 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from megatron_snm.atomic import fsync_dir, write_atomically
-from megatron_snm.config import ConfigError, RunConfig
+from megatron_snm.checkpoint.background_writer import BackgroundWriter, cpu_copy
+from megatron_snm.checkpoint.errors import CheckpointError
+from megatron_snm.checkpoint.format import (LAYOUT_RECORD, METADATA, TAG, load_weights_only, publish, read_latest,
+                                            rng_file, tag_of)
+from megatron_snm.checkpoint.manifest import file_entry, verify_manifest, write_manifest
 from megatron_snm.checkpoint.metadata import model_description
+from megatron_snm.checkpoint.reshard import load_resharded
+from megatron_snm.config import ConfigError, RunConfig
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.describe import ModelDescription
 from megatron_snm.parallel import rng, state
 from megatron_snm.pipeline.module import full_parameter_names
-from megatron_snm.training.checkpoint_errors import CheckpointError
-from megatron_snm.training.checkpoint_manifest import file_entry, verify_manifest, write_manifest
-from megatron_snm.training.checkpoint_writer import BackgroundWriter, cpu_copy
-from megatron_snm.training.fault_injection import FaultInjection
-
-LATEST = "latest"
-METADATA = "megatron_snm.json"
-LAYOUT_RECORD = "megatron_snm_layout"  # our entry in DeepSpeed's model files: see layout_record
-
-
-def tag_of(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def _safe_globals() -> list:
-    """The non-tensor types inside DeepSpeed's checkpoint files (ZeRO's stage enum, the fp16 loss
-    scalers, the optimizer state's fragment addresses)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
@@ -117,8 +103,7 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
             self.save_errors.append(_write_error(path, err))
 
     def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return load_weights_only(path, map_location)
 
 
 def _rng_state() -> dict:
@@ -152,13 +137,8 @@ def _all_errors(errors: list[str]) -> list[str]:
     return [e for part in everyone for e in part]
 
 
-def save_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, faults: FaultInjection | None = None) -> str:
-    """Saves on every rank (collective) and returns the checkpoint's directory; see PendingSave."""
-    return start_checkpoint(engine, save_dir, iteration, metadata, faults, asynchronous=False).finish()
-
-
-def start_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, faults: FaultInjection | None = None,
-                     asynchronous: bool = False) -> "PendingSave":
+def start_checkpoint(engine, save_dir: str, iteration: int, metadata: dict,
+                     before_publish: Callable[[int], None] | None = None, asynchronous: bool = False) -> "PendingSave":
     """Writes (or, `asynchronous`, copies and starts writing) this rank's files of the checkpoint of
     `iteration` under `iter_N.tmp/` (collective). `metadata` (JSON-able) is written by rank 0.
     The checkpoint is published by the returned PendingSave's finish()."""
@@ -173,7 +153,7 @@ def start_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, faul
     target = tmp_dir
     try:
         # Our record of this rank's layout goes into DeepSpeed's model file: it lets any other layout
-        # read the state back (training/reshard.py).
+        # read the state back (checkpoint/reshard.py).
         record = layout_record(engine, model_description(metadata))
         engine.save_checkpoint(save_dir, tag=os.path.basename(tmp_dir), save_latest=False,
                                client_state={LAYOUT_RECORD: record})
@@ -184,7 +164,7 @@ def start_checkpoint(engine, save_dir: str, iteration: int, metadata: dict, faul
             writer.save_text(json.dumps(dict(metadata, iteration=iteration), indent=1), target)
     except (OSError, RuntimeError) as err:
         writer.save_errors.append(_write_error(target, err))
-    return PendingSave(writer, save_dir, iteration, faults)
+    return PendingSave(writer, save_dir, iteration, before_publish)
 
 
 class PendingSave:
@@ -195,8 +175,11 @@ class PendingSave:
     and raises CheckpointError on every rank. A kill at any moment before the rename leaves the
     previous checkpoint as `latest`."""
 
-    def __init__(self, writer: SafeCheckpointEngine, save_dir: str, iteration: int, faults: FaultInjection | None):
-        self.writer, self.save_dir, self.iteration, self.faults = writer, save_dir, iteration, faults
+    def __init__(self, writer: SafeCheckpointEngine, save_dir: str, iteration: int,
+                 before_publish: Callable[[int], None] | None):
+        # before_publish(iteration): run once this rank's files are written, before they are published
+        # (the test harness pauses there to kill a run mid-save)
+        self.writer, self.save_dir, self.iteration, self.before_publish = writer, save_dir, iteration, before_publish
         self.tmp_dir = os.path.join(save_dir, tag_of(iteration) + ".tmp")
 
     def written_everywhere(self) -> bool:
@@ -210,8 +193,8 @@ class PendingSave:
         rank = dist.get_rank()
         if self.writer.writer is not None:
             self.writer.writer.wait()
-        if self.faults is not None:
-            self.faults.pause_in_save(self.iteration)
+        if self.before_publish is not None:
+            self.before_publish(self.iteration)
         errors = _all_errors(self.writer.save_errors)
         if not errors:
             mine = {os.path.relpath(path, self.tmp_dir): entry for path, entry in self.writer.written.items()}
@@ -228,21 +211,16 @@ class PendingSave:
             raise CheckpointError(f"saving the checkpoint of iteration {self.iteration} to --save {self.save_dir} "
                                   f"failed: {errors[0]}; " + (f"`latest` still names {previous}" if previous else
                                                               "no checkpoint was written"))
-        final_dir = os.path.join(self.save_dir, tag_of(self.iteration))
         if rank == 0:
-            if os.path.exists(final_dir):  # re-saving an iteration `latest` does not name (a resumed run)
-                shutil.rmtree(final_dir)
-            os.replace(self.tmp_dir, final_dir)
-            fsync_dir(self.save_dir)
-            write_atomically(os.path.join(self.save_dir, LATEST), tag_of(self.iteration))
+            publish(self.save_dir, self.iteration)
         dist.barrier()
-        return final_dir
+        return os.path.join(self.save_dir, tag_of(self.iteration))
 
 
 def prune_checkpoints(save_dir: str, keep: int, protected: int | None) -> list[str]:
     """Deletes all but the `keep` newest checkpoints, never the one `latest` names nor the
     checkpoint of iteration `protected`; returns the deleted tags. Call on one rank."""
-    tags = sorted(n for n in os.listdir(save_dir) if re.fullmatch(r"iter_\d{7}", n))
+    tags = sorted(n for n in os.listdir(save_dir) if TAG.fullmatch(n))
     spare = {read_latest(save_dir), tag_of(protected) if protected is not None else None, *tags[-keep:]}
     doomed = [t for t in tags if t not in spare]
     for tag in doomed:
@@ -255,27 +233,6 @@ def _rename_for_deletion(path: str) -> str:
     doomed = path + ".deleting"
     os.replace(path, doomed)
     return doomed
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_state_{rank:05d}.pt"
-
-
-def read_latest(load_dir: str) -> str | None:
-    """The tag `latest` names, checked to be a checkpoint directory inside `load_dir` (None: no
-    `latest`). Raises CheckpointError for a broken `latest`."""
-    path = os.path.join(load_dir, LATEST)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            tag = f.read().strip()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is unreadable: {err}") from None
-    if not re.fullmatch(r"iter_\d{7}", tag) or not os.path.isdir(os.path.join(load_dir, tag)):
-        raise CheckpointError(f"{path} names {tag[:80]!r}, which is not a checkpoint directory in {load_dir}; "
-                              "write the tag of a complete iter_NNNNNNN directory there, or use --load-iteration")
-    return tag
 
 
 def run_metadata(run: RunConfig, model_config: GPTConfig) -> dict:
@@ -330,7 +287,7 @@ def layout_record(ds_engine, model: ModelDescription) -> dict:
 def check_compatible(saved: dict, current: dict, checkpoint_dir: str, optimizer: bool = True) -> None:
     """Refuses a checkpoint of another model shape, or of another precision when its `optimizer`
     state is loaded (ConfigError). The padded vocabulary follows the TP size, so it may differ
-    when the layout does (training/reshard.py re-pads the table)."""
+    when the layout does (reshard.py re-pads the table)."""
     was, now = saved["parallel"], current["parallel"]
     if optimizer and "precision" in was and was["precision"] != now["precision"]:
         raise ConfigError(f"checkpoint {checkpoint_dir} holds {was['precision']} weights; this run trains in "
@@ -364,7 +321,9 @@ def _read_metadata(checkpoint_dir: str) -> dict:
     try:
         with open(path) as f:
             saved = json.load(f)
-        for key in ("iteration", "consumed_train_samples", "parallel", "model_shape", "args", "spike_policy"):
+        # A weights-only checkpoint (checkpoint/write.py) has no training state to restore.
+        for key in ("iteration", "consumed_train_samples", "parallel", "model_shape", "args") + \
+                (() if saved.get("weights_only") else ("spike_policy",)):
             saved[key]
         return saved
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -408,8 +367,6 @@ def load_checkpoint(engine, load_dir: str, current: dict, iteration: int | None 
     # DeepSpeed's loader reads its own layout; ZeRO 3 also needs its partitioned files, which a
     # weights-only checkpoint has not.
     if not same_layout(saved, current, optimizer) or (weights_only and current["parallel"]["zero_stage"] == 3):
-        from megatron_snm.training.reshard import load_resharded  # it reads through checkpoint/read.py, which imports us
-
         try:
             load_resharded(engine, checkpoint_dir, model_description(current), optimizer)
         except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:

@@ -19,7 +19,7 @@ import os
 
 import torch.distributed as dist
 
-from megatron_snm.training.checkpoint_errors import CheckpointError
+from megatron_snm.checkpoint.errors import CheckpointError
 
 MANIFEST = "manifest.json"
 

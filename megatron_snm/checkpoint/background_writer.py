@@ -2,7 +2,7 @@
 
 The training loop is blocked only for the copy: the next steps change the model while the files
 are written. The thread runs plain file writes and never a collective; the trainer publishes the
-checkpoint (training/checkpointing.PendingSave) once every rank's writes are done.
+checkpoint (save_load.PendingSave) once every rank's writes are done.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ position and spike state come from megatron_snm.json as in every resume).
 
     load_resharded(ds_engine, checkpoint_dir, ...)  # after the engine of the new layout is built
 
-Each model file of a checkpoint holds a record of its rank's layout (checkpointing.layout_record).
+Each model file of a checkpoint holds a record of its rank's layout (save_load.layout_record).
 The checkpoint is read layout-free (checkpoint/training_state.py: every tensor whole) and each
 rank takes its piece: its TP slice (checkpoint/layout.py), then as its ZeRO stage keeps it --
 ZeRO 0 in the parameters and the optimizer's per-parameter state (of the fp32 copies, inside
