@@ -59,8 +59,8 @@ QUICK = dict(embedding_norm=["none", "layernorm"], lr=[3e-3, 1.0], clip_grad=[0.
              seq_length=32, batch_size=4, train_iters=30, eval_interval=10, eval_iters=2, log_interval=5,
              log_stability_interval=5, lr_warmup_iters=[0], split="80,20,0")
 
-SUMMARY_FIELDS = ["name", "architecture", "embedding_norm", "lr", "seed", "sigma", "num_layers", "lr_warmup_iters", "adam_beta2",
-                  "clip_grad", "status", "diverged", "diverged_reason", "loss_spikes", "grad_norm_spikes",
+SUMMARY_FIELDS = ["name", "embedding_norm", "lr", "seed", "sigma", "num_layers", "lr_warmup_iters", "adam_beta2",
+                  "clip_grad", "architecture", "status", "diverged", "diverged_reason", "loss_spikes", "grad_norm_spikes",
                   "max_grad_norm", "max_grad_norm_step", "max_captured_grad_norm", "max_captured_grad_norm_step",
                   "max_grad_norm_source", "max_captured_embedding_grad_share",
                   "mean_embedding_grad_share", "first_loss", "final_train_loss", "best_valid_loss", "best_valid_ppl",
