@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_snm.config import ConfigError, RunConfig, parse_args, resolve
 from megatron_snm.data import build_train_valid_test_datasets
 from megatron_snm.data.gpt_dataset import parse_data_path
+from megatron_snm.data.mock_dataset import build_mock_datasets
 from megatron_snm.data.tokenizers import build_tokenizer
 from megatron_snm.parallel import distributed
 from megatron_snm.parallel.launcher_watchdog import watch_launcher
@@ -38,30 +39,36 @@ def prepare(argv: list[str] | None, world_size: int):
     """Flags -> (run, tokenizer); raises ConfigError (or ValueError, OSError) before anything starts."""
     run = resolve(parse_args(argv), world_size)
     data = run.data
-    if not data.data_path:
-        raise ConfigError("--data-path is required")
-    for prefix in parse_data_path(data.data_path)[0]:
+    if not data.data_path and not data.mock_data:
+        raise ConfigError("--data-path is required (or --mock-data: Megatron's synthetic documents)")
+    for prefix in parse_data_path(data.data_path)[0] if data.data_path else []:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(prefix + suffix):
                 raise ConfigError(f"--data-path: {prefix + suffix} does not exist (give the prefix that "
                                   "tools/preprocess_data.py wrote, e.g. out/c4_text_document)")
     if not data.tokenizer_type:
         raise ConfigError("--tokenizer-type is required (the model's vocabulary size is the tokenizer's)")
-    tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file, data.tokenizer_model)
+    tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file, data.tokenizer_model,
+                                data.vocab_size)
     return run, tokenizer
 
 
 def pretrain(run: RunConfig, vocab_size: int, env: distributed.DistEnv | None = None,
-             start_time: float = START_TIME) -> TrainResult:
+             start_time: float = START_TIME, eod: int | None = None) -> TrainResult:
     """Builds the run and its datasets and trains (every rank). Raises ConfigError for a refused
-    checkpoint."""
+    checkpoint. `eod` (the tokenizer's) ends the documents of --mock-data (default: the last id, as
+    NullTokenizer's)."""
     trainer = build_run(run, vocab_size, env=env, start_time=start_time)
     samples = run.batch.global_batch_size
     num_samples = (run.batch.train_iters * samples, run.eval.eval_iters * samples, run.eval.eval_iters * samples)
     data = run.data
     # Every rank calls this; rank 0 builds and caches the sample indices, the others read them.
-    datasets = build_train_valid_test_datasets(data.data_path, data.split, num_samples, run.model.seq_length,
-                                               run.model.seed, data.data_cache_path, vocab_size=vocab_size)
+    if data.mock_data:
+        datasets = build_mock_datasets(data.split, num_samples, run.model.seq_length, run.model.seed,
+                                       data.data_cache_path, vocab_size, vocab_size - 1 if eod is None else eod)
+    else:
+        datasets = build_train_valid_test_datasets(data.data_path, data.split, num_samples, run.model.seq_length,
+                                                   run.model.seed, data.data_cache_path, vocab_size=vocab_size)
     return trainer.train(datasets)
 
 
@@ -84,7 +91,7 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s")
     logging.getLogger("megatron_snm").info(memory)
-    result = pretrain(run, tokenizer.vocab_size, env)
+    result = pretrain(run, tokenizer.vocab_size, env, eod=tokenizer.eod)
     dist.barrier()
     dist.destroy_process_group()
     return EXIT_CODES[result.stopped]

@@ -98,10 +98,18 @@ def test_train_tokens_beside_train_samples_stops_early():
 
 # --- flags refused, or accepted with no effect, before any process group ------------------------
 @pytest.mark.parametrize("flags, message", [
-    (["--swiglu"], "--swiglu is not supported: the FFN is GPT-2's GeLU MLP"),
     (["--num-experts", "8"], "--num-experts is not supported: mixture-of-experts"),
-    (["--position-embedding-type", "rope"], "--position-embedding-type rope is not supported"),
-    (["--normalization", "RMSNorm"], "--normalization RMSNorm is not supported"),
+    (["--context-parallel-size", "2"], "--context-parallel-size is not supported: context parallelism"),
+    (["--fp8-format", "hybrid"], "--fp8-format is not supported: fp8 needs Transformer Engine, which is not used "
+                                 "here; use --bf16"),
+    (["--decoupled-min-lr", "1e-5"], "--decoupled-min-lr needs --decoupled-lr"),
+    (["--decoupled-lr", "1e-4", "--decoupled-min-lr", "1e-3"], "--decoupled-min-lr (0.001) must be in [0, "
+                                                               "--decoupled-lr (0.0001)]"),
+    (["--tokenizer-type", "NullTokenizer"], "--tokenizer-type NullTokenizer needs --vocab-size N"),
+    (["--mock-data", "--data-path", "x"], "--mock-data trains on synthetic documents, --data-path on a corpus"),
+    (["--profile"], "--profile writes its trace into --tensorboard-dir"),
+    (["--profile", "--profile-step-start", "3", "--profile-step-end", "3", "--tensorboard-dir", "tb"],
+     "--profile-step-start (3) must be >= 0 and less than --profile-step-end (3)"),
     (["--step-batch-size-schedule", "0:16 1B:32"], "the global batch size is fixed"),
     (["--optimizer", "sgd"], "--optimizer sgd is not supported"),
     (["--data-impl", "lazy"], "--data-impl lazy is not supported"),
@@ -127,10 +135,31 @@ def test_refused_before_any_process_group(flags, message, monkeypatch, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="PyTorch has no memory-efficient SDPA kernel on CPU")
-def test_unavailable_attention_backend_is_refused():
-    with pytest.raises(ConfigError, match=r"--attention-backend fused \(SDPA's EFFICIENT_ATTENTION\) is not "
-                                          r"available for torch.float32 with head size 16 on cpu"):
-        resolve(parse_args(SHAPE + ["--train-iters", "1", "--attention-backend", "fused"]), 1)
+def test_attention_kernel_the_device_lacks_falls_back_to_auto_with_a_note():
+    """A GPU script's --attention-backend fused runs on CPU (the kernel changes the speed, not the
+    attention computed: test_attention_backends_compute_the_same_attention)."""
+    run = resolve(parse_args(SHAPE + ["--train-iters", "1", "--attention-backend", "fused"]), 1)
+    assert run.model.attention_backend == "auto"
+    assert [note for note in run.notes if note.startswith("--attention-backend fused has no effect: cpu has no "
+                                                          "EFFICIENT_ATTENTION kernel")], run.notes
+
+
+def test_attention_kernel_that_cannot_take_the_model_is_refused(monkeypatch):
+    """A kernel the device has, but not for this head size / dtype / dropout, is a wrong configuration."""
+    import importlib
+
+    from megatron_snm.model.attention import check_attention_backend
+
+    resolve_module = importlib.import_module("megatron_snm.config.resolve")  # the package exports the function
+
+    def only_the_plain_case(backend, device, dtype, head_dim, dropout):
+        if head_dim != 64:
+            raise ValueError(f"--attention-backend {backend} is not available for head size {head_dim}")
+        check_attention_backend("auto", device, dtype, head_dim, dropout)
+
+    monkeypatch.setattr(resolve_module, "check_attention_backend", only_the_plain_case)
+    with pytest.raises(ConfigError, match=r"--attention-backend flash is not available for head size 16"):
+        resolve(parse_args(SHAPE + ["--train-iters", "1", "--attention-backend", "flash"]), 1)
 
 
 def test_attention_backends_compute_the_same_attention():

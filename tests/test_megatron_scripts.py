@@ -90,6 +90,7 @@ def scripts(tmp: Path, data: str, gpt2: tuple) -> dict[str, list[str]]:
 
 
 def _body(rank, world_size, runs):
+    """Each run as pretrain_gpt.py runs it: its printed output, TrainResult and vocabulary size."""
     import torch
 
     import pretrain_gpt
@@ -101,9 +102,9 @@ def _body(rank, world_size, runs):
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             run, tokenizer = pretrain_gpt.prepare(argv, world_size)
-            result = pretrain_gpt.pretrain(run, tokenizer.vocab_size)
+            result = pretrain_gpt.pretrain(run, tokenizer.vocab_size, eod=tokenizer.eod)
         state.destroy_model_parallel()
-        out[name] = (printed.getvalue(), result)
+        out[name] = (printed.getvalue(), result, tokenizer.vocab_size)
     return out
 
 
@@ -126,15 +127,22 @@ def arguments(printed: str) -> dict[str, str]:
 
 
 def given(argv: list[str]) -> dict[str, object]:
-    """dest -> the value each flag was given (store_true flags: True)."""
+    """dest -> the value each flag was given (store_true flags: True, store_false: False; --flag=value as
+    --flag value)."""
     actions = {option: action for action in build_parser()._actions for option in action.option_strings}
+    argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--") else [arg])]
     out, i = {}, 0
     while i < len(argv):
         action = actions[argv[i]]
         if action.nargs == 0:
-            out[action.dest], i = True, i + 1
+            out[action.dest], i = action.const, i + 1
         elif action.nargs == "+":
-            out[action.dest], i = [argv[i + 1]], i + 2
+            values = []
+            for value in argv[i + 1:]:
+                if value.startswith("--"):
+                    break
+                values.append(value)
+            out[action.dest], i = values, i + 1 + len(values)
         else:
             out[action.dest], i = argv[i + 1], i + 2
     return out
@@ -153,7 +161,7 @@ def same(printed: str, value) -> bool:
                                     "train_gpt3_175b_distributed.sh"])
 def test_script_flag_set_runs_and_every_flag_takes_effect(runs, script):
     tmp, argvs, results = runs
-    printed, result = results[script]
+    printed, result, _ = results[script]
     shown = arguments(printed)
     for dest, value in given(argvs[script]).items():
         assert same(shown[dest], value), (dest, shown[dest], value)

@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--vocab-file", help="GPT-2 vocab.json")
     g.add_argument("--merge-file", help="GPT-2 merges.txt")
     g.add_argument("--tokenizer-model", help="SentencePiece .model, or a tokenizer.json / its directory")
+    g.add_argument("--vocab-size", type=int, help="NullTokenizer: ids before the end of document (text is ids "
+                   "written as decimal numbers)")
     g.add_argument("--append-eod", action="store_true", help="end every document with the tokenizer's eod id")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_<key>_document.bin/.idx")
@@ -370,7 +372,8 @@ def run(args) -> Summary:
     written, WorkerDied / WorkerFailed when a worker dies or fails. Whatever it raises, it
     leaves no file behind."""
     files = expand_inputs(args.input)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model,
+                                args.vocab_size)
     prefixes = output_prefixes(args, files)
     dtype = best_token_dtype(tokenizer.vocab_size)
     for note in no_effect_notes(args):

@@ -15,7 +15,7 @@ from megatron_snm.checkpoint.read import CheckpointError, FullCheckpoint
 from megatron_snm.data.tokenizers import Tokenizer, build_tokenizer
 from megatron_snm.model.config import padded_vocab_size
 
-TOKENIZER_FIELDS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model")
+TOKENIZER_FIELDS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,11 @@ class TokenizerSpec:
     vocab_file: str | None = None
     merge_file: str | None = None
     tokenizer_model: str | None = None
+    vocab_size: int | None = None  # NullTokenizer's --vocab-size
 
     def build(self) -> Tokenizer:
-        return build_tokenizer(self.tokenizer_type, self.vocab_file, self.merge_file, self.tokenizer_model)
+        return build_tokenizer(self.tokenizer_type, self.vocab_file, self.merge_file, self.tokenizer_model,
+                               self.vocab_size)
 
 
 def _locate(path: str | None, ckpt: FullCheckpoint) -> str | None:
@@ -47,7 +49,8 @@ def checkpoint_tokenizer(ckpt: FullCheckpoint, **overrides) -> tuple[TokenizerSp
     values = {k: overrides.get(k) or args.get(k) for k in TOKENIZER_FIELDS}
     if not values["tokenizer_type"]:
         return None
-    spec = TokenizerSpec(**{k: (v if k == "tokenizer_type" else _locate(v, ckpt)) for k, v in values.items()})
+    spec = TokenizerSpec(**{k: (v if k in ("tokenizer_type", "vocab_size") else _locate(v, ckpt))
+                            for k, v in values.items()})
     try:
         tokenizer = spec.build()
     except (OSError, ValueError) as err:

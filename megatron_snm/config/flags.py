@@ -165,6 +165,18 @@ class BatchArgs:
                                      "(resume to continue)", action="store_true")
     num_workers: int = _opt(0, "data loader worker processes that read and collate the micro-batches ahead of "
                             "the step (0: in the training process; Megatron's default is 2)", type=int)
+    manual_gc: bool = _opt(False, "turn Python's automatic garbage collector off and collect at fixed points "
+                           "instead (every --manual-gc-interval steps, and before and after each evaluation), so "
+                           "ranks do not pause at different moments", action="store_true")
+    manual_gc_interval: int = _opt(0, "with --manual-gc: collect every this many steps (0: never between steps)",
+                                   type=int)
+    manual_gc_eval: bool = _opt(True, "with --manual-gc: do not collect before and after each evaluation",
+                                action="store_false", flags=("--no-manual-gc-eval",))
+    empty_unused_memory_level: int = _opt(0, "release the CUDA allocator's unused cached blocks (torch.cuda."
+                                          "empty_cache) after each training step and each evaluation: 1 or 2 "
+                                          "(Megatron's 2 also empties between backward and the optimizer step, "
+                                          "inside DeepSpeed's step here; 0: never; CPU has no such cache)",
+                                          type=int, choices=(0, 1, 2))
 
 
 @dataclass(frozen=True)
@@ -197,11 +209,17 @@ class OptimizerArgs:
                                                     flags=("--use-checkpoint-opt_param-scheduler",))
     clip_grad: float | None = _opt(None, "clip the global gradient norm to this (0: off; default: the JSON's, "
                                    "else 1.0)", type=float)
+    decoupled_lr: float | None = _opt(None, "a learning rate of their own for the input embedding and the output "
+                                      "layer (their own optimizer group, on the same warm-up and decay)", type=float)
+    decoupled_min_lr: float | None = _opt(None, "with --decoupled-lr: where their decay ends (default --min-lr)",
+                                          type=float)
 
 
 @dataclass(frozen=True)
 class DataArgs:
     data_path: list[str] | None = _opt(None, "PREFIX, or W1 PREFIX1 W2 PREFIX2 ... to blend", nargs="+")
+    mock_data: bool = _opt(False, "train on Megatron's synthetic documents instead of --data-path (data/"
+                           "mock_dataset.py; with --tokenizer-type NullTokenizer --vocab-size N)", action="store_true")
     split: str = _opt("969,30,1", "train,valid,test proportions of the documents")
     data_cache_path: str | None = _opt(None, "where to cache the dataset indices (default: beside the data)")
     tokenizer_type: str | None = _opt(None, "e.g. GPT2BPETokenizer, SentencePieceTokenizer (default: GPT2BPETokenizer "
@@ -209,6 +227,8 @@ class DataArgs:
     vocab_file: str | None = _opt(None, "tokenizer vocabulary file")
     merge_file: str | None = _opt(None, "BPE merges file")
     tokenizer_model: str | None = _opt(None, "SentencePiece model file")
+    vocab_size: int | None = _opt(None, "NullTokenizer: the ids before the end of document (which is id N; the "
+                                  "vocabulary is N + 1)", type=int)
     data_impl: str | None = _opt(None, "accepted, no effect: the data is always read as mmap .bin/.idx (lazy and "
                                  "cached are refused)", choices=("mmap", "infer", "lazy", "cached"))
 
@@ -247,6 +267,13 @@ class LoggingArgs:
                                       "--tensorboard-dir or ./wandb)")
     log_stability_interval: int = _opt(0, "every this many steps record the stability monitor's per-layer "
                                        "figures (0: only on the step after a loss spike)", type=int)
+    profile: bool = _opt(False, "profile the steps after --profile-step-start up to --profile-step-end with "
+                         "torch.profiler on the ranks of --profile-ranks; the trace goes to --tensorboard-dir "
+                         "(TensorBoard's profiler plugin and chrome://tracing read it)", action="store_true")
+    profile_step_start: int = _opt(10, "with --profile: profiling starts once this many steps are done", type=int)
+    profile_step_end: int = _opt(12, "with --profile: profiling stops once this many steps are done", type=int)
+    profile_ranks: list[int] | None = _opt(None, "with --profile: the global ranks to profile (default: rank 0)",
+                                           type=int, nargs="+")
     debug: bool = _opt(False, "print the traceback of an error, not only its one-line message (or set "
                        "MEGATRON_SNM_DEBUG=1)", action="store_true")
 
@@ -356,6 +383,34 @@ class CompatArgs:
                                           "--reset-attention-mask", **_FLAG)
     init_method_xavier_uniform: bool = _refused(False, "use --init-method normal|small (the paper's)", **_FLAG)
     fp8_format: str | None = _refused(None, "fp8 needs Transformer Engine, which is not used here; use --bf16")
+    fp8_amax_history_len: int | None = _refused(None, "fp8 needs Transformer Engine, which is not used here; drop "
+                                                "the --fp8-* flags and use --bf16", type=int)
+    fp8_amax_compute_algo: str | None = _refused(None, "fp8 needs Transformer Engine, which is not used here; drop "
+                                                 "the --fp8-* flags and use --bf16")
+    fp8_param_gather: bool = _refused(False, "fp8 needs Transformer Engine, which is not used here; drop the "
+                                      "--fp8-* flags and use --bf16", **_FLAG)
+    context_parallel_size: int = _refused(1, "context parallelism does not exist here; give "
+                                          "--context-parallel-size 1 (or drop it) and split long sequences' "
+                                          "activations with --tensor-model-parallel-size and --sequence-parallel",
+                                          type=int)
+    grad_reduce_in_bf16: bool = _no_effect(False, "DeepSpeed reduces the gradients in the dtype it accumulates them "
+                                           "in (fp32 under --bf16); set communication_data_type in the DeepSpeed "
+                                           "JSON to choose another", **_FLAG)
+    cross_entropy_loss_fusion: bool = _no_effect(False, "the loss is one autograd function already (the vocabulary-"
+                                                 "parallel cross entropy, tensor_parallel/cross_entropy.py)", **_FLAG)
+    calculate_per_token_loss: bool = _no_effect(False, "the loss is the mean over the global batch's tokens either "
+                                                "way: with no loss mask here every micro-batch holds the same number "
+                                                "of tokens, so Megatron's per-token normalisation equals its "
+                                                "per-micro-batch one", **_FLAG)
+    tiktoken_pattern: str | None = _no_effect(None, "only Megatron's TikTokenizer reads it, which is not one of "
+                                              "the tokenizers here", choices=("v1", "v2"))
+    no_create_attention_mask_in_dataloader: bool = _no_effect(False, "no attention mask is ever built: attention is "
+                                                              "causal inside the kernel", **_FLAG)
+    no_mmap_bin_files: bool = _no_effect(False, "the .bin files are always memory-mapped (read lazily, pages shared "
+                                         "between ranks)", **_FLAG)
+    ckpt_format: str | None = _no_effect(None, "checkpoints are DeepSpeed's format; like torch_dist they load "
+                                         "under any TP/PP/DP/ZeRO layout (training/reshard.py)")
+    use_pytorch_profiler: bool = _no_effect(False, "--profile always uses PyTorch's profiler here", **_FLAG)
     use_cpu_initialization: bool = _no_effect(False, "weights are initialised from per-weight seeds on the "
                                               "device, identical to a CPU initialisation", **_FLAG)
 

@@ -26,7 +26,7 @@ from megatron_snm.config.flags import (
     ParallelArgs, SpikeArgs,
 )
 from megatron_snm.data.gpt_dataset import parse_split
-from megatron_snm.model.attention import check_attention_backend
+from megatron_snm.model.attention import SDPA_BACKENDS, check_attention_backend
 from megatron_snm.model.config import GPTConfig, default_ffn_hidden_size
 from megatron_snm.model.presets import MODEL_PRESETS
 from megatron_snm.parallel.dims import ParallelDims
@@ -182,7 +182,11 @@ def _recompute(model: ModelArgs) -> ModelArgs:
                                recompute_num_layers=model.recompute_num_layers or 1)
 
 
-def _attention(model: ModelArgs, params_dtype: torch.dtype) -> ModelArgs:
+def _attention(model: ModelArgs, params_dtype: torch.dtype) -> tuple[ModelArgs, list[str]]:
+    """The attention kernel. A kernel this device does not have at all (PyTorch has no memory-efficient
+    kernel on CPU, so a GPU script's --attention-backend fused) falls back to auto with a note, since the
+    kernel changes the speed, not the result; one the device has but that cannot take this model's head
+    size, dtype or dropout is refused."""
     backend = model.attention_backend
     if model.use_flash_attn:
         if backend not in ("auto", "flash"):
@@ -193,8 +197,15 @@ def _attention(model: ModelArgs, params_dtype: torch.dtype) -> ModelArgs:
         check_attention_backend(backend, device, params_dtype, model.kv_channels,
                                 dropout=model.attention_dropout > 0)
     except ValueError as err:
+        try:  # the plainest case: fp32, head size 64, no dropout
+            check_attention_backend(backend, device, torch.float32, 64, dropout=False)
+        except ValueError:
+            note = (f"--attention-backend {backend} has no effect: {device.type} has no {SDPA_BACKENDS[backend].name}"
+                    " kernel in PyTorch, so PyTorch chooses the kernel (--attention-backend auto); the attention "
+                    "computed is the same")
+            return dataclasses.replace(model, attention_backend="auto"), [note]
         raise ConfigError(str(err)) from None
-    return dataclasses.replace(model, attention_backend=backend)
+    return dataclasses.replace(model, attention_backend=backend), []
 
 
 def _run_length(batch: BatchArgs, seq_length: int) -> tuple[BatchArgs, int]:
@@ -395,7 +406,8 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
             f"--pipeline-model-parallel-size {dims.pipeline}: DeepSpeed's pipeline engine supports ZeRO stages "
             "0 and 1 only")
     params_dtype = torch.bfloat16 if parallel.bf16 else torch.float16 if parallel.fp16 else torch.float32
-    model = _attention(model, params_dtype)
+    model, attention_notes = _attention(model, params_dtype)
+    notes += attention_notes
 
     batch, schedule_samples = _run_length(batch, model.seq_length)
     _positive(exit_interval=batch.exit_interval)
@@ -403,6 +415,11 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
         raise ConfigError(f"--exit-duration-in-mins must be > 0, got {batch.exit_duration_in_mins}")
     if batch.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0, got {batch.num_workers}")
+    if batch.manual_gc_interval < 0:
+        raise ConfigError(f"--manual-gc-interval must be >= 0, got {batch.manual_gc_interval}")
+    if batch.empty_unused_memory_level and not torch.cuda.is_available():
+        notes.append(f"--empty-unused-memory-level {batch.empty_unused_memory_level} has no effect: it empties the "
+                     "CUDA allocator's cache, and this machine has no CUDA device")
     if optim.optimizer != "adam":
         raise ConfigError(f"--optimizer {optim.optimizer} is not supported: the optimizer is Adam with decoupled "
                           "weight decay; use --optimizer adam (or drop the flag)")
@@ -411,6 +428,12 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
     if not 0 <= optim.lr_warmup_init <= optim.lr:
         raise ConfigError(f"--lr-warmup-init ({optim.lr_warmup_init}) must be in [0, --lr ({optim.lr})]")
     optim, lr_schedule = _lr_schedule(optim, batch, schedule_samples, model.seq_length)
+    if optim.decoupled_lr is None and optim.decoupled_min_lr is not None:
+        raise ConfigError("--decoupled-min-lr needs --decoupled-lr (the learning rate of the input embedding and the "
+                          "output layer)")
+    if optim.decoupled_lr is not None and not 0 <= (optim.decoupled_min_lr or 0) <= optim.decoupled_lr:
+        raise ConfigError(f"--decoupled-min-lr ({optim.decoupled_min_lr}) must be in [0, --decoupled-lr "
+                          f"({optim.decoupled_lr})]")
     if optim.override_opt_param_scheduler and optim.use_checkpoint_opt_param_scheduler:
         raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually "
                           "exclusive: take this run's schedule or the checkpoint's")
@@ -423,12 +446,25 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
     if logging_args.tensorboard_queue_size is not None:
         notes.append(f"--tensorboard-queue-size {logging_args.tensorboard_queue_size} has no effect: TensorBoard's "
                      "writer flushes on its own")
+    if logging_args.profile:
+        if not 0 <= logging_args.profile_step_start < logging_args.profile_step_end:
+            raise ConfigError(f"--profile-step-start ({logging_args.profile_step_start}) must be >= 0 and less than "
+                              f"--profile-step-end ({logging_args.profile_step_end})")
+        if not logging_args.tensorboard_dir:
+            raise ConfigError("--profile writes its trace into --tensorboard-dir: give --tensorboard-dir")
     if logging_args.wandb_project:
         if importlib.util.find_spec("wandb") is None:  # an optional dependency
             raise ConfigError("--wandb-project needs the wandb package: pip install wandb (or drop --wandb-project)")
     data = flags.data
     if data.tokenizer_type is None and data.vocab_file and data.merge_file:  # Megatron's scripts rely on this
         data = dataclasses.replace(data, tokenizer_type="GPT2BPETokenizer")
+    if data.mock_data and data.data_path:
+        raise ConfigError("--mock-data trains on synthetic documents, --data-path on a corpus: give one")
+    if data.tokenizer_type == "NullTokenizer" and (data.vocab_size is None or data.vocab_size < 1):
+        raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size N (ids 0..N-1, the end of document N)")
+    if data.vocab_size is not None and data.tokenizer_type != "NullTokenizer":
+        notes.append(f"--vocab-size {data.vocab_size} has no effect: the vocabulary is --tokenizer-type "
+                     f"{data.tokenizer_type}'s (only NullTokenizer takes its size from the flag)")
     if data.data_impl in ("lazy", "cached"):
         raise ConfigError(f"--data-impl {data.data_impl} is not supported: the data is read as Megatron's mmap "
                           ".bin/.idx (what tools/preprocess_data.py writes); give --data-impl mmap or drop it")

@@ -47,9 +47,11 @@ MAX_DOCUMENT_INDEX = 2**31 - 1
 
 
 def parse_split(split: str) -> list[float]:
-    """`--split "969,30,1"` -> normalised train/valid/test weights (missing ones are 0)."""
+    """`--split "969,30,1"` -> normalised train/valid/test weights (missing ones are 0). Quotes around
+    it are ignored: Megatron-LM's own script passes "--split '99,1,0'" through an unquoted bash array,
+    which keeps them, and Megatron reads only the numbers."""
     try:
-        weights = [float(w) for w in re.split(r"[,/]", str(split).strip())]
+        weights = [float(w) for w in re.split(r"[,/]", str(split).strip().strip("'\""))]
     except ValueError:
         raise DataError(f"--split {split!r}: expected up to three numbers such as '969,30,1'") from None
     if len(weights) > len(SPLITS) or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
@@ -343,14 +345,21 @@ and `--data-cache-path` (cache_dir).
     """
     prefixes, weights = parse_data_path(data_path)
     parse_split(split)
-    if len(num_samples) != len(SPLITS) or any(int(n) < 0 for n in num_samples):
-        raise DataError(f"num_samples must be three non-negative counts, got {num_samples}")
-    if seq_length < 1:
-        raise DataError(f"--seq-length must be >= 1, got {seq_length}")
     indexed = [IndexedDataset(p) for p in prefixes]  # every file checked before any work
     if vocab_size is not None:
         for ds in indexed:
             check_vocabulary(ds, vocab_size, cache_dir)
+    return datasets_of(indexed, weights, split, num_samples, seq_length, seed, cache_dir)
+
+
+def datasets_of(indexed: list, weights: list[float], split: str, num_samples: tuple[int, int, int],
+                seq_length: int, seed: int, cache_dir: str | None = None):
+    """(train, valid, test) from opened document sources (IndexedDatasets, or the mock's documents)
+    blended by `weights`; see build_train_valid_test_datasets."""
+    if len(num_samples) != len(SPLITS) or any(int(n) < 0 for n in num_samples):
+        raise DataError(f"num_samples must be three non-negative counts, got {num_samples}")
+    if seq_length < 1:
+        raise DataError(f"--seq-length must be >= 1, got {seq_length}")
     ranges = [split_document_ranges(split, ds.num_documents) for ds in indexed]
     total = sum(weights)
     weights = [w / total for w in weights]

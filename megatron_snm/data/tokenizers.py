@@ -1,10 +1,13 @@
 """Tokenizers for preprocessing: text in, token ids out.
 
-Three kinds, under Megatron-LM's `--tokenizer-type` names:
+Four kinds, under Megatron-LM's `--tokenizer-type` names:
 
     GPT2BPETokenizer        OpenAI's vocab.json + merges.txt, byte-level BPE (tiktoken engine)
-    SentencePieceTokenizer  a SentencePiece `.model` (e.g. one from tools/train_tokenizer.py)
+    SentencePieceTokenizer  a SentencePiece `.model` (e.g. one from tools/train_tokenizer.py);
+                            GPTSentencePieceTokenizer (Megatron-DeepSpeed's Llama scripts) is the
+                            same: the model's own pieces, eod = its eos
     HuggingFaceTokenizer    a `tokenizer.json`, or a directory holding one (Hugging Face tokenizers)
+    NullTokenizer           no text at all (--mock-data): `--vocab-size N` ids plus the eod, N
 
 Every tokenizer has `vocab_size`, `eod` (the id that ends a document), `tokenize(text)`,
 `tokenize_batch(texts)` and `detokenize(ids)`. Calls run single-threaded in the calling
@@ -23,7 +26,8 @@ import numpy as np
 
 from megatron_snm.data.errors import DataError
 
-TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer")
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer",
+                   "NullTokenizer")
 
 
 class Tokenizer(abc.ABC):
@@ -70,7 +74,8 @@ def _reading(path: str, what: str):
         raise DataError(f"{path}: not a valid {what} ({detail[:200]})") from e
 
 
-def build_tokenizer(tokenizer_type: str, vocab_file=None, merge_file=None, tokenizer_model=None) -> Tokenizer:
+def build_tokenizer(tokenizer_type: str, vocab_file=None, merge_file=None, tokenizer_model=None,
+                    vocab_size: int | None = None) -> Tokenizer:
     """The tokenizer named by Megatron's `--tokenizer-type`, checking its files exist first.
     Raises FileNotFoundError for a missing file, DataError (naming it) for one that cannot be
     loaded."""
@@ -84,10 +89,14 @@ def build_tokenizer(tokenizer_type: str, vocab_file=None, merge_file=None, token
 
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(need(vocab_file, "--vocab-file"), need(merge_file, "--merge-file"))
-    if tokenizer_type == "SentencePieceTokenizer":
+    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
         return SentencePieceTokenizer(need(tokenizer_model, "--tokenizer-model"))
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(need(tokenizer_model, "--tokenizer-model"))
+    if tokenizer_type == "NullTokenizer":
+        if vocab_size is None or vocab_size < 1:
+            raise ValueError(f"--tokenizer-type NullTokenizer needs --vocab-size N >= 1, got {vocab_size}")
+        return NullTokenizer(vocab_size)
     raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
 
 
@@ -211,6 +220,28 @@ class SentencePieceTokenizer(Tokenizer):
 
     def detokenize(self, ids) -> str:
         return self._sp.decode(list(ids))
+
+
+class NullTokenizer(Tokenizer):
+    """Megatron-LM's NullTokenizer: no vocabulary file, ids written as decimal text. `--vocab-size N`
+    counts the ids before the end of document, which is id N, so the vocabulary is N + 1."""
+
+    def __init__(self, vocab_size: int):
+        self._eod = int(vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._eod + 1
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def tokenize(self, text: str) -> list[int]:
+        return [int(x) for x in text.split()]
+
+    def detokenize(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
 
 
 # Names models use for their end-of-text token, tried in order when no tokenizer_config.json says.

@@ -64,7 +64,8 @@ class TrainEngine:
         ds_config = dict(ds_config, gradient_clipping=0.0) if own_norm else ds_config
         optim = run.optim
         self.optimizer = GatedAdamW(
-            param_groups(module, optim.weight_decay, decay_embeddings=not optim.no_weight_decay_embeddings),
+            param_groups(module, optim.weight_decay, decay_embeddings=not optim.no_weight_decay_embeddings,
+                         decoupled_lr=optim.decoupled_lr is not None),
             measure_grad_norm=own_norm, clip_grad=optim.clip_grad, lr=optim.lr,
             betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps,
             fused=True,  # torch's fused AdamW exists for CPU and CUDA; on CPU ~3x faster than foreach
@@ -80,9 +81,10 @@ class TrainEngine:
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.faults.scale_loss(gpt_loss(logits, labels))
 
-    def set_lr(self, lr: float) -> None:
+    def set_lr(self, lr: float, decoupled_lr: float | None = None) -> None:
+        """`lr` for every group; `decoupled_lr` (if given) for the --decoupled-lr groups."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = decoupled_lr if decoupled_lr is not None and group.get("decoupled_lr") else lr
 
     def loss_scale(self) -> float:
         return float(getattr(self.ds.optimizer, "loss_scale", 1.0)) if self.fp16 else 1.0

@@ -8,6 +8,7 @@ constant at --min-lr. A checkpoint's iteration number restores it exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -49,3 +50,13 @@ def lr_schedule(run) -> LRSchedule:
     optim, lengths = run.optim, run.lr_schedule
     return LRSchedule(optim.lr, optim.min_lr, lengths.warmup, lengths.decay, optim.lr_decay_style,
                       optim.lr_warmup_init)
+
+
+def decoupled_lr_schedule(schedule: LRSchedule, run) -> LRSchedule | None:
+    """--decoupled-lr: the input embedding's and output layer's schedule, the same shape with its own
+    peak and floor (Megatron: the floor stays --min-lr unless --decoupled-min-lr is given)."""
+    optim = run.optim
+    if optim.decoupled_lr is None:
+        return None
+    floor = optim.decoupled_min_lr if optim.decoupled_min_lr is not None else optim.min_lr
+    return dataclasses.replace(schedule, max_lr=optim.decoupled_lr, min_lr=floor)

@@ -16,31 +16,40 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_snm.model.embedding import GPTEmbedding, TiedOutputLayer
+from megatron_snm.model.embedding import GPTEmbedding, TiedOutputLayer, UntiedOutputLayer
 from megatron_snm.parallel import state
 from megatron_snm.tensor_parallel.utils import is_tensor_parallel
 from megatron_snm.training.spikes import UpdateGate
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
-    """Two groups: with weight decay (matrices) and without (biases, norms, optionally embeddings)."""
-    embeddings = set()
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True,
+                 decoupled_lr: bool = False) -> list[dict]:
+    """Two groups: with weight decay (matrices) and without (biases, norms, optionally embeddings).
+    With `decoupled_lr` (Megatron's --decoupled-lr), the input embedding's and the output layer's token
+    tables go to groups of their own, marked `decoupled_lr=True`, whose learning rate the trainer sets
+    apart (TrainEngine.set_lr)."""
+    embeddings, tables = set(), set()  # tables: what Megatron marks is_embedding_or_output_parameter
     for module in model.modules():
         if isinstance(module, GPTEmbedding):
             embeddings.update(id(p) for p in (module.word_embeddings.weight, module.position_embeddings)
                               if p is not None)
+            tables.add(id(module.word_embeddings.weight))
         elif isinstance(module, TiedOutputLayer):
             embeddings.add(id(module.word_embeddings.weight))
-    decay, no_decay = [], []
+            tables.add(id(module.word_embeddings.weight))
+        elif isinstance(module, UntiedOutputLayer):
+            tables.add(id(module.weight))
+    groups: dict[tuple[bool, bool], list] = {}
     for param in model.parameters():
         if not param.requires_grad:
             continue
         # A ZeRO-3 parameter built partitioned holds an empty placeholder; its real shape is ds_shape.
         ndim = len(getattr(param, "ds_shape", param.shape))
         exempt = ndim < 2 or (not decay_embeddings and id(param) in embeddings)
-        (no_decay if exempt else decay).append(param)
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return [g for g in groups if g["params"]]  # DeepSpeed's ZeRO cannot flatten an empty group
+        groups.setdefault((not exempt, decoupled_lr and id(param) in tables), []).append(param)
+    # DeepSpeed's ZeRO cannot flatten an empty group, so only the groups that hold parameters.
+    return [dict(params=params, weight_decay=weight_decay if decay else 0.0, decoupled_lr=decoupled)
+            for (decay, decoupled), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
 def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:

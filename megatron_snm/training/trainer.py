@@ -40,8 +40,10 @@ from megatron_snm.training.data import micro_batches
 from megatron_snm.training.engine import TrainEngine
 from megatron_snm.training.exit_conditions import ExitConditions
 from megatron_snm.training.fault_injection import FaultInjection
-from megatron_snm.training.lr_schedule import LRSchedule, lr_schedule
+from megatron_snm.training.housekeeping import Housekeeping
+from megatron_snm.training.lr_schedule import LRSchedule, decoupled_lr_schedule, lr_schedule
 from megatron_snm.training.metrics import TrainingMetrics, model_flops_per_token
+from megatron_snm.training.profiler import StepProfiler
 from megatron_snm.training.skip_ledger import LEDGER, append_ledger, ledger_iterations, read_ledger
 from megatron_snm.training.spikes import SpikePolicy
 
@@ -88,6 +90,12 @@ class Trainer:
         self.callbacks = [StabilityCallback(self.engine.model, self.metrics, run.logging.log_stability_interval,
                                             spike.spike_factor),
                           self.metrics]
+        logging = run.logging
+        self.profiler = StepProfiler(logging.tensorboard_dir, logging.profile_step_start, logging.profile_step_end,
+                                     dist.get_rank()) \
+            if logging.profile and dist.get_rank() in (logging.profile_ranks or [0]) else None
+        self.callbacks += [self.profiler] if self.profiler else []
+        self.housekeeping = Housekeeping(run.batch)
         self.iteration = 0
         self.consumed_samples = 0
         gbs = run.batch.global_batch_size
@@ -107,10 +115,14 @@ class Trainer:
         """Trains on the next global batch of `batches` and books it."""
         it = self.iteration + 1
         samples_after = self.consumed_samples + self.run.batch.global_batch_size
-        lr = self.schedule(samples_after * self.run.lr_schedule.per_sample)
+        progress = samples_after * self.run.lr_schedule.per_sample
+        lr = self.schedule(progress)
+        decoupled = decoupled_lr_schedule(self.schedule, self.run)
+        decoupled_lr = decoupled(progress) if decoupled else None
         if it <= self.lr_scaled_until:  # after a rollback
             lr *= self.run.spike.rollback_lr_factor
-        self.engine.set_lr(lr)
+            decoupled_lr = decoupled_lr * self.run.spike.rollback_lr_factor if decoupled else None
+        self.engine.set_lr(lr, decoupled_lr)
         for callback in self.callbacks:
             callback.pre_step(it)
         spike_mean = self.policy.running_mean()
@@ -130,6 +142,7 @@ class Trainer:
                             spike_mean, self.policy.grad_norm_spikes_total, step_time, optimizer_states)
         for callback in self.callbacks:
             callback.post_step(report)
+        self.housekeeping.after_step(it)
         return report
 
     # --- the loop -----------------------------------------------------------------------------
@@ -141,7 +154,8 @@ class Trainer:
     def _evaluate(self, dataset, where: str, tag: str) -> float:
         started = time.perf_counter()
         batches = self._batches(dataset, 0, self.run.eval.eval_iters * self.run.batch.global_batch_size)
-        loss = self.engine.evaluate(batches, self.run.eval.eval_iters)
+        with self.housekeeping.evaluation():
+            loss = self.engine.evaluate(batches, self.run.eval.eval_iters)
         self.metrics.evaluation(where, loss, self.iteration, tag)
         self.metrics.timer("evaluate-time", time.perf_counter() - started, self.iteration)
         return loss
@@ -238,8 +252,12 @@ class Trainer:
         try:
             with ExitConditions(batch.exit_interval, batch.exit_duration_in_mins, batch.exit_signal_handler,
                                 self.start_time) as exits:
+                self.housekeeping.start()
                 return self._train(datasets, exits)
         finally:
+            self.housekeeping.close()
+            if self.profiler is not None:
+                self.profiler.close()
             if lock is not None:
                 lock.release()
 
