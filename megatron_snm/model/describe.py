@@ -90,9 +90,6 @@ class ModelDescription:
         """The dimension along which tensor parallelism splits weight `name`, None if replicated."""
         return self.weight(name).split_dim
 
-    def split_dims(self) -> dict[str, int | None]:
-        return {name: w.split_dim for name, w in self.weights.items()}
-
     def vocabulary_tables(self) -> list[str]:
         """The weights with one row per (padded) vocabulary entry: the token table, an untied output table."""
         return [w.name for w in self.weights.values() if w.vocabulary]
@@ -145,11 +142,6 @@ class ModelDescription:
     def total_parameters(self) -> int:
         """The model's parameters, each weight once."""
         return sum(w.numel for w in self.weights.values())
-
-    def layer_parameters(self, layer: int, tensor_parallel: int | None = None) -> int:
-        """One pipeline layer's parameter elements on one TP rank (a tied copy included)."""
-        tp = self.tensor_parallel_size if tensor_parallel is None else tensor_parallel
-        return sum(w.local_numel(tp) for w in self.weights.values() if w.layer == layer or layer in w.copies)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token, forward + backward (twice the forward), no recompute: 3 x (2 x the
