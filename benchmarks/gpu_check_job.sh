@@ -24,7 +24,7 @@ for gpt2 in ${MEGATRON_SNM_GPT2_DIR:-} "$REPO/../shared/data/gpt2" "$REPO/shared
 done
 if ((${#tokenizer[@]} == 0)); then
     echo "no GPT-2 vocab.json/merges.txt found: a SentencePiece tokenizer trained on the sample instead"
-    "$PYTHON" tools/train_tokenizer.py --input "$sample" --model-prefix "$work/tokenizer" --vocab-size 2000
+    "$PYTHON" tools/train_tokenizer.py --input "$sample" --model-prefix "$work/tokenizer" --vocab-size 2000 --overwrite
     tokenizer=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$work/tokenizer.model")
 fi
 "$PYTHON" tools/preprocess_data.py --input "$sample" --output-prefix "$work/sample" "${tokenizer[@]}" --overwrite \

@@ -395,7 +395,12 @@ def parse_bytes(text: str) -> int:
 
 
 def human(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    """A size in the largest binary unit up to GiB that keeps it >= 1 (never '0.0 MiB' for 500 bytes)."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n:.0f} bytes"
 
 
 def format_table(estimate: MemoryEstimate) -> str:

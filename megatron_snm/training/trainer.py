@@ -226,7 +226,9 @@ class Trainer:
         dist.all_reduce(total)
         if dist.get_rank() == 0:
             try:
-                lock = claim_save_dir(ckpt.save, ckpt.load, int(total))
+                # Where the run starts when the user chose it, rather than the newest checkpoint.
+                start = 0 if ckpt.finetune else ckpt.load_iteration
+                lock = claim_save_dir(ckpt.save, ckpt.load, int(total), start, ckpt.overwrite_newer_checkpoints)
             except CheckpointError as err:
                 error = str(err)
         box = [error]
