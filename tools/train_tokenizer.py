@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -113,10 +114,13 @@ def train(args) -> SkipLog:
                 num_threads=args.workers,
                 minloglevel=2,
             )
-        except RuntimeError:
+        except RuntimeError as err:
             if counted[0] == 0:  # SentencePiece's own words for it: "INTERNAL: ... [!sentences_.empty()]"
                 raise ValueError(no_text_message(files, args.json_keys, skipped)) from None
-            raise
+            # "INTERNAL: src/trainer_interface.cc(638) [condition] What happened." -> what happened.
+            said = re.sub(r"^INTERNAL: \S+ \[.*?\] ", "", str(err).strip())
+            raise ValueError(f"SentencePiece refused --vocab-size {args.vocab_size} on this input: {said}"
+                             if "vocab_size" in said else f"SentencePiece: {said}") from None
         for ext in (".model", ".vocab"):
             os.replace(tmp_prefix + ext, args.model_prefix + ext)
     finally:
@@ -138,9 +142,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         skipped = train(args)
-    except (ValueError, RuntimeError) as e:  # sentencepiece reports bad settings as RuntimeError
+    except (ValueError, RuntimeError) as e:  # sentencepiece reports bad settings as RuntimeError; status 2 as
+        # the other tools give for bad input
         print(f"train_tokenizer.py: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"[train_tokenizer] wrote {args.model_prefix}.model ({args.vocab_size:,} pieces, {args.model_type}) "
           f"in {time.perf_counter() - start:.1f} s; skipped {skipped.total} line(s)", file=sys.stderr)
     for line in skipped.lines():
