@@ -155,6 +155,6 @@ def test_import_never_replaces_a_checkpoint_directory(trained_checkpoints, tmp_p
     capsys.readouterr()
     assert convert.main(["--from", "hf", "--input", str(tmp_path / "hf"), "--save", str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
-    assert "iter_0000000 already exists" in err and err.count("\n") == 1
+    assert "iter_0000000 already exists; import into a new directory" in err and err.count("\n") == 1
     assert os.listdir(tmp_path / "ckpt") == ["iter_0000000"]
     assert (tmp_path / "ckpt" / "iter_0000000" / "mine.pt").read_text() == "the user's"

@@ -118,3 +118,17 @@ def test_sweep_refuses_a_bad_run_configuration(sample_data, tmp_path):
                     tmp_path / "sweep", "--quick", check=False)
     assert proc.returncode == 2 and "was refused (exit status 2)" in proc.stderr
     assert "missing.bin does not exist" in proc.stderr
+
+
+def test_gradient_attribution_counts_the_final_layernorm():
+    """The sweep's case: the final LayerNorm holds 96% of the gradient norm squared; the rest is the
+    embedding's 3% and the blocks' 1%. The largest share decides, not embedding against blocks."""
+    from megatron_snm.training.run_history import gradient_attribution
+
+    figures = {"grad_norm/embedding": math.sqrt(3.0), "grad_norm/layer_01": math.sqrt(0.5),
+               "grad_norm/layer_02": math.sqrt(0.5), "grad_norm/final_norm": math.sqrt(96.0)}
+    got = gradient_attribution(figures)
+    assert got["source"] == "final_norm" and got["final_norm_share"] == pytest.approx(0.96)
+    assert got["embedding_share"] == pytest.approx(0.03) and got["largest_block"] in ("layer_01", "layer_02")
+    assert gradient_attribution({**figures, "grad_norm/final_norm": 0.0})["source"] == "embedding"
+    assert gradient_attribution({"grad_norm/embedding": 0.1, "grad_norm/layer_01": 1.0})["source"] == "blocks"

@@ -57,6 +57,11 @@ def check_new_directory(flag: str, path: str) -> None:
         raise ValueError(f"{flag} {path} exists and is not a directory; remove it or choose another directory")
     if os.path.isdir(path) and os.listdir(path):
         raise ValueError(f"{flag} {path} exists and is not empty; remove it or choose another directory")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"{flag} {path}: {ancestor} is not a directory")
 
 
 def export(args) -> None:
@@ -70,9 +75,10 @@ def export(args) -> None:
               "tokenizer files (give --tokenizer-type and its files to include them)", file=sys.stderr)
     try:
         export_to_hf(ckpt, args.output, tokenizer, DTYPES[args.dtype] if args.dtype else None, args.max_shard_size)
-    except FileExistsError:  # something appeared at --output while we wrote: left as it is
-        check_new_directory("--output", args.output)
-        raise
+    except OSError as err:  # nothing of ours is left; what is at --output is as it was
+        check_new_directory("--output", args.output)  # something appeared there while we wrote
+        raise ValueError(f"--output {args.output}: cannot write it ({err.strerror}"
+                         f"{': ' + err.filename if err.filename else ''})") from None
     mode = ckpt.gpt_config().embedding_norm
     print(f"convert_checkpoint.py: wrote {args.output} from {ckpt.directory} (iteration {ckpt.iteration}, "
           f"embedding norm {mode}) in {time.perf_counter() - start:.1f} s"
