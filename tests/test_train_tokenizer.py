@@ -38,7 +38,11 @@ def test_an_existing_tokenizer_is_replaced_only_with_overwrite(tool, tmp_path, c
     err = capsys.readouterr().err
     assert "refused --vocab-size 300 on this input: Vocabulary size is smaller than required_chars" in err
     assert "INTERNAL" not in err and err.count("\n") == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sp.model", "sp.vocab"]  # no temporary left
+    (tmp_path / "file").write_text("the user's")  # a --model-prefix whose directory is a file
+    assert tool.main(["--input", str(TRAIN), "--model-prefix", str(tmp_path / "file" / "sp")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create" in err and err.count("\n") == 1 and (tmp_path / "file").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "sp.model", "sp.vocab"]  # no temporary left
 
 
 @pytest.mark.parametrize("content, reason", [

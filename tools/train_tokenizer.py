@@ -89,7 +89,12 @@ def train(args) -> SkipLog:
 
     files = expand_inputs(args.input)
     check_output(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.model_prefix)), exist_ok=True)
+    directory = os.path.dirname(os.path.abspath(args.model_prefix))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--model-prefix {args.model_prefix}: cannot create {directory} ({err.strerror}: "
+                         f"{err.filename})") from None
     tmp_prefix = f"{args.model_prefix}.tmp-{os.getpid()}"
     skipped = SkipLog()
     counted = [0]

@@ -101,7 +101,8 @@ def claim_save_dir(save: str, load: str | None, bytes_needed: int, older_start: 
         free = shutil.disk_usage(save).free
         if free < bytes_needed:
             raise CheckpointError(f"--save {save}: {human(free)} free, a checkpoint of this run needs about "
-                                  f"{human(bytes_needed)}: free space or give another --save")
+                                  f"{human(bytes_needed)} ({human(bytes_needed - free)} more): free space or give "
+                                  "another --save")
     except BaseException:
         lock.release()
         raise
