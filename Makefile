@@ -29,8 +29,9 @@ build: $(STAMP)
 nvcc-check:
 	bash tools/check_cuda_kernels.sh
 
+# On a machine whose torch sees a GPU, the tests marked `cuda` run too (pytest --cuda).
 test: setup nvcc-check
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $$($(PY) -c 'import torch; print("--cuda" if torch.cuda.is_available() else "")')
 
 demo: setup
 	bash examples/pretrain_gpt_tiny_cpu.sh

@@ -14,6 +14,8 @@
 #
 #   bash benchmarks/gpu_check.sh
 #   DEVICE=cpu bash benchmarks/gpu_check.sh      # the same steps, tiny, on CPU (a dry run of this script)
+#   SKIP_STEPS="build" ...                       # leave out steps by name (the test suite runs the CPU dry
+#                                                # run this way: tests/test_gpu_check.py)
 # Wheels for step 1, prepared on a machine with the registry: bash benchmarks/gpu_wheels.sh
 # Step 6 is benchmarks/gpu_check_job.sh.
 set -uo pipefail
@@ -32,6 +34,11 @@ FAILED=0
 step() {
     local name=$1 limit=$2 start rc
     shift 2
+    if [[ " ${SKIP_STEPS:-} " == *" $name "* ]]; then
+        SUMMARY+=("$name: skipped (SKIP_STEPS)")
+        echo "== $name: skipped (SKIP_STEPS)"
+        return
+    fi
     start=$(date +%s)
     echo "== $name: $*"
     timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
@@ -80,7 +87,7 @@ step pytest_cuda 120 "$PYTHON" -m pytest -q -p no:cacheprovider "${PYTEST_CUDA[@
     tests/test_layer_norm.py tests/test_rms_norm.py tests/test_model_cuda.py
 for norm in layer_norm rms_norm; do
     step "${norm}_bench" 90 "$PYTHON" "benchmarks/$norm.py" --device "$DEVICE" \
-        $([[ "$DEVICE" == cpu ]] && echo --repeats 1)
+        $([[ "$DEVICE" == cpu ]] && echo --repeats 1 --warmup 0 --min-seconds 0)
 done
 
 if [[ "$DEVICE" == cuda ]]; then

@@ -24,15 +24,21 @@ for gpt2 in ${MEGATRON_SNM_GPT2_DIR:-} "$REPO/../shared/data/gpt2" "$REPO/shared
 done
 if ((${#tokenizer[@]} == 0)); then
     echo "no GPT-2 vocab.json/merges.txt found: a SentencePiece tokenizer trained on the sample instead"
-    "$PYTHON" tools/train_tokenizer.py --input "$sample" --model-prefix "$work/tokenizer" --vocab-size 2000
+    "$PYTHON" tools/train_tokenizer.py --input "$sample" --model-prefix "$work/tokenizer" --vocab-size 2000 --overwrite
     tokenizer=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$work/tokenizer.model")
 fi
 "$PYTHON" tools/preprocess_data.py --input "$sample" --output-prefix "$work/sample" "${tokenizer[@]}" --overwrite \
     --append-eod --workers 4
 
+# 85,10,5 leaves the 21-document sample 2 validation documents (and 1 test): the run validates on
+# documents it never trained on (98,1,1 left validation none, which a run asking for --eval-iters refuses).
 torchrun --nproc-per-node 1 --master-port "${MASTER_PORT:-29531}" pretrain_gpt.py "$@" \
     --init-method small --embedding-norm layernorm --zero-stage 0 \
     --micro-batch-size "$micro" --global-batch-size "$micro" --train-iters "$steps" \
     --lr 5e-4 --min-lr 5e-5 --lr-warmup-iters $((steps / 5)) --lr-decay-style cosine --clip-grad 1.0 \
-    --data-path "$work/sample_text_document" --split 98,1,1 --data-cache-path "$work/index-cache" \
-    "${tokenizer[@]}" --log-interval $((steps >= 10 ? 5 : 1)) --eval-interval "$steps" --eval-iters 1
+    --data-path "$work/sample_text_document" --split 85,10,5 --data-cache-path "$work/index-cache" \
+    "${tokenizer[@]}" --log-interval $((steps >= 10 ? 5 : 1)) --eval-interval "$steps" --eval-iters 1 \
+    2>&1 | tee "$work/pretrain_gpt.log"
+# A run that exits 0 yet never reached its last iteration or its validation is a failed check.
+grep -q "iteration *$steps/ *$steps " "$work/pretrain_gpt.log" || { echo "gpu_check_job: no log line of iteration $steps"; exit 1; }
+grep -q "validation loss" "$work/pretrain_gpt.log" || { echo "gpu_check_job: no validation loss line"; exit 1; }

@@ -13,9 +13,12 @@
 # Environment: NNODES, GPUS_PER_NODE, HOSTFILE, MASTER_ADDR (deepspeed: default the hostfile's first
 # host), MASTER_PORT, NODE_RANK, PYTHON. The job runs in the repository root: relative paths
 # (DATA_PREFIX, VOCAB, RUN_DIR, ...) are relative to it.
-# DRY_RUN=1 prints the world size and the command instead of running it (the tests read it).
+# DRY_RUN=1 prints the world size and the command instead of running it (the tests read it); the
+# command's words are quoted only where the shell needs it, so `$(...)` of its flags can be pasted
+# into another command (the "will it fit?" recipe in examples/README.md).
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$REPO/examples/help.sh"
 LAUNCHER="${LAUNCHER:-deepspeed}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
@@ -70,8 +73,7 @@ launch() {
     esac
     if [[ "${DRY_RUN:-0}" == 1 ]]; then
         echo "# world size $world ($NNODES nodes x $GPUS_PER_NODE GPUs)"
-        printf '%q ' "${cmd[@]}" "$@"
-        echo
+        shell_words "${cmd[@]}" "$@"
         return 0
     fi
     cd "$REPO"

@@ -3,6 +3,20 @@
 # every size, then the launch (examples/launch.sh).
 # Adam's beta2, weight decay, clipping, warm-up and the training length are not the paper's
 # figures but GPT-3's / Megatron-LM's (each is an environment variable).
+#
+# Variables (default): LR (5e-4; 1e-3 the large rate), MIN_LR (1e-5), EMBEDDING_NORM (layernorm;
+# none|scaled|detach for the baselines), TRAIN_ITERS (50000), WARMUP_ITERS (2000), ADAM_BETA2 (0.95),
+# WEIGHT_DECAY (0.1), GLOBAL_BATCH (528), MICRO_BATCH (the largest up to the script's that splits the
+# global batch over the data-parallel ranks), TP, PP, ZERO (1), DS_CONFIG (examples/ds_zeroZERO.json),
+# DATA_PREFIX (data/c4/c4_text_document), VOCAB, MERGES (data/gpt2/vocab.json, merges.txt), RUN_DIR
+# (runs/gpt_SIZE_lrLR_EMBEDDING_NORM: checkpoints, resumed from if present, and TensorBoard),
+# EXTRA_ARGS (more pretrain_gpt.py flags), DRY_RUN=1 (print the command, launch nothing).
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    source "$(dirname "${BASH_SOURCE[0]}")/help.sh"
+    usage_or_refuse_arguments "${BASH_SOURCE[0]}" -- "$@"
+    echo "error: examples/paper_recipe.sh is sourced by pretrain_gpt_{350m,1.7b,13b}.sh; run one of those" >&2
+    exit 2
+fi
 source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
 
 ZERO="${ZERO:-1}"

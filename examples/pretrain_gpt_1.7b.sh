@@ -13,6 +13,9 @@
 #   NNODES=2 HOSTFILE=examples/hostfile.example bash examples/pretrain_gpt_1.7b.sh
 # Data: see examples/README.md (tools/preprocess_data.py over C4).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/help.sh"
+usage_or_refuse_arguments "${BASH_SOURCE[0]}" "$(dirname "${BASH_SOURCE[0]}")/paper_recipe.sh" \
+    "$(dirname "${BASH_SOURCE[0]}")/launch.sh" -- "$@"
 MODEL_SIZE=1.7b
 NNODES="${NNODES:-1}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"

@@ -13,6 +13,9 @@
 #   NNODES=8 HOSTFILE=hosts bash examples/pretrain_gpt_13b.sh          # DP=8, 66 accumulation steps
 # Data: see examples/README.md (tools/preprocess_data.py over C4).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/help.sh"
+usage_or_refuse_arguments "${BASH_SOURCE[0]}" "$(dirname "${BASH_SOURCE[0]}")/paper_recipe.sh" \
+    "$(dirname "${BASH_SOURCE[0]}")/launch.sh" -- "$@"
 MODEL_SIZE=13b
 NNODES="${NNODES:-4}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"

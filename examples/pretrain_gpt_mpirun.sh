@@ -8,6 +8,9 @@
 #   MODEL_SIZE=350m bash examples/pretrain_gpt_mpirun.sh                 # one node, 8 GPUs
 # Every other variable of the size's script (LR, EMBEDDING_NORM, TP, PP, ZERO, ...) applies.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/help.sh"
+usage_or_refuse_arguments "${BASH_SOURCE[0]}" "$(dirname "${BASH_SOURCE[0]}")/paper_recipe.sh" \
+    "$(dirname "${BASH_SOURCE[0]}")/launch.sh" -- "$@"
 MODEL_SIZE="${MODEL_SIZE:-1.7b}"
 script="$(dirname "${BASH_SOURCE[0]}")/pretrain_gpt_${MODEL_SIZE}.sh"
 if [[ ! -f "$script" ]]; then

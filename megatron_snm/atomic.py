@@ -3,6 +3,11 @@ directory.
 
     write_atomically(path, b"...")                  # or a callable that writes to the open file
     publish_together([(bin_tmp, bin), (idx_tmp, idx)])   # a set of files, the last one decisive
+    publish_directory(tmp_dir, final_dir)           # a directory of files, as one
+
+Every published file gets the mode a plain `open` would give it (0666 less the umask), whatever
+wrote the temporary: libraries that write through a private temporary file (safetensors does)
+leave it 0600, which a serving account could not read.
 
 A temporary is named `<final name>.tmp-<host>-<pid>-<random>`, so a later run can tell one left
 by a dead process (same host, pid gone: `clear_stale_temporaries` removes it) from one still
@@ -45,6 +50,25 @@ def fsync_file(path: str) -> None:
         os.close(fd)
 
 
+def default_file_mode() -> int:
+    """0666 less the process's umask: the mode `open(path, "w")` creates a file with."""
+    try:
+        with open("/proc/self/status") as f:  # reads the umask without changing it (Linux >= 4.7)
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def give_default_mode(path: str) -> None:
+    """Sets a temporary file's permission bits to default_file_mode() before it is published."""
+    os.chmod(path, default_file_mode())
+
+
 def write_atomically(path: str, content: bytes | str | Callable) -> None:
     """Writes `content` (bytes, text, or a callable given the open binary file) to `path`:
     readers see the old file or the whole new one, never a part; no temporary is left behind."""
@@ -59,6 +83,7 @@ def write_atomically(path: str, content: bytes | str | Callable) -> None:
                 f.write(content.encode() if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
+        give_default_mode(tmp)
         os.replace(tmp, path)
         fsync_dir(directory)
     finally:
@@ -77,6 +102,7 @@ def publish_together(renames: Sequence[tuple[str, str]], replace: bool = True) -
     it is touched: hard links make "create unless present" atomic.
     """
     for tmp, _ in renames:
+        give_default_mode(tmp)
         fsync_file(tmp)
     if replace:
         decisive = renames[-1][1]
@@ -88,6 +114,29 @@ def publish_together(renames: Sequence[tuple[str, str]], replace: bool = True) -
         _link_all_or_none(renames)
     for directory in {os.path.dirname(os.path.abspath(final)) for _, final in renames}:
         fsync_dir(directory)
+
+
+def publish_directory(tmp_dir: str, final_dir: str) -> None:
+    """Renames the complete directory `tmp_dir` (written by this process) onto `final_dir`, which
+    must not exist or be an empty directory: nothing the user had is replaced. Every file in it
+    gets default_file_mode() and is fsynced first. Raises FileExistsError, touching nothing, when
+    `final_dir` holds anything (or is a file or a symbolic link)."""
+    for root, _, files in os.walk(tmp_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                give_default_mode(path)
+                fsync_file(path)
+        fsync_dir(root)
+    if os.path.islink(final_dir) or (os.path.lexists(final_dir) and not os.path.isdir(final_dir)):
+        raise FileExistsError(errno.EEXIST, "exists and is not a directory", final_dir)
+    try:
+        os.rename(tmp_dir, final_dir)  # onto an empty directory or nothing; ENOTEMPTY otherwise
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, "exists and is not empty", final_dir) from None
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(final_dir)))
 
 
 def _link_all_or_none(renames: Sequence[tuple[str, str]]) -> None:

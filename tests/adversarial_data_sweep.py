@@ -11,8 +11,6 @@ counts as a JSON line. Not collected by pytest (the classes have their own tests
 """
 from __future__ import annotations
 
-import argparse
-import collections
 import gzip
 import json
 import os
@@ -24,7 +22,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -35,6 +32,7 @@ from megatron_snm.data.errors import DataError
 from megatron_snm.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
 from megatron_snm.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron_snm.training.data import micro_batches
+from tests.sweep_runner import run_sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GPT2 = pathlib.Path(os.environ.get("MEGATRON_SNM_GPT2_DIR", REPO.parent / "shared" / "data" / "gpt2"))
@@ -587,24 +585,7 @@ def _(work):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work-dir", default=None, help="scratch directory (default: a temporary one)")
-    args = p.parse_args()
-    root = pathlib.Path(args.work_dir or tempfile.mkdtemp(prefix="data_sweep_"))
-    counts = collections.Counter()
-    for k, (name, fn) in enumerate(CASES):
-        work = root / f"case{k:02d}"
-        work.mkdir(parents=True, exist_ok=True)
-        start = time.monotonic()
-        try:
-            outcome, detail = fn(work)
-        except Exception as e:  # the sweep itself tripped: count it against us
-            outcome, detail = "traceback", f"{type(e).__name__}: {e}"
-        counts[outcome] += 1
-        print(f"{outcome:13s} {time.monotonic() - start:5.1f}s  {name}: {detail}", flush=True)
-    shutil.rmtree(root, ignore_errors=True)
-    print(json.dumps({"cases": sum(counts.values()), **counts}))
-    return 0
+    return run_sweep(CASES, __doc__.split("\n")[0], "data_sweep_")
 
 
 if __name__ == "__main__":

@@ -108,3 +108,49 @@ def test_publish_without_replace_never_clobbers_and_leaves_nothing_half_done(tmp
     (tmp_path / "d.idx").unlink()
     atomic.publish_together(renames, replace=False)
     assert sorted(os.listdir(tmp_path)) == ["d.bin", "d.idx"] and (tmp_path / "d.idx").read_bytes() == b"ours"
+
+
+def test_published_files_get_the_umask_mode_whatever_wrote_them(tmp_path):
+    """A library that writes through a private temporary (safetensors: mode 0600) must not leave a
+    published file unreadable to others: publishing gives 0666 less the umask, as open() would."""
+    old = os.umask(0o022)
+    try:
+        private = tmp_path / "a.tmp-x"
+        private.write_bytes(b"weights")
+        private.chmod(0o600)
+        atomic.publish_together([(str(private), str(tmp_path / "a"))])
+        assert (tmp_path / "a").stat().st_mode & 0o777 == 0o644
+        atomic.write_atomically(str(tmp_path / "b"), b"x")
+        assert (tmp_path / "b").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        assert atomic.default_file_mode() == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_publish_directory_never_replaces_what_is_there(tmp_path):
+    def written(name):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"w")
+        (d / "model.safetensors").chmod(0o600)
+        return d
+
+    atomic.publish_directory(str(written("t1")), str(tmp_path / "out"))  # onto nothing
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~atomic_umask()
+    (tmp_path / "empty").mkdir()
+    atomic.publish_directory(str(written("t2")), str(tmp_path / "empty"))  # onto an empty directory
+    assert (tmp_path / "empty" / "model.safetensors").exists()
+    (tmp_path / "file").write_text("the user's")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    for taken in ("out", "file", "link"):  # a directory with files, a file, a symbolic link
+        with pytest.raises(FileExistsError):
+            atomic.publish_directory(str(written(f"t-{taken}")), str(tmp_path / taken))
+        assert (tmp_path / f"t-{taken}").is_dir()  # the caller's temporary is left for it to remove
+    assert (tmp_path / "file").read_text() == "the user's" and os.readlink(tmp_path / "link") == str(tmp_path / "elsewhere")
+
+
+def atomic_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -160,3 +161,83 @@ def test_slurm_batch_script(tmp_path, monkeypatch):
     assert ranks.stdout.strip() == "9/16/1"
     assert "--exit-signal-handler" in argv
     accepted(argv, world, monkeypatch)
+
+
+# --- A newcomer pokes at the examples: --help, DRY_RUN, the README's recipe --------------------------
+
+LAUNCH_EXAMPLES = [s for s in SCRIPTS if s.startswith("pretrain_gpt_")]
+LAUNCH_COMMANDS = ("deepspeed", "torchrun", "mpirun", "srun", "python", "sbatch", "scontrol")
+
+
+def recording_path(tmp_path: Path) -> tuple[dict, Path]:
+    """An environment whose launchers (and python) only record that they were called, in `calls`."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    for name in LAUNCH_COMMANDS:
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\n')
+        (bin_dir / name).chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS and not k.startswith("SLURM_")}
+    return {**clean, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"),
+            "DEEPSPEED": str(bin_dir / "deepspeed"), "HOSTFILE": str(EXAMPLES / "hostfile.example")}, calls
+
+
+@pytest.mark.parametrize("script", LAUNCH_EXAMPLES)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_usage_and_launches_nothing(script, flag, tmp_path):
+    env, calls = recording_path(tmp_path)
+    out = subprocess.run(["bash", str(EXAMPLES / script), flag], env={**env, "OUT": str(tmp_path / "out")},
+                         capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert not calls.exists(), calls.read_text()
+    assert not (tmp_path / "out").exists()
+    # What it launches and its variables.
+    assert re.search(r"deepspeed|srun|mpirun", out.stdout), out.stdout
+    for variable in (("OUT", "TRAIN_ITERS", "DRY_RUN") if "tiny" in script else ("LR", "EMBEDDING_NORM", "DRY_RUN", "NNODES")):
+        assert variable in out.stdout, (variable, out.stdout)
+
+
+@pytest.mark.parametrize("script", LAUNCH_EXAMPLES)
+def test_an_argument_is_refused_and_launches_nothing(script, tmp_path):
+    env, calls = recording_path(tmp_path)
+    out = subprocess.run(["bash", str(EXAMPLES / script), "--train-iters", "10"], env=env, capture_output=True,
+                         text=True, timeout=30, cwd=tmp_path)
+    assert out.returncode == 2 and "takes no arguments" in out.stderr and "--help" in out.stderr, out.stderr
+    assert not calls.exists(), calls.read_text()
+
+
+def test_tiny_cpu_dry_run_deletes_and_launches_nothing(tmp_path):
+    env, calls = recording_path(tmp_path)
+    out_dir = tmp_path / "run"
+    for kept in ("checkpoints/latest", "tensorboard/events", "tokenizer.model"):
+        (out_dir / kept).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / kept).write_text("the user's")
+    out = subprocess.run(["bash", str(EXAMPLES / "pretrain_gpt_tiny_cpu.sh")],
+                         env={**env, "DRY_RUN": "1", "OUT": str(out_dir)}, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert not calls.exists(), calls.read_text()
+    assert sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()) == [
+        "checkpoints/latest", "tensorboard/events", "tokenizer.model"]
+    command = shlex.split(out.stdout.strip().splitlines()[-1])
+    assert command[:3] == [env["DEEPSPEED"], "--num_gpus", "2"]
+    assert resolve(parse_args(command[command.index("pretrain_gpt.py") + 1:]), 2).as_dict()["split"] == "85,10,5"
+    # Without DRY_RUN the same script launches (here: the recording deepspeed) after its fresh start.
+    subprocess.run(["bash", str(EXAMPLES / "pretrain_gpt_tiny_cpu.sh")], env={**env, "OUT": str(out_dir)},
+                   capture_output=True, text=True, timeout=30)
+    assert "deepspeed --num_gpus 2 pretrain_gpt.py" in calls.read_text()
+
+
+def test_will_it_fit_recipe_works_by_copy_and_paste(tmp_path):
+    """The "will it fit?" block of examples/README.md, run as written (python = this interpreter)."""
+    readme = (EXAMPLES / "README.md").read_text()
+    section = readme[readme.index("## Memory: will it fit?"):]
+    recipe = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS and not k.startswith("SLURM_")}
+    out = subprocess.run(["bash", "-c", recipe], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**clean, "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["fits"] is True and 10 * 2**30 < result["per_rank_bytes"] < 30 * 2**30

@@ -143,3 +143,47 @@ def test_untied_long_position_checkpoint_reshards_to_another_layout(trained_chec
                          TOKENIZER_VOCAB)
     assert not isinstance(result, Exception), result
     assert result.test_loss == pytest.approx(trained_checkpoints[name].test_loss, rel=1e-5)
+
+
+def test_export_deletes_and_replaces_nothing_it_did_not_create(trained_checkpoints, tmp_path, capsys):
+    """OUTPUT.tmp is the user's (it was removed, files and all); an --output that is a file or a
+    symbolic link is refused in one line with no temporary left behind; the published files,
+    the weights included (safetensors writes 0600), have the umask's mode."""
+    convert = load_tool("convert_checkpoint")
+    save_dir = trained_checkpoints["tp2-none"].save_dir
+    (tmp_path / "hf.tmp").mkdir()
+    (tmp_path / "hf.tmp" / "notes.txt").write_text("the user's")
+    old = os.umask(0o022)
+    try:
+        assert convert.main(["--to", "hf", "--load", save_dir, "--output", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "hf.tmp" / "notes.txt").read_text() == "the user's"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+    (tmp_path / "file").write_text("the user's")
+    (tmp_path / "link").symlink_to(tmp_path / "hf")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    capsys.readouterr()
+    for target, message in (("file", "exists and is not a directory"), ("link", "is a symbolic link"),
+                            ("dangling", "is a symbolic link"), ("hf", "exists and is not empty")):
+        assert convert.main(["--to", "hf", "--load", save_dir, "--output", str(tmp_path / target)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert (tmp_path / "file").read_text() == "the user's" and not (tmp_path / "nowhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "file", "hf", "hf.tmp", "link"]
+
+
+def test_import_never_replaces_a_checkpoint_directory(trained_checkpoints, tmp_path, capsys):
+    convert = load_tool("convert_checkpoint")
+    assert convert.main(["--to", "hf", "--load", trained_checkpoints["tp2-none"].save_dir,
+                         "--output", str(tmp_path / "hf")]) == 0
+    (tmp_path / "ckpt" / "iter_0000000").mkdir(parents=True)  # no `latest`: not refused by that rule
+    (tmp_path / "ckpt" / "iter_0000000" / "mine.pt").write_text("the user's")
+    capsys.readouterr()
+    assert convert.main(["--from", "hf", "--input", str(tmp_path / "hf"), "--save", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "iter_0000000 already exists; import into a new directory" in err and err.count("\n") == 1
+    assert os.listdir(tmp_path / "ckpt") == ["iter_0000000"]
+    assert (tmp_path / "ckpt" / "iter_0000000" / "mine.pt").read_text() == "the user's"

@@ -179,3 +179,62 @@ def test_tools_refuse_bad_input(trained_checkpoints, documents, tmp_path, capsys
     for (tool, *argv), message in cases.items():
         code, out, err = run_tool(tool, argv, capsys)
         assert code == 2 and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_generation_cut_by_the_context_length_says_so(trained_checkpoints, capsys):
+    """--max-new-tokens beyond the model's positions: the output stops there, and the run says so, in
+    the JSON line too (it did not before: 1,000,000 asked, 11 given, nothing said)."""
+    save_dir = trained_checkpoints["tp2-layernorm"].save_dir
+    argv = ["--load", save_dir, "--prompt", PROMPT, "--greedy", "--ignore-eod"]
+    code, out, err = run_tool("generate", argv + ["--max-new-tokens", "1000000"], capsys)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["stopped_at_context_length"] is True and result["stopped_at_eod"] is False
+    assert len(result["token_ids"]) == 16 - 5  # --seq-length 16, a 5-token prompt
+    assert "stopped after 11 of --max-new-tokens 1000000" in err and "context length (16" in err
+    code, out, err = run_tool("generate", argv + ["--max-new-tokens", "4"], capsys)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert len(result["token_ids"]) == 4 and result["stopped_at_context_length"] is False and "stopped after" not in err
+
+
+def test_evaluate_scores_the_held_out_documents_by_default(trained_checkpoints, tmp_path, capsys):
+    """--data-path is scored on the part of --split the run never trained on (the checkpoint's split,
+    969,30,1), not on its first documents; --split and --split-part choose."""
+    import numpy as np
+
+    from megatron_snm.data.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "data_text_document")
+    rng = np.random.default_rng(0)
+    lengths = [20 + i for i in range(100)]
+    builder = IndexedDatasetBuilder(prefix)
+    for n in lengths:
+        builder.add_document(rng.integers(3, 400, n).tolist())
+    builder.finalize()
+    save_dir = trained_checkpoints["tp2-none"].save_dir
+
+    def evaluate(*extra):
+        code, out, err = run_tool("evaluate", ["--load", save_dir, "--data-path", prefix, *extra], capsys)
+        assert code == 0, err
+        return json.loads(out.strip().splitlines()[-1]), err
+
+    held_out, err = evaluate()  # 969,30,1 of 100 documents: 97 train, 3 valid, 0 test
+    assert held_out["documents"] == [97, 100] and held_out["split"] == "969,30,1"
+    assert held_out["tokens"] == sum(lengths[97:]) - 1 and "the held-out part of --split 969,30,1 (the checkpoint's)" in err
+    test, _ = evaluate("--split", "80,10,10", "--split-part", "test")
+    assert test["documents"] == [90, 100] and test["tokens"] == sum(lengths[90:]) - 1
+    every, _ = evaluate("--split-part", "all")
+    assert every["documents"] == [0, 100] and every["tokens"] == sum(lengths) - 1
+    code, _, err = run_tool("evaluate", ["--load", save_dir, "--data-path", prefix, "--split-part", "test"], capsys)
+    assert code == 2 and "leaves the test part of the 100 documents empty" in err and err.count("\n") == 1
+
+
+def test_text_files_that_are_not_utf8_are_named_with_their_line(trained_checkpoints, tmp_path, capsys):
+    save_dir = trained_checkpoints["tp2-none"].save_dir
+    prompts, lines = tmp_path / "prompts.txt", tmp_path / "docs.jsonl"
+    prompts.write_bytes(b"We the people\nCaf\xe9 au lait\n")
+    lines.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    for tool, argv, where in (("generate", ["--prompt-file", str(prompts)], f"--prompt-file {prompts}:2:"),
+                              ("evaluate", ["--jsonl", str(lines)], f"--jsonl {lines}:2:"),
+                              ("evaluate", ["--lambada", str(lines)], f"--lambada {lines}:2:")):
+        code, out, err = run_tool(tool, ["--load", save_dir, *argv], capsys)
+        assert code == 2 and where in err and "not UTF-8" in err and "0xe9" in err and err.count("\n") == 1, err

@@ -381,3 +381,55 @@ def test_finetune_loads_weights_only_and_no_load_optim_skips_adam(tmp_path):
     assert (out["finetune"]["iteration"], out["finetune"]["samples"], out["finetune"]["moments"]) == (0, 0, 0)
     assert (out["no-load-optim"]["iteration"], out["no-load-optim"]["moments"]) == (3, 0)
     assert (out["full"]["iteration"], out["full"]["samples"], out["full"]["moments"]) == (3, 3 * GBS, saved_moments)
+
+
+def test_defaults_that_differ_from_megatron_are_said_at_start_and_in_the_docs():
+    """A Megatron script run unchanged gets our defaults where they differ (dropout 0.0, not 0.1):
+    one start-up line names each one left unset; a flag given drops out of it; the docs do not call
+    those flags "as in Megatron"."""
+    from megatron_snm.config.flags import Flags
+    import dataclasses
+
+    table = {f.name: f.metadata["megatron_default"] for g in dataclasses.fields(Flags)
+             for f in dataclasses.fields(g.default_factory) if "megatron_default" in f.metadata}
+    # Megatron-LM's own values (megatron/core/transformer/transformer_config.py, training_config.py).
+    assert table == {"hidden_dropout": 0.1, "attention_dropout": 0.1, "num_workers": 2, "lr_decay_style": "linear",
+                     "eval_iters": 100}
+    base = SHAPE + ["--train-iters", "1"]
+    note = next(n for n in resolve(parse_args(base), 1).notes if n.startswith("defaults that differ"))
+    for flag, ours, theirs in (("--hidden-dropout", "0.0", "0.1"), ("--attention-dropout", "0.0", "0.1"),
+                               ("--lr-decay-style", "cosine", "linear"), ("--eval-iters", "10", "100"),
+                               ("--num-workers", "0", "2")):
+        assert f"{flag} {ours} (Megatron-LM: {theirs})" in note
+    given = resolve(parse_args(base + ["--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--lr-decay-style",
+                                       "linear", "--eval-iters", "100", "--num-workers", "2"]), 1).notes
+    assert not any(n.startswith("defaults that differ") for n in given), given
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "megatron_flags.md").read_text()
+    for name in table:
+        for row in (line for line in docs.splitlines() if f"`--{name.replace('_', '-')}" in line):
+            assert "as in Megatron" not in row, row
+
+
+def test_fp16_on_cpu_suggests_bf16_before_anything_starts():
+    from megatron_snm.training.trainer import build_run
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU trains in fp16")
+    with pytest.raises(ConfigError, match=r"--fp16 .*needs a GPU.*use --bf16"):
+        build_run(resolve(parse_args(SHAPE + ["--train-iters", "1", "--fp16"]), 1), 500)
+
+
+def test_zero_takes_our_optimizer_without_the_untested_optimizer_warning():
+    """DeepSpeed checks the optimizer's exact type against its list and warns on every ZeRO run
+    otherwise (zero_allow_untested_optimizer only turns its assertion into that warning)."""
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    from megatron_snm.training.deepspeed_adapter import allow_under_zero
+    from megatron_snm.training.optimizer import GatedAdamW
+
+    allow_under_zero(GatedAdamW)
+    assert GatedAdamW in ZERO_SUPPORTED_OPTIMIZERS  # what is_zero_supported_optimizer looks up, by exact type
+    with pytest.raises(TypeError):
+        allow_under_zero(torch.optim.SGD)
+    ds = resolve(parse_args(SHAPE + ["--train-iters", "1", "--zero-stage", "1"]), 1).deepspeed
+    assert "zero_allow_untested_optimizer" not in ds

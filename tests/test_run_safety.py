@@ -130,7 +130,7 @@ def test_full_disk_at_save_keeps_the_previous_checkpoint(saved, tmp_path):
         free = shutil.disk_usage(disk).free
         (disk / "filler").write_bytes(b"\0" * (free - int(1.5 * one)))
         result, = run_configs(1, [RUN + ["--save", str(disk / "ckpt"), "--save-interval", "1"]])
-        if isinstance(result, CheckpointError) and "GiB free" in str(result):
+        if isinstance(result, CheckpointError) and " free, a checkpoint of this run needs about" in str(result):
             pytest.skip("the start-up room estimate exceeds the room left for the test")
         assert isinstance(result, CheckpointError), result
         assert "bytes free on its file system" in str(result) and f"`latest` still names {tag_of(1)}" in str(result)
@@ -145,9 +145,37 @@ def test_read_only_or_full_save_directory_is_refused_before_training(tmp_path):
     _mount_tmpfs(disk, "64k")
     try:
         small, = run_configs(1, [RUN + ["--save", str(disk / "ckpt")]])
-        assert isinstance(small, CheckpointError) and "GiB free, a checkpoint of this run needs about" in str(small)
+        assert isinstance(small, CheckpointError), small
+        # In units that say something: a 64 KiB disk is not "0.00 GiB free, needs about 0.00 GiB".
+        assert re.search(r": \d+(\.\d)? (bytes|KiB) free, a checkpoint of this run needs about \d+\.\d (KiB|MiB)",
+                         str(small)), small
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         read_only, = run_configs(1, [RUN + ["--save", str(disk / "ckpt2")]])
         assert isinstance(read_only, CheckpointError) and "is not writable" in str(read_only)
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_resuming_an_older_iteration_into_the_same_save_is_refused_unless_asked(copy):
+    """--load-iteration 2 with --save = --load would overwrite iteration 4's checkpoint as it got
+    there: refused, naming the flag; with --overwrite-newer-checkpoints it goes on. Starting from
+    the newest (no --load-iteration) is an ordinary resume."""
+    before = {p.name: p.stat().st_mtime_ns for p in (copy / tag_of(4)).iterdir()}
+    older = resume(copy, "--load-iteration", "2", "--save", str(copy), "--save-interval", "2")
+    refused, allowed = run_configs(1, [older, older + ["--overwrite-newer-checkpoints"]])
+    assert isinstance(refused, CheckpointError), refused
+    assert "newer than the iteration this run starts from (2): iteration 4" in str(refused)
+    assert "--overwrite-newer-checkpoints" in str(refused) and "another --save" in str(refused)
+    assert not isinstance(allowed, Exception), allowed
+    assert read_latest(copy) == tag_of(6)
+    assert {p.name: p.stat().st_mtime_ns for p in (copy / tag_of(4)).iterdir()} != before  # rewritten, as asked
+
+
+def test_a_save_check_names_sizes_in_units_that_say_something(tmp_path):
+    from megatron_snm.training.memory_estimate import human
+    from megatron_snm.training.save_dir import claim_save_dir
+
+    assert [human(n) for n in (0, 500, 1536, 3 * 2**20, 5.5 * 2**30)] == [
+        "0 bytes", "500 bytes", "1.5 KiB", "3.0 MiB", "5.50 GiB"]
+    with pytest.raises(CheckpointError, match=r"(GiB|MiB|KiB|bytes) free, a checkpoint of this run needs about 1048576\.00 GiB"):
+        claim_save_dir(str(tmp_path / "ckpt"), None, 2**50)

@@ -35,8 +35,13 @@ def test_at_init_layernorm_amplification_is_one_over_input_std(sample_data, tmp_
     out = run_tool("tools/stability_at_init.py", "--hidden-size", "64", "128", "--num-layers", "2", "4",
                    "--embedding-norm", "none", "layernorm", "scaled", "detach", "--scaled-init", "on", "off",
                    "--sigma", "small", "0.0132", "--data-path", sample_data / "c4_text_document",
-                   "--vocab-size", "500", "--batch-size", "2", "--seq-length", "64", "--output-dir", tmp_path).stdout
-    summary = json.loads(out.strip().splitlines()[-1])
+                   "--vocab-size", "500", "--batch-size", "2", "--seq-length", "64", "--output-dir", tmp_path)
+    # The terminal gets tables, progress and a short last line; the figures go to results.json.
+    last = out.stdout.strip().splitlines()[-1]
+    assert len(last) < 1000 and json.loads(last)["results"] == str(tmp_path / "results.json")
+    assert "[64/64] d=128 N=4" in out.stderr and "s left" in out.stderr
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["max_rel_error_ln_amplification"] == json.loads(last)["max_rel_error_ln_amplification"]
     assert len(summary["results"]) == 2 * 2 * 4 * 2 * 2
     for r in summary["results"]:
         s = r["setting"]
@@ -105,7 +110,7 @@ def test_quick_sweep_reports_divergence_resumes_and_plots(sample_data, tmp_path)
         ("none", 3e-3), ("none", 1.0), ("layernorm", 3e-3), ("layernorm", 1.0)}
     for r in summary:
         assert r["status"] == "done" and r["steps"] == 30, r
-        assert r["max_grad_norm"] > 0 and r["max_grad_norm_source"] in ("embedding", "blocks")
+        assert r["max_grad_norm"] > 0 and r["max_grad_norm_source"] in ("embedding", "blocks", "final_norm")
         assert 0 < r["mean_embedding_grad_share"] < 1 and r["tokens_per_s"] > 0
         assert isinstance(r["loss_spikes"], int) and isinstance(r["grad_norm_spikes"], int)
         assert (sweep / "runs" / r["name"] / "tensorboard").is_dir()
@@ -137,3 +142,17 @@ def test_sweep_refuses_a_bad_run_configuration(sample_data, tmp_path):
                     tmp_path / "sweep", "--quick", check=False)
     assert proc.returncode == 2 and "was refused (exit status 2)" in proc.stderr
     assert "missing.bin does not exist" in proc.stderr
+
+
+def test_gradient_attribution_counts_the_final_layernorm():
+    """The sweep's case: the final LayerNorm holds 96% of the gradient norm squared; the rest is the
+    embedding's 3% and the blocks' 1%. The largest share decides, not embedding against blocks."""
+    from megatron_snm.training.run_history import gradient_attribution
+
+    figures = {"grad_norm/embedding": math.sqrt(3.0), "grad_norm/layer_01": math.sqrt(0.5),
+               "grad_norm/layer_02": math.sqrt(0.5), "grad_norm/final_norm": math.sqrt(96.0)}
+    got = gradient_attribution(figures)
+    assert got["source"] == "final_norm" and got["final_norm_share"] == pytest.approx(0.96)
+    assert got["embedding_share"] == pytest.approx(0.03) and got["largest_block"] in ("layer_01", "layer_02")
+    assert gradient_attribution({**figures, "grad_norm/final_norm": 0.0})["source"] == "embedding"
+    assert gradient_attribution({"grad_norm/embedding": 0.1, "grad_norm/layer_01": 1.0})["source"] == "blocks"

@@ -48,17 +48,37 @@ def parse_args(argv=None):
     return args
 
 
+def check_new_directory(flag: str, path: str) -> None:
+    """Before any work: `path` must be absent or an empty directory (never replaced, never a link)."""
+    if os.path.islink(path):
+        raise ValueError(f"{flag} {path} is a symbolic link; give the directory to write itself (it must not exist "
+                         "or be empty)")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} exists and is not a directory; remove it or choose another directory")
+    if os.path.isdir(path) and os.listdir(path):
+        raise ValueError(f"{flag} {path} exists and is not empty; remove it or choose another directory")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"{flag} {path}: {ancestor} is not a directory")
+
+
 def export(args) -> None:
     from megatron_snm.hf.export import export_to_hf
 
-    if os.path.isdir(args.output) and os.listdir(args.output):
-        raise ValueError(f"--output {args.output} exists and is not empty; remove it or choose another directory")
+    check_new_directory("--output", args.output)
     start = time.perf_counter()
     ckpt, tokenizer = load_checkpoint_and_tokenizer(args, need_tokenizer=False)
     if tokenizer is None:
         print(f"convert_checkpoint.py: warning: {args.load} records no tokenizer; writing the model without "
               "tokenizer files (give --tokenizer-type and its files to include them)", file=sys.stderr)
-    export_to_hf(ckpt, args.output, tokenizer, DTYPES[args.dtype] if args.dtype else None, args.max_shard_size)
+    try:
+        export_to_hf(ckpt, args.output, tokenizer, DTYPES[args.dtype] if args.dtype else None, args.max_shard_size)
+    except OSError as err:  # nothing of ours is left; what is at --output is as it was
+        check_new_directory("--output", args.output)  # something appeared there while we wrote
+        raise ValueError(f"--output {args.output}: cannot write it ({err.strerror}"
+                         f"{': ' + err.filename if err.filename else ''})") from None
     mode = ckpt.gpt_config().embedding_norm
     print(f"convert_checkpoint.py: wrote {args.output} from {ckpt.directory} (iteration {ckpt.iteration}, "
           f"embedding norm {mode}) in {time.perf_counter() - start:.1f} s"

@@ -11,6 +11,9 @@ layout, whatever layout the checkpoint was saved in. Windows are --seq-length to
 the model's) moved by --stride (default: the window, no overlap; less for sliding-window
 perplexity); JSON-lines documents are each scored after an end-of-document token, as
 lm-eval-harness does, so the word and byte perplexities match its `loglikelihood_rolling` tasks.
+With --data-path only the documents the run did not train on are scored by default: the held-out
+(validation and test) part of the --split the checkpoint recorded, as pretrain_gpt.py splits them;
+--split and --split-part choose others (all: every document).
 The last line printed is one JSON object with at least `perplexity` and `tokens`.
 """
 from __future__ import annotations
@@ -23,7 +26,8 @@ import time
 
 from megatron_snm.data.json_lines import parse_line
 from megatron_snm.inference import evaluate as ev
-from megatron_snm.inference.cli import DTYPES, UsageError, add_checkpoint_flags, load_checkpoint_and_tokenizer, run_tool
+from megatron_snm.inference.cli import (DTYPES, UsageError, add_checkpoint_flags, load_checkpoint_and_tokenizer,
+                                        read_text_lines, run_tool)
 from megatron_snm.inference.model import InferenceGPT, start_runtime, stop_runtime
 
 
@@ -38,29 +42,51 @@ def parse_args(argv=None):
     p.add_argument("--seq-length", type=int, help="window length (default and maximum: the model's --seq-length)")
     p.add_argument("--stride", type=int, help="tokens the window moves by (default: the window length)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--split", help="--data-path: train,valid,test proportions of its documents, as pretrain_gpt.py's "
+                   "--split (default: the one the checkpoint's run recorded)")
+    p.add_argument("--split-part", choices=PARTS, default="held-out",
+                   help="--data-path: which documents of --split to evaluate: held-out (default: valid and test, "
+                        "never trained on), valid, test, train, or all")
     p.add_argument("--max-tokens", type=int, help="--data-path: evaluate only the first this many tokens")
     p.add_argument("--max-documents", type=int, help="--jsonl / --lambada: only the first this many lines")
     return p.parse_args(argv)
 
 
-def read_texts(path: str, key: str, limit: int | None) -> list[str]:
+def read_texts(path: str, key: str, limit: int | None, flag: str) -> list[str]:
     texts = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                parsed = parse_line(line.encode("utf-8"), (key,))
-                if isinstance(parsed, str) or not parsed:
-                    raise UsageError(f"{path}:{lineno}: {parsed or 'no text'} (expected a JSON object with {key!r})")
-                texts.append(parsed[0])
-                if limit and len(texts) == limit:
-                    break
-    except OSError as err:
-        raise UsageError(f"{path}: {err.strerror}") from None
+    for lineno, line in read_text_lines(path, flag):
+        if not line.strip():
+            continue
+        parsed = parse_line(line.encode("utf-8"), (key,))
+        if isinstance(parsed, str) or not parsed:
+            raise UsageError(f"{path}:{lineno}: {parsed or 'no text'} (expected a JSON object with {key!r})")
+        texts.append(parsed[0])
+        if limit and len(texts) == limit:
+            break
     if not texts:
         raise UsageError(f"{path}: no documents")
     return texts
+
+
+PARTS = ("held-out", "valid", "test", "train", "all")
+
+
+def documents_to_evaluate(split: str, part: str, num_documents: int) -> tuple[int, int]:
+    """Document range [begin, end) of `part` under `split` (pretrain_gpt.py's rule, so held-out
+    means exactly the documents the run did not train on)."""
+    from megatron_snm.data.gpt_dataset import split_document_ranges
+
+    if part == "all":
+        return 0, num_documents
+    try:
+        train, valid, test = split_document_ranges(split, num_documents)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    begin, end = {"held-out": (valid[0], test[1]), "valid": valid, "test": test, "train": train}[part]
+    if begin >= end:
+        raise UsageError(f"--split {split} leaves the {part} part of the {num_documents} documents empty: give "
+                         "another --split or --split-part (all: every document)")
+    return begin, end
 
 
 def lambada_pairs(texts: list[str], tokenizer, path: str) -> list[tuple[list[int], list[int]]]:
@@ -98,8 +124,12 @@ def _main(args) -> int:
             dataset = IndexedDataset(args.data_path)
         except (OSError, ValueError) as err:
             raise UsageError(f"--data-path {args.data_path}: {err}") from None
+        split = args.split or ckpt.run_config.data.split
+        begin, end = documents_to_evaluate(split, args.split_part, len(dataset))
+        print(f"evaluate.py: {args.data_path}: documents {begin}..{end - 1} of {len(dataset)}, the {args.split_part} "
+              f"part of --split {split}" + ("" if args.split else " (the checkpoint's)"), file=sys.stderr)
         stream = []  # the documents in order, as one token stream (each ends with its EOD)
-        for i in range(len(dataset)):
+        for i in range(begin, end):
             stream.extend(dataset[i].tolist())
             if args.max_tokens and len(stream) >= args.max_tokens:
                 break
@@ -110,10 +140,10 @@ def _main(args) -> int:
         sequences = [stream]
         text = tokenizer.detokenize(stream[1:]) if tokenizer else None  # what the scored tokens spell
     elif args.jsonl:
-        texts = read_texts(args.jsonl, args.json_key, args.max_documents)
+        texts = read_texts(args.jsonl, args.json_key, args.max_documents, "--jsonl")
         sequences = [[tokenizer.eod] + tokenizer.tokenize(t) for t in texts]
     else:
-        texts = read_texts(args.lambada, args.json_key, args.max_documents)
+        texts = read_texts(args.lambada, args.json_key, args.max_documents, "--lambada")
         pairs = lambada_pairs(texts, tokenizer, args.lambada)
 
     runtime = start_runtime(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
@@ -131,6 +161,7 @@ def _main(args) -> int:
         totals.bytes = sum(len(t.encode("utf-8")) for t in scored)
     result = dict(ev.figures(totals), checkpoint=ckpt.directory, iteration=ckpt.iteration,
                   data=args.data_path or args.jsonl or args.lambada, seq_length=window, stride=stride,
+                  **(dict(split=split, split_part=args.split_part, documents=[begin, end]) if args.data_path else {}),
                   seconds=round(time.perf_counter() - start, 2))
     stop_runtime(runtime)
     if runtime.rank == 0:

@@ -19,7 +19,8 @@ import json
 import sys
 import time
 
-from megatron_snm.inference.cli import DTYPES, UsageError, add_checkpoint_flags, load_checkpoint_and_tokenizer, run_tool
+from megatron_snm.inference.cli import (DTYPES, UsageError, add_checkpoint_flags, load_checkpoint_and_tokenizer,
+                                        read_text_lines, run_tool)
 from megatron_snm.inference.generate import generate
 from megatron_snm.inference.model import InferenceGPT, start_runtime, stop_runtime
 from megatron_snm.inference.sampling import SamplingParams
@@ -45,11 +46,7 @@ def parse_args(argv=None):
 def read_prompts(args) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
-    try:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
-    except OSError as err:
-        raise UsageError(f"--prompt-file {args.prompt_file}: {err.strerror}") from None
+    prompts = [line for _, line in read_text_lines(args.prompt_file, "--prompt-file") if line.strip()]
     if not prompts:
         raise UsageError(f"--prompt-file {args.prompt_file}: no prompts in it")
     return prompts
@@ -89,12 +86,20 @@ def _main(args) -> int:
                 print(text[len(shown):], end="", flush=True)
                 shown = text
         seconds = time.perf_counter() - start
+        at_eod = bool(new) and new[-1] == tokenizer.eod and not args.ignore_eod
+        # The model has no positions past --seq-length: the prompt and the new tokens share them.
+        context = model.config.seq_length
+        at_context = not at_eod and len(prompt_ids) + len(new) >= context and len(new) < args.max_new_tokens
         if runtime.rank == 0:
             if show:
                 print(flush=True)  # ends the streamed line, so the JSON stands on its own
                 print(f"[{len(new)} tokens in {seconds:.2f} s, {len(new) / seconds:.1f} tokens/s]", file=sys.stderr)
+            if at_context:
+                print(f"generate.py: stopped after {len(new)} of --max-new-tokens {args.max_new_tokens}: the prompt's "
+                      f"{len(prompt_ids)} tokens and the new ones fill the model's context length ({context}, its "
+                      "--seq-length)", file=sys.stderr)
             print(json.dumps(dict(prompt=prompt, token_ids=new, text=continuation(tokenizer, prompt_ids, new),
-                                  stopped_at_eod=bool(new) and new[-1] == tokenizer.eod)))
+                                  stopped_at_eod=at_eod, stopped_at_context_length=at_context)))
     stop_runtime(runtime)
     return 0
 

@@ -20,10 +20,13 @@ batch of tokens and prints, per layer:
         --embedding-norm none layernorm scaled --scaled-init on off --sigma small 0.0132 \
         --data-path data/c4_text_document --vocab-size 4096 --output-dir at-init/
 
-Prints the tables; the last line is one JSON object with `max_rel_error_ln_amplification` (the worst
-|measured / (1/std(x)) - 1| over every LayerNorm of every configuration), `max_rel_error_residual_std`
-(the additive rule's worst) and per configuration its per-layer figures. --output-dir also writes
-at_init_d{D}_L{N}.png per shape (one line per configuration) and results.json.
+Prints each configuration's tables as it goes ([i/n] and the time left on stderr), then a summary
+table. Everything measured goes to --output-dir (default runs/stability_at_init): results.json (per
+configuration its per-layer figures) and at_init_d{D}_L{N}.png per shape (one line per
+configuration). The last line printed is one short JSON object: `max_rel_error_ln_amplification`
+(the worst |measured / (1/std(x)) - 1| over every LayerNorm of every configuration), its place,
+`max_rel_error_residual_std` (the additive rule's worst), `results` (the path of results.json) and
+`plots`.
 """
 from __future__ import annotations
 
@@ -33,11 +36,13 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from megatron_snm.atomic import write_atomically
 from megatron_snm.data.indexed_dataset import IndexedDataset, IndexedDatasetError, exists
 from megatron_snm.model.config import EMBEDDING_NORMS, GPTConfig
 from megatron_snm.model.gpt import GPTModel
@@ -290,7 +295,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=1234, help="initialisation and token-sampling seed")
-    p.add_argument("--output-dir", help="write results.json and the per-shape PNGs here")
+    p.add_argument("--output-dir", default="runs/stability_at_init",
+                   help="write results.json and the per-shape PNGs here (default: runs/stability_at_init)")
     args = p.parse_args(argv)
     for value in args.sigma:
         if value != "small":
@@ -320,8 +326,15 @@ def main(argv=None) -> int:
         args.architecture, args.hidden_size, args.num_layers, args.embedding_norm, args.scaled_init, args.sigma)]
     print(f"{len(settings)} configuration(s), one forward/backward each on {args.batch_size} x {args.seq_length} "
           f"tokens of {source}")
-    results = []
-    for setting in settings:
+    results, started = [], time.perf_counter()
+    for i, setting in enumerate(settings):
+        if i:
+            left = (time.perf_counter() - started) / i * (len(settings) - i)
+            eta = f", about {left:.0f} s left"
+        else:
+            eta = ""
+        print(f"[{i + 1}/{len(settings)}] d={setting.hidden_size} N={setting.num_layers} {setting.label}{eta}",
+              file=sys.stderr, flush=True)
         try:
             results.append(measure(setting, tokens, labels, args.vocab_size, args.seed))
         except ValueError as err:  # e.g. a hidden size the heads do not divide
@@ -342,15 +355,13 @@ def main(argv=None) -> int:
     summary = dict(max_rel_error_ln_amplification=worst[0],
                    worst_ln_amplification=dict(label=worst[1], hidden_size=worst[2], num_layers=worst[3], norm=worst[4]),
                    max_rel_error_residual_std=max(max(r["residual_rel_error"]) for r in results),
-                   tokens=source, results=results)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        summary["plots"] = plot(results, args.output_dir)
-        path = os.path.join(args.output_dir, "results.json")
-        with open(path + ".tmp", "w") as fh:
-            json.dump(summary, fh, indent=1)
-        os.replace(path + ".tmp", path)
-    print(json.dumps(summary))
+                   tokens=source)
+    os.makedirs(args.output_dir, exist_ok=True)
+    summary["plots"] = plot(results, args.output_dir)
+    path = os.path.join(args.output_dir, "results.json")
+    write_atomically(path, json.dumps(dict(summary, results=results), indent=1))
+    print(f"\nwrote {path} ({len(results)} configuration(s)) and {len(summary['plots'])} plot(s) in {args.output_dir}")
+    print(json.dumps(dict(summary, results=path)))
     return 0
 
 

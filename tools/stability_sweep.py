@@ -18,8 +18,8 @@ Rules (megatron_snm/analysis/run_history.py): a loss spike is a step whose train
 --spike-factor (1.5) x the mean of the previous --spike-window (20) steps (at least 5); a grad-norm spike the
 same for the global gradient norm with --grad-spike-factor (4); a run diverged when a loss or
 gradient norm was non-finite, the trainer stopped it, or its final loss (mean of the last window)
-is above its first step's. The largest gradient norm is attributed to the embedding or the blocks
-from the monitor's per-module norms (--log-stability-interval) at the captured step with the
+is above its first step's. The largest gradient norm is attributed to the embedding, the blocks or
+the final LayerNorm (whichever holds the largest share of its square) from the monitor's per-module norms (--log-stability-interval) at the captured step with the
 largest global norm.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ QUICK = dict(embedding_norm=["none", "layernorm"], lr=[3e-3, 1.0], clip_grad=[0.
 SUMMARY_FIELDS = ["name", "embedding_norm", "lr", "seed", "sigma", "num_layers", "lr_warmup_iters", "adam_beta2",
                   "clip_grad", "architecture", "status", "diverged", "diverged_reason", "loss_spikes", "grad_norm_spikes",
                   "max_grad_norm", "max_grad_norm_step", "max_captured_grad_norm", "max_captured_grad_norm_step",
-                  "max_grad_norm_source", "max_captured_embedding_grad_share",
+                  "max_grad_norm_source", "max_captured_embedding_grad_share", "max_captured_final_norm_grad_share",
                   "mean_embedding_grad_share", "first_loss", "final_train_loss", "best_valid_loss", "best_valid_ppl",
                   "final_valid_loss", "final_valid_ppl", "tokens_per_s", "wall_s"]
 

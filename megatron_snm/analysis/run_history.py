@@ -111,14 +111,16 @@ def _ppl(loss: float | None) -> float | None:
 
 def gradient_attribution(figures: dict[str, float]) -> dict:
     """Which part of the model a captured step's gradient came from: the squares of the monitor's
-    per-module gradient norms split the global norm squared."""
+    per-module gradient norms split the global norm squared between the embedding, the blocks and
+    the final LayerNorm; the source is the largest of the three (each share is in `shares`)."""
     embedding = figures.get("grad_norm/embedding", 0.0) ** 2
     final = figures.get("grad_norm/final_norm", 0.0) ** 2
     blocks = {k[len("grad_norm/"):]: v for k, v in figures.items() if k.startswith("grad_norm/layer_")}
-    blocks_sq = sum(v * v for v in blocks.values())
-    total = embedding + blocks_sq + final
-    return dict(source="embedding" if embedding >= blocks_sq else "blocks",
+    parts = {"embedding": embedding, "blocks": sum(v * v for v in blocks.values()), "final_norm": final}
+    total = sum(parts.values())
+    return dict(source=max(parts, key=parts.get) if total else None,
                 embedding_share=embedding / total if total else None,
+                final_norm_share=final / total if total else None,
                 largest_block=max(blocks, key=blocks.get) if blocks else None)
 
 
@@ -142,8 +144,8 @@ def stability_verdict(history: RunHistory, rules: SpikeRules, exit_status: int |
     captured = {s: f for s, f in history.stability.items() if s in norms and "grad_norm/embedding" in f}
     # The captured step with the largest global norm (the monitor runs only every N steps).
     at = max(captured, key=lambda s: norms[s]) if captured else None
-    attribution = gradient_attribution(captured[at]) if at is not None else dict(source=None, embedding_share=None,
-                                                                                  largest_block=None)
+    attribution = gradient_attribution(captured[at]) if at is not None else dict(
+        source=None, embedding_share=None, final_norm_share=None, largest_block=None)
     shares = [gradient_attribution(f)["embedding_share"] for f in captured.values()]
     shares = [s for s in shares if s is not None]
     speed = history.tokens_per_s[1:] or history.tokens_per_s  # the first interval includes start-up
@@ -158,6 +160,7 @@ def stability_verdict(history: RunHistory, rules: SpikeRules, exit_status: int |
         max_grad_norm_source=attribution["source"], max_captured_grad_norm_step=at,
         max_captured_grad_norm=norms[at] if at is not None else None,
         max_captured_embedding_grad_share=attribution["embedding_share"],
+        max_captured_final_norm_grad_share=attribution["final_norm_share"],
         max_captured_largest_block=attribution["largest_block"],
         mean_embedding_grad_share=sum(shares) / len(shares) if shares else None,
         best_valid_loss=best_valid, best_valid_ppl=_ppl(best_valid),

@@ -9,6 +9,9 @@
 - A run that does not `--load` this directory refuses a `--save` that already holds checkpoints,
   so a fresh run never replaces another run's checkpoints.
 - The directory is writable and its file system has room for one more checkpoint.
+- A run resumed from an older checkpoint than the newest in the directory (`--load-iteration`, or
+  `--finetune`, with --load = --save) would overwrite the newer ones as it goes: refused unless
+  --overwrite-newer-checkpoints.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import shutil
 import socket
 
 from megatron_snm.checkpoint.errors import CheckpointError
+from megatron_snm.units import human
 
 LOCK = ".megatron_snm.lock"
 log = logging.getLogger(__name__)
@@ -59,8 +63,23 @@ class SaveDirLock:
             self._file.close()
 
 
-def claim_save_dir(save: str, load: str | None, bytes_needed: int) -> SaveDirLock:
-    """Checks and locks `save` for this run (call on one rank; raises CheckpointError)."""
+def check_no_newer_checkpoints(save: str, start_iteration: int, allowed: bool) -> None:
+    """A run that starts at `start_iteration` in `save` would overwrite the checkpoints of later
+    iterations there as it reaches them: refuse unless `allowed` (--overwrite-newer-checkpoints)."""
+    newer = sorted(int(n[len("iter_"):]) for n in holds_checkpoints(save)
+                   if n.startswith("iter_") and int(n[len("iter_"):]) > start_iteration)
+    if newer and not allowed:
+        raise CheckpointError(
+            f"--save {save} holds checkpoints newer than the iteration this run starts from ({start_iteration}): "
+            f"iteration{'s' if len(newer) > 1 else ''} {', '.join(map(str, newer[:5]))}{', ...' if len(newer) > 5 else ''}"
+            ", which this run would overwrite: give another --save to keep them, or --overwrite-newer-checkpoints")
+
+
+def claim_save_dir(save: str, load: str | None, bytes_needed: int, older_start: int | None = None,
+                   overwrite_newer: bool = False) -> SaveDirLock:
+    """Checks and locks `save` for this run (call on one rank; raises CheckpointError). `older_start`:
+    the iteration the run starts from when the user chose a checkpoint other than the newest
+    (--load-iteration, --finetune), else None."""
     try:
         os.makedirs(save, exist_ok=True)
         probe = os.path.join(save, f".write-test-{os.getpid()}")
@@ -77,10 +96,13 @@ def claim_save_dir(save: str, load: str | None, bytes_needed: int) -> SaveDirLoc
             raise CheckpointError(
                 f"--save {save} already holds checkpoints ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}) "
                 f"of another run: to resume that run add --load {save}; to start a new one give another --save")
+        if resuming_here and older_start is not None:
+            check_no_newer_checkpoints(save, older_start, overwrite_newer)
         free = shutil.disk_usage(save).free
         if free < bytes_needed:
-            raise CheckpointError(f"--save {save}: {free / 2**30:.2f} GiB free, a checkpoint of this run needs about "
-                                  f"{bytes_needed / 2**30:.2f} GiB: free space or give another --save")
+            raise CheckpointError(f"--save {save}: {human(free)} free, a checkpoint of this run needs about "
+                                  f"{human(bytes_needed)} ({human(bytes_needed - free)} more): free space or give "
+                                  "another --save")
     except BaseException:
         lock.release()
         raise

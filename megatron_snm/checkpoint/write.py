@@ -19,7 +19,8 @@ import torch
 from megatron_snm.checkpoint.layout import WORD_EMBEDDINGS, resize_vocabulary, split_for_tensor_parallel
 from megatron_snm.checkpoint.metadata import model_description
 from megatron_snm.model.config import padded_vocab_size
-from megatron_snm.checkpoint.format import METADATA, publish, tag_of
+from megatron_snm.atomic import publish_directory, temporary_path, write_atomically
+from megatron_snm.checkpoint.format import LATEST, METADATA, tag_of
 from megatron_snm.checkpoint.manifest import write_local_manifest
 
 
@@ -54,10 +55,24 @@ def write_checkpoint(save_dir: str, weights: dict[str, torch.Tensor], metadata: 
         raise ValueError(f"the weights are not the model in the metadata: missing {missing[:4]}, unexpected {unknown[:4]}")
     weights = resize_vocabulary(model, weights, rows)
 
-    tmp_dir = os.path.join(save_dir, tag_of(0) + ".tmp")
+    tag = tag_of(0)
+    final_dir = os.path.join(save_dir, tag)
     os.makedirs(save_dir, exist_ok=True)
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    if os.path.lexists(final_dir):  # never replaced: it is not ours
+        raise ValueError(f"{final_dir} already exists; write into a new --save directory")
+    tmp_dir = temporary_path(final_dir)  # this call's own; the only directory ever removed here
     os.makedirs(tmp_dir)
+    try:
+        _write_files(tmp_dir, model, weights, metadata, args, rows, tensor_parallel, pipeline_parallel)
+        publish_directory(tmp_dir, final_dir)
+    finally:
+        if os.path.lexists(tmp_dir):
+            shutil.rmtree(tmp_dir)
+    write_atomically(os.path.join(save_dir, LATEST), tag)
+    return final_dir
+
+
+def _write_files(tmp_dir, model, weights, metadata, args, rows, tensor_parallel, pipeline_parallel) -> None:
     for tp_rank in range(tensor_parallel):
         local = split_for_tensor_parallel(model, weights, tensor_parallel, tp_rank)
         if pipeline_parallel == 1:
@@ -84,4 +99,3 @@ def write_checkpoint(save_dir: str, weights: dict[str, torch.Tensor], metadata: 
     with open(os.path.join(tmp_dir, METADATA), "w") as f:
         json.dump(meta, f, indent=1)
     write_local_manifest(tmp_dir)
-    return publish(save_dir, 0)

@@ -88,8 +88,6 @@ def build(ds: dict, parallel: ParallelArgs, batch: BatchArgs, optim: OptimizerAr
         train_micro_batch_size_per_gpu=batch.micro_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps,
         gradient_clipping=optim.clip_grad,
-        # Our optimizer is torch's AdamW (see training/optimizer.py), not one of DeepSpeed's own.
-        zero_allow_untested_optimizer=True,
     )
     ds.setdefault("steps_per_print", 2**31 - 1)  # we print Megatron's lines ourselves
     ds.setdefault("zero_optimization", {})["stage"] = parallel.zero_stage

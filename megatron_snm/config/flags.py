@@ -22,7 +22,12 @@ from megatron_snm.model.presets import MODEL_PRESETS
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")  # training/lr_schedule.py
 
 
-def _opt(default, help: str, **argparse_kwargs):
+def _opt(default, help: str, megatron_default=None, **argparse_kwargs):
+    """A flag. `megatron_default`: Megatron-LM's default where ours differs (the help says so, and a
+    run that keeps ours logs it at start-up: resolve.defaults_unlike_megatron)."""
+    if megatron_default is not None:
+        help += f" (Megatron-LM's default: {megatron_default})"
+        argparse_kwargs["megatron_default"] = megatron_default
     return field(default=default, metadata=dict(help=help, **argparse_kwargs))
 
 
@@ -79,8 +84,9 @@ class ModelArgs:
     embed_detach_alpha: float = _opt(0.1, "alpha of --embedding-norm detach", type=float)
     untie_embeddings_and_output_weights: bool = _opt(False, "give the output layer its own table instead of "
                                                      "the embedding's", action="store_true")
-    hidden_dropout: float = _opt(0.0, "dropout on the residual branches and embedding", type=float)
-    attention_dropout: float = _opt(0.0, "dropout on the attention probabilities", type=float)
+    hidden_dropout: float = _opt(0.0, "dropout on the residual branches and embedding", megatron_default=0.1,
+                                 type=float)
+    attention_dropout: float = _opt(0.0, "dropout on the attention probabilities", megatron_default=0.1, type=float)
     layernorm_epsilon: float = _opt(1e-5, "the norms' epsilon", type=float,
                                     flags=("--norm-epsilon", "--layernorm-epsilon"))
     openai_gelu: bool = _opt(False, "GELU's tanh approximation, as GPT-2 (needed to continue an imported GPT-2)",
@@ -164,7 +170,7 @@ class BatchArgs:
     exit_signal_handler: bool = _opt(False, "on SIGTERM or SIGUSR1: finish the step, save, exit with status 4 "
                                      "(resume to continue)", action="store_true")
     num_workers: int = _opt(0, "data loader worker processes that read and collate the micro-batches ahead of "
-                            "the step (0: in the training process; Megatron's default is 2)", type=int)
+                            "the step (0: in the training process)", megatron_default=2, type=int)
     manual_gc: bool = _opt(False, "turn Python's automatic garbage collector off and collect at fixed points "
                            "instead (every --manual-gc-interval steps, and before and after each evaluation), so "
                            "ranks do not pause at different moments", action="store_true")
@@ -193,7 +199,8 @@ class OptimizerArgs:
     lr_decay_samples: int | None = _opt(None, "samples over which to decay", type=int)
     lr_decay_tokens: int | None = _opt(None, "tokens over which to decay (overrides the iteration/sample decay)",
                                        type=int)
-    lr_decay_style: str = _opt("cosine", "decay shape after warm-up", choices=LR_DECAY_STYLES)
+    lr_decay_style: str = _opt("cosine", "decay shape after warm-up", megatron_default="linear",
+                               choices=LR_DECAY_STYLES)
     weight_decay: float = _opt(0.01, "AdamW weight decay (never on biases and norms)", type=float)
     no_weight_decay_embeddings: bool = _opt(False, "no weight decay on the embeddings either", action="store_true")
     adam_beta1: float = _opt(0.9, "AdamW beta1", type=float)
@@ -236,7 +243,8 @@ class DataArgs:
 @dataclass(frozen=True)
 class EvalArgs:
     eval_interval: int = _opt(1000, "validate every this many steps", type=int)
-    eval_iters: int = _opt(10, "global batches per validation / test evaluation (0: none)", type=int)
+    eval_iters: int = _opt(10, "global batches per validation / test evaluation (0: none)", megatron_default=100,
+                           type=int)
 
 
 @dataclass(frozen=True)
@@ -291,6 +299,10 @@ class CheckpointArgs:
                                                type=int)
     load_iteration: int | None = _opt(None, "load the checkpoint of this iteration instead of the one `latest` "
                                       "names (e.g. the one before a damaged checkpoint)", type=int)
+    overwrite_newer_checkpoints: bool = _opt(False, "let a run that starts from an older checkpoint than the newest "
+                                             "in its --save (--load-iteration, or --finetune, into the same "
+                                             "directory) overwrite the newer ones as it reaches their iterations "
+                                             "(without it such a run is refused)", action="store_true")
     no_load_optim: bool = _opt(False, "on --load, do not load the optimizer state (Adam moments start at 0)",
                                action="store_true")
     no_load_rng: bool = _opt(False, "on --load, do not restore the random-number states", action="store_true")
@@ -453,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     for group in dataclasses.fields(Flags):
         arguments = parser.add_argument_group(group.metadata["title"])
         for f in dataclasses.fields(group.default_factory):
-            meta = {k: v for k, v in f.metadata.items() if k not in ("no_effect", "refused")}
+            meta = {k: v for k, v in f.metadata.items() if k not in ("no_effect", "refused", "megatron_default")}
             flags = meta.pop("flags", ("--" + f.name.replace("_", "-"),))
             arguments.add_argument(*flags, dest=f.name, default=f.default, **meta)
     return parser

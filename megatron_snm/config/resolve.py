@@ -160,6 +160,22 @@ def _compat(compat: CompatArgs) -> list[str]:
     return notes
 
 
+def defaults_unlike_megatron(flags: Flags) -> str | None:
+    """One start-up line naming each flag left at a default that differs from Megatron-LM's (a
+    Megatron script run unchanged gets ours there), or None. The table is each field's
+    `megatron_default` in config/flags.py."""
+    differ = []
+    for group in dataclasses.fields(flags):
+        values = getattr(flags, group.name)
+        for f in dataclasses.fields(values):
+            theirs = f.metadata.get("megatron_default")
+            if theirs is not None and getattr(values, f.name) == f.default:
+                differ.append(f"{_flag(f.name)} {f.default} (Megatron-LM: {theirs})")
+    if not differ:
+        return None
+    return ("defaults that differ from Megatron-LM's, in effect here (give the flag to choose): " + ", ".join(differ))
+
+
 def _recompute(model: ModelArgs) -> ModelArgs:
     """Megatron's recompute flags and their aliases -> granularity, method, number of layers."""
     aliases = [name for name in ("checkpoint_activations", "deepspeed_activation_checkpointing")
@@ -343,6 +359,9 @@ def _numbers(optim: OptimizerArgs, spike: SpikeArgs, evaluation: EvalArgs, data:
 def resolve(flags: Flags, world_size: int) -> RunConfig:
     """Checks every rule that needs no process group and fills the derived values. Raises ConfigError."""
     notes = _compat(flags.compat)
+    unlike_megatron = defaults_unlike_megatron(flags)
+    if unlike_megatron:
+        notes.append(unlike_megatron)
     model, parallel, batch, optim = _model_defaults(flags.model), flags.parallel, flags.batch, flags.optim
     _numbers(optim, flags.spike, flags.eval, flags.data)
     try:

@@ -10,7 +10,8 @@
 The vocabulary is the tokenizer's (the padding rows of the table are cut), so the exported
 logits are ours over the real tokens. Weights go through transformers' own save_pretrained:
 safetensors, sharded with an index above `max_shard_size`; the directory is written under a
-temporary name and renamed when complete.
+temporary name of this run's own and renamed when complete (every file mode 0666 less the umask),
+onto a directory that does not exist or is empty: nothing already there is replaced or removed.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import shutil
 
 import torch
 
+from megatron_snm.atomic import publish_directory, temporary_path
 from megatron_snm.checkpoint.read import FullCheckpoint
 from megatron_snm.checkpoint.errors import CheckpointError
 from megatron_snm.checkpoint.tokenizer import TokenizerSpec
@@ -96,11 +98,16 @@ def export_to_hf(ckpt: FullCheckpoint, output_dir: str, tokenizer: tuple[Tokeniz
     model.generation_config = GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod,
                                                max_length=gpt.seq_length, do_sample=False)
 
-    tmp = output_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size=max_shard_size)
-    if tok is not None:
-        hf_tokenizer(spec, tok, model_max_length=gpt.seq_length).save_pretrained(tmp)
-    if os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    # Written under a name of this run's own, published whole; only that directory is ever removed.
+    output_dir = output_dir.rstrip("/") or output_dir
+    os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
+    tmp = temporary_path(output_dir)
+    os.mkdir(tmp)
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tok is not None:
+            hf_tokenizer(spec, tok, model_max_length=gpt.seq_length).save_pretrained(tmp)
+        publish_directory(tmp, output_dir)
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp)

@@ -132,6 +132,10 @@ def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipe
     _check_supported(config, directory)
     if os.path.exists(os.path.join(save_dir, LATEST)):
         raise CheckpointError(f"--save {save_dir} already holds a checkpoint ({LATEST}); import into a new directory")
+    for ours in ("tokenizer", "iter_0000000"):  # what the import writes: never replaced
+        if os.path.lexists(os.path.join(save_dir, ours)):
+            raise CheckpointError(f"--save {save_dir}: {os.path.join(save_dir, ours)} already exists; import into a "
+                                  "new directory")
     ffn = config.n_inner or 4 * config.n_embd
     shape = dict(num_layers=config.n_layer, hidden_size=config.n_embd, num_attention_heads=config.n_head,
                  ffn_hidden_size=ffn, seq_length=config.n_positions)

@@ -19,6 +19,21 @@ class UsageError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
+def read_text_lines(path: str, flag: str):
+    """(line number, text without its newline) of each line of `path`, decoded as UTF-8; a line
+    that is not UTF-8, or a file that cannot be read, is a UsageError naming the file and line."""
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    yield lineno, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as err:
+                    raise UsageError(f"{flag} {path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at "
+                                     f"column {err.start + 1})") from None
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: {err.strerror}") from None
+
+
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpoint and layout")
     g.add_argument("--load", required=True, help="checkpoint directory (its `latest`), as pretrain_gpt.py --save wrote it")

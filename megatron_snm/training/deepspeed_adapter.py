@@ -4,8 +4,9 @@
   shared-memory all-reduce unavailable unless asked for (its JIT build takes a minute or more).
 - `ParallelStateMPU`: our process groups (parallel/state.py) under the names DeepSpeed's `mpu`
   argument expects, so ZeRO shards over DP only and gradient norms count TP-split weights once.
-- `initialize`: deepspeed.initialize with our optimizer, our safe checkpoint engine installed, and
-  the no-op gradient all-reduce of a single data-parallel rank switched off.
+- `initialize`: deepspeed.initialize with our optimizer (registered as one ZeRO supports: it is
+  torch's AdamW, which ZeRO lists, with a gate in its step), our safe checkpoint engine installed,
+  and the no-op gradient all-reduce of a single data-parallel rank switched off.
 - `global_grad_norm`: the norm DeepSpeed measured in the step (or our optimizer, under ZeRO-0 fp32).
 """
 from __future__ import annotations
@@ -58,6 +59,7 @@ def initialize(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config
     """The DeepSpeed engine (a PipelineEngine when `module` is a PipelineModule)."""
     from megatron_snm.checkpoint.save_load import SafeCheckpointEngine
 
+    allow_under_zero(type(optimizer))
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=config,
                                       mpu=None if pipelined else ParallelStateMPU)
     if optimizer_measures_norm and engine.optimizer is not optimizer:
@@ -68,6 +70,18 @@ def initialize(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config
         engine.enable_backward_allreduce = False
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     return engine
+
+
+def allow_under_zero(optimizer_class: type) -> None:
+    """ZeRO accepts the optimizers it lists by exact type and warns "untested optimizer" on every
+    run for anything else, subclasses included. Ours subclasses torch.optim.AdamW (listed) and only
+    gates its step; our ZeRO 1-3 tests run it, so it joins the list."""
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    if not issubclass(optimizer_class, torch.optim.AdamW):
+        raise TypeError(f"{optimizer_class.__name__} is not torch.optim.AdamW; ZeRO has not been tested with it here")
+    if optimizer_class not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(optimizer_class)
 
 
 def global_grad_norm(engine) -> float | None:

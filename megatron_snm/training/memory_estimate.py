@@ -61,6 +61,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from megatron_snm.units import human  # noqa: F401  (the tools import it from here too)
+
 from megatron_snm.model.config import RECOMPUTE_GRANULARITIES as MODEL_RECOMPUTE_GRANULARITIES
 from megatron_snm.model.describe import PIPELINE_PARTITION, ModelDescription, WeightInfo, describe
 
@@ -384,10 +386,6 @@ def parse_bytes(text: str) -> int:
     if not value or unit.strip() not in _UNITS:
         raise ValueError(f"cannot read {text!r} as a size: give e.g. 80GB, 141GiB or a number of bytes")
     return int(float(value) * _UNITS[unit.strip()])
-
-
-def human(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def format_table(estimate: MemoryEstimate) -> str:

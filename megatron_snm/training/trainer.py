@@ -237,7 +237,9 @@ class Trainer:
         dist.all_reduce(total)
         if dist.get_rank() == 0:
             try:
-                lock = claim_save_dir(ckpt.save, ckpt.load, int(total))
+                # Where the run starts when the user chose it, rather than the newest checkpoint.
+                start = 0 if ckpt.finetune else ckpt.load_iteration
+                lock = claim_save_dir(ckpt.save, ckpt.load, int(total), start, ckpt.overwrite_newer_checkpoints)
             except CheckpointError as err:
                 error = str(err)
         box = [error]
@@ -410,5 +412,9 @@ def build_run(run: RunConfig, vocab_size: int, faults: FaultInjection | None = N
     """Everything a run needs before its data: the entry point, the tests and the benchmarks all
     start here. `start_time` (time.time() at the program's start) is what --exit-duration-in-mins
     counts from (default: now)."""
+    if run.parallel.fp16 and not torch.cuda.is_available():  # DeepSpeed's CPU accelerator has no fp16 training
+        raise ConfigError("--fp16 (or fp16.enabled in the DeepSpeed JSON) needs a GPU: there is none here, and "
+                          "DeepSpeed does not train in fp16 on CPU; use --bf16 (bfloat16 runs on CPU) or drop --fp16 "
+                          "for fp32")
     start_distributed(run, env)
     return Trainer(run, run.model_config(vocab_size), faults, start_time)
