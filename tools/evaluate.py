@@ -23,7 +23,9 @@ import time
 
 from megatron_snm.data.json_lines import parse_line
 from megatron_snm.inference import evaluate as ev
-from megatron_snm.inference.cli import DTYPES, UsageError, add_checkpoint_flags, load_checkpoint_and_tokenizer, run_tool
+from megatron_snm.inference.cli import (
+    DTYPES, UsageError, add_checkpoint_flags, check_data_tokenizer, load_checkpoint_and_tokenizer, run_tool,
+)
 from megatron_snm.inference.model import InferenceGPT, start_runtime, stop_runtime
 
 
@@ -98,6 +100,7 @@ def _main(args) -> int:
             dataset = IndexedDataset(args.data_path)
         except (OSError, ValueError) as err:
             raise UsageError(f"--data-path {args.data_path}: {err}") from None
+        check_data_tokenizer(args.data_path, ckpt, tok)
         stream = []  # the documents in order, as one token stream (each ends with its EOD)
         for i in range(len(dataset)):
             stream.extend(dataset[i].tolist())

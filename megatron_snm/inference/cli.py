@@ -9,6 +9,8 @@ import torch
 
 from megatron_snm.checkpoint.read import CheckpointError, FullCheckpoint, read_checkpoint
 from megatron_snm.checkpoint.tokenizer import checkpoint_tokenizer
+from megatron_snm.data.errors import DataError
+from megatron_snm.data.tokenizer_description import check_dataset, describe, undescribed_warning
 
 # Shape flags a user may give to say which model they expect; a checkpoint of another is refused.
 SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads")
@@ -47,6 +49,22 @@ def load_checkpoint_and_tokenizer(args, need_tokenizer: bool):
         raise UsageError(f"{args.load} records no tokenizer (--tokenizer-type); give --tokenizer-type and its files")
     check_shape(ckpt, args)
     return ckpt, tokenizer
+
+
+def check_data_tokenizer(prefix: str, ckpt: FullCheckpoint, tokenizer) -> None:
+    """Refuses (UsageError) dataset `prefix` when its PREFIX.tokenizer.json names another tokenizer
+    than the one in use (`tokenizer`: load_checkpoint_and_tokenizer's (spec, tokenizer) or None);
+    warns in one line about a dataset without one whose ids look like a smaller vocabulary's."""
+    expected = describe(tokenizer[1], tokenizer[0].tokenizer_model or tokenizer[0].vocab_file) if tokenizer \
+        else ckpt.metadata.get("tokenizer")
+    try:
+        if expected is not None:
+            check_dataset(prefix, expected, f"the tokenizer of {ckpt.directory}")
+        warning = undescribed_warning(prefix, expected["vocab_size"] if expected else ckpt.vocab_rows)
+    except DataError as err:
+        raise UsageError(str(err)) from None
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def check_shape(ckpt: FullCheckpoint, args) -> None:
