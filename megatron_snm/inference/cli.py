@@ -11,6 +11,8 @@ from megatron_snm.checkpoint.read import CheckpointError, FullCheckpoint, read_c
 from megatron_snm.checkpoint.tokenizer import checkpoint_tokenizer
 from megatron_snm.data.errors import DataError
 from megatron_snm.data.tokenizer_description import check_dataset, describe, undescribed_warning
+from megatron_snm.parallel.distributed import port_in_use_message
+from megatron_snm.parallel.lost_rank import EXIT_LOST_RANK, lost_rank_message
 
 # Shape flags a user may give to say which model they expect; a checkpoint of another is refused.
 SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads")
@@ -77,9 +79,17 @@ def check_shape(ckpt: FullCheckpoint, args) -> None:
 
 
 def run_tool(name: str, main) -> int:
-    """Runs main(), turning UsageError / ValueError into one line on stderr and exit status 2."""
+    """Runs main(), turning UsageError / ValueError into one line on stderr and exit status 2, and
+    under a launcher a lost rank or a taken --master_port into one line too (5, 2)."""
     try:
         return main() or 0
     except (UsageError, ValueError) as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        port_taken = port_in_use_message(err)
+        message = port_taken or lost_rank_message(err)
+        if message is None:
+            raise
+        print(f"{name}: error: {message}", file=sys.stderr, flush=True)
+        return 2 if port_taken else EXIT_LOST_RANK

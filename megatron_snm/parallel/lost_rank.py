@@ -16,6 +16,7 @@ import re
 import socket
 
 import psutil
+import torch.distributed as dist
 
 EXIT_LOST_RANK = 5  # another rank died or stopped answering: resume with --load
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it
@@ -33,8 +34,6 @@ _timeout_minutes: list[float] = []  # the run's --distributed-timeout-minutes, f
 
 def record_peers(timeout_minutes: float | None = None) -> None:
     """Every rank's host and pid, for naming a lost one later (collective, every rank)."""
-    import torch.distributed as dist
-
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (socket.gethostname(), os.getpid()))
     _peers[:] = everyone
@@ -71,8 +70,6 @@ def lost_rank_message(err: BaseException) -> str | None:
     if not isinstance(err, RuntimeError) or not match:
         return None
     timed_out = match.re is _TIMED_OUT
-    import torch.distributed as dist
-
     me = f"rank {dist.get_rank()}" if dist.is_available() and dist.is_initialized() else "this rank"
     named = lost_ranks()
     if not named:
