@@ -9,7 +9,8 @@ handled). Exit status: 0 done (or stopped by --exit-interval), 2 bad configurati
 checkpoint (one line naming the flag or file; the traceback with --debug or MEGATRON_SNM_DEBUG=1;
 configuration errors are found before any process group starts), 3 stopped because the run diverged, 4 saved and stopped early by
 --exit-duration-in-mins or a signal under --exit-signal-handler: run again with --load to continue
-(training/exit_conditions.py).
+(training/exit_conditions.py), 5 another rank died or stopped answering for
+--distributed-timeout-minutes (one line naming it: parallel/lost_rank.py), 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ from megatron_snm.config import ConfigError, RunConfig, parse_args, resolve
 from megatron_snm.data import build_train_valid_test_datasets
 from megatron_snm.data.gpt_dataset import parse_data_path
 from megatron_snm.data.mock_dataset import build_mock_datasets
+from megatron_snm.data.tokenizer_description import check_dataset, describe, undescribed_warning
 from megatron_snm.data.tokenizers import build_tokenizer
 from megatron_snm.parallel import distributed
+from megatron_snm.parallel import lost_rank
 from megatron_snm.parallel.launcher_watchdog import watch_launcher
 from megatron_snm.training.exit_conditions import EXIT_CODES, EXIT_CONFIG
 from megatron_snm.training.memory_estimate import startup_estimate
@@ -50,7 +53,21 @@ def prepare(argv: list[str] | None, world_size: int):
         raise ConfigError("--tokenizer-type is required (the model's vocabulary size is the tokenizer's)")
     tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file, data.tokenizer_model,
                                 data.vocab_size)
+    if not data.mock_data:
+        check_datasets_tokenizer(parse_data_path(data.data_path)[0], tokenizer, data.tokenizer_model or data.vocab_file)
     return run, tokenizer
+
+
+def check_datasets_tokenizer(prefixes: list[str], tokenizer, source: str | None) -> None:
+    """Refuses a dataset made with another tokenizer (DataError naming its PREFIX.tokenizer.json and
+    both tokenizers); one warning line for a dataset without a description whose ids look like
+    another tokenizer's (rank 0 only)."""
+    mine = describe(tokenizer, source)
+    for prefix in prefixes:
+        check_dataset(prefix, mine, "this run's tokenizer")
+        warning = undescribed_warning(prefix, tokenizer.vocab_size) if distributed.discover().rank == 0 else None
+        if warning:
+            print(f"pretrain_gpt.py: {warning}", file=sys.stderr, flush=True)
 
 
 def pretrain(run: RunConfig, vocab_size: int, env: distributed.DistEnv | None = None,
@@ -76,10 +93,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except (ValueError, OSError) as err:  # ConfigError, CheckpointError, DataError, I/O
-        if "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("MEGATRON_SNM_DEBUG"):
+        if debug(argv):
             traceback.print_exc()
         print(f"pretrain_gpt.py: error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    except RuntimeError as err:  # the rendezvous port is taken, or another rank died or stopped answering
+        port_taken = distributed.port_in_use_message(err)
+        message = port_taken or lost_rank.lost_rank_message(err)
+        if message is None or debug(argv):
+            raise
+        print(f"pretrain_gpt.py: error: {message}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG if port_taken else lost_rank.EXIT_LOST_RANK
+    except KeyboardInterrupt:
+        if debug(argv):
+            raise
+        print("pretrain_gpt.py: interrupted (Ctrl-C); run again with --load to resume from the last checkpoint",
+              file=sys.stderr, flush=True)
+        return lost_rank.EXIT_INTERRUPTED
+
+
+def debug(argv: list[str] | None) -> bool:
+    """--debug or MEGATRON_SNM_DEBUG=1: errors keep their traceback."""
+    return "--debug" in (sys.argv[1:] if argv is None else argv) or bool(os.environ.get("MEGATRON_SNM_DEBUG"))
 
 
 def _main(argv: list[str] | None) -> int:

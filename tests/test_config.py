@@ -44,6 +44,7 @@ def refused(argv, world_size, monkeypatch, capsys) -> str:
     (SHAPE + ["--adam-beta2", "1.5"], 1, "--adam-beta2 must be in [0, 1)"),
     (SHAPE + ["--split", "100,0,0"], 1, "--split 100,0,0 gives the validation set no documents"),
     (SHAPE + ["--split", "90,x,10"], 1, "--split '90,x,10': expected up to three numbers"),
+    (SHAPE + ["--distributed-timeout-minutes", "0"], 1, "--distributed-timeout-minutes must be > 0, got 0.0"),
 ])
 def test_bad_combinations_refused_before_any_process_group(argv, world, message, monkeypatch, capsys):
     assert message in refused(argv, world, monkeypatch, capsys)
@@ -135,3 +136,10 @@ def test_help_documents_every_flag():
 def test_config_error_is_a_value_error():
     with pytest.raises(ConfigError):
         resolve(parse_args(SHAPE + ["--lr", "1e-3", "--min-lr", "1e-2"]), 1)
+
+
+def test_distributed_timeout_is_megatrons():
+    """Megatron's default of 10 minutes; a fraction of a minute is accepted (tests stop a rank for
+    seconds: tests/test_launch.py checks a stopped rank ends the run after it)."""
+    assert parse_args(SHAPE).parallel.distributed_timeout_minutes == 10
+    assert parse_args(SHAPE + ["--distributed-timeout-minutes", "0.05"]).parallel.distributed_timeout_minutes == 0.05

@@ -144,3 +144,163 @@ def test_errors_after_the_process_group_starts_are_one_line(sample_data, tmp_pat
         # torchrun prints its own traceback for a failed worker; ours (frames in megatron_snm/) only with --debug.
         assert (os.path.join(REPO, "megatron_snm") in proc.stderr) == debug
         assert re.search(r"exitcode\s*:\s*2", proc.stderr), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv, launcher", [
+    (["bash", "-c", "nohup deepspeed --num_gpus 2 pretrain_gpt.py &"], False),  # what `ssh host 'nohup deepspeed ...&'` runs
+    (["sh", "-c", "torchrun --nproc_per_node 2 pretrain_gpt.py"], False),
+    (["python", "train_with_deepspeed.py"], False),
+    (["python", "-c", "import deepspeed"], False),
+    (["/venv/bin/python3", "/venv/bin/deepspeed", "--num_gpus", "2", "pretrain_gpt.py"], True),
+    (["/venv/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30="], True),
+    (["/venv/bin/python3.11", "/venv/bin/torchrun", "--nproc_per_node", "2"], True),
+    (["python", "-mtorch.distributed.run", "--nproc_per_node", "2"], True),
+    (["mpirun", "-np", "2", "python", "pretrain_gpt.py"], True),
+    (["/usr/lib/openmpi/bin/orted", "-mca", "ess", "env"], True),
+])
+def test_a_launcher_is_recognised_by_what_it_runs(argv, launcher):
+    from megatron_snm.parallel.launcher_watchdog import is_launcher
+
+    assert is_launcher(argv) == launcher
+
+
+def test_a_shell_that_started_the_launcher_may_exit(sample_data, tmp_path):
+    """`bash -c "nohup deepspeed ... &"` whose shell exits while the run trains: the run goes on
+    to the end (the watchdog once took the shell, whose command line says "deepspeed", for the
+    launcher and killed the healthy run)."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + os.environ["PATH"])
+    argv = " ".join(train_args(sample_data, tmp_path))
+    log = tmp_path / "train.log"
+    # The shell waits until the workers train (their watchdog is running), then exits.
+    script = (f"nohup deepspeed --num_gpus 2 --master_port {free_port()} {argv} > {log} 2>&1 & "
+              f"while [ ! -e {tmp_path / 'tb'} ]; do sleep 0.2; done")
+    shell = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, timeout=240)
+    assert shell.returncode == 0
+    deadline = time.time() + 240
+    while not (tmp_path / "ckpt" / "latest").exists() and "exits instead of training" not in log.read_text():
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000006", log.read_text()[-3000:]
+
+
+def start_long_run(sample_data, run_dir, *extra):
+    """A 2-rank deepspeed run of many iterations, once both ranks train: (launcher, workers by rank)."""
+    import psutil
+
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + os.environ["PATH"])
+    argv = train_args(sample_data, run_dir) + list(extra)
+    argv[argv.index("--train-iters") + 1] = "100000"
+    log = open(run_dir / "launcher.log", "w")
+    launcher = subprocess.Popen([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                                 *argv], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while not re.search(r" iteration\s+2/", (run_dir / "launcher.log").read_text()):
+        assert launcher.poll() is None and time.time() < deadline, (run_dir / "launcher.log").read_text()[-3000:]
+        time.sleep(0.3)
+    (agent,) = psutil.Process(launcher.pid).children()
+    workers = sorted(agent.children(), key=lambda w: int(w.environ()["RANK"]))
+    return launcher, workers
+
+
+def end_run(launcher, workers, timeout=60):
+    """Waits for the launcher (its output), then kills whatever is left."""
+    import signal
+
+    try:
+        launcher.wait(timeout=timeout)
+    finally:
+        for proc in workers:
+            try:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            except Exception:  # psutil.NoSuchProcess
+                pass
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        launcher.wait()
+
+
+def our_errors(log_text):
+    """The error lines our workers printed, and whether any traceback ran through our code."""
+    lines = [line for line in log_text.splitlines() if "pretrain_gpt.py: " in line and "error:" in line
+             or "pretrain_gpt.py: interrupted" in line]
+    return lines, bool(re.search(r'File ".*(megatron_snm/|pretrain_gpt\.py)', log_text))
+
+
+def test_a_killed_rank_ends_the_others_with_one_line(sample_data, tmp_path):
+    launcher, workers = start_long_run(sample_data, tmp_path, "--log-interval", "1")
+    workers[1].kill()
+    end_run(launcher, workers)
+    lines, traceback = our_errors((tmp_path / "launcher.log").read_text())
+    assert len(lines) == 1 and not traceback, (tmp_path / "launcher.log").read_text()[-3000:]
+    assert f"lost rank 1 (pid {workers[1].pid} on " in lines[0] and "rank 0 stops here" in lines[0]
+    assert "--load" in lines[0] and launcher.returncode != 0
+
+
+def test_a_stopped_rank_ends_the_run_after_the_distributed_timeout(sample_data, tmp_path):
+    """SIGSTOP: the other rank waits --distributed-timeout-minutes (here 0.05, 3 s), not gloo's 30
+    minutes, and says which rank stopped answering."""
+    import signal
+
+    launcher, workers = start_long_run(sample_data, tmp_path, "--log-interval", "1",
+                                       "--distributed-timeout-minutes", "0.05")
+    workers[1].send_signal(signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        while "error:" not in (tmp_path / "launcher.log").read_text():
+            assert time.time() - stopped < 60, "no message 60 s after a rank stopped with a 3 s timeout"
+            time.sleep(0.3)
+        waited = time.time() - stopped
+        workers[1].kill()  # a stopped process holds its SIGTERM from the launcher until continued
+    finally:
+        end_run(launcher, workers)
+    lines, traceback = our_errors((tmp_path / "launcher.log").read_text())
+    assert len(lines) == 1 and not traceback, (tmp_path / "launcher.log").read_text()[-3000:]
+    assert f"rank 1 (pid {workers[1].pid} on " in lines[0] and "stopped" in lines[0]
+    print("waited", waited)
+    assert "--distributed-timeout-minutes (0.05)" in lines[0] and 2.5 < waited < 60
+
+
+def test_ctrl_c_ends_every_rank_with_one_line(sample_data, tmp_path):
+    import signal
+
+    launcher, workers = start_long_run(sample_data, tmp_path)
+    os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the whole foreground group
+    end_run(launcher, workers)
+    lines, traceback = our_errors((tmp_path / "launcher.log").read_text())
+    # The deepspeed launcher kills its workers on SIGINT: a rank it killed first prints nothing.
+    assert 1 <= len(lines) <= 2 and not traceback, (tmp_path / "launcher.log").read_text()[-3000:]
+    assert all(("interrupted (Ctrl-C)" in line or "lost rank" in line) and "--load" in line for line in lines)
+
+
+def test_a_master_port_in_use_is_one_line_naming_it(sample_data, tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + os.environ["PATH"])
+    with socket.socket() as busy:  # another job on this node holds the port
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+                               *train_args(sample_data, tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=240)
+    out = proc.stdout + proc.stderr
+    lines, traceback = our_errors(out)
+    assert lines and not traceback and proc.returncode != 0, out[-3000:]
+    assert f"--master_port {port} is already in use" in lines[0]
+
+
+def test_only_errors_of_a_lost_rank_or_a_taken_port_are_reworded():
+    from megatron_snm.parallel.distributed import port_in_use_message
+    from megatron_snm.parallel.lost_rank import lost_rank_message
+
+    closed = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                          "[10.0.0.7]:46004. This is typically caused by a remote worker crashing.")
+    assert "lost a rank at 10.0.0.7:46004" in lost_rank_message(closed)  # on another node: named by its address
+    timed_out = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3000ms for recv operation")
+    assert "no answer within --distributed-timeout-minutes" in lost_rank_message(timed_out)
+    for other in (RuntimeError("CUDA out of memory"), ValueError("Connection reset by peer"), closed.__class__("")):
+        assert lost_rank_message(other) is None and port_in_use_message(other) is None
+    taken = RuntimeError("The server socket has failed to listen on any local network address. port: 29500, "
+                         "useIpv6: false, code: -98, name: EADDRINUSE, message: address already in use")
+    assert port_in_use_message(taken).startswith("--master_port 29500 is already in use on ")

@@ -98,7 +98,8 @@ def test_an_existing_dataset_is_refused_without_overwrite_and_replaced_whole_wit
     assert status == 0, err
     tok = build_tokenizer("GPT2BPETokenizer", *gpt2_files)
     assert documents(prefix) == [tok.tokenize("the new one")]
-    assert files_of(tmp_path / "out") == ["c4_text_document.bin", "c4_text_document.idx"]
+    assert files_of(tmp_path / "out") == ["c4_text_document.bin", "c4_text_document.idx",
+                                     "c4_text_document.tokenizer.json"]
 
 
 def test_a_bin_without_its_idx_also_counts_as_existing(gpt2_files, tmp_path, main):
@@ -117,7 +118,8 @@ def test_duplicate_json_keys_are_refused_and_the_old_dataset_kept(gpt2_files, tm
                        "--json-keys", "text", "text", "--overwrite")
     assert status == 2 and "--json-keys names 'text' twice" in err
     assert snapshot(tmp_path / "out_text_document") == old
-    assert files_of(tmp_path) == ["a.jsonl", "out_text_document.bin", "out_text_document.idx"]
+    assert files_of(tmp_path) == ["a.jsonl", "out_text_document.bin", "out_text_document.idx",
+                                     "out_text_document.tokenizer.json"]
 
 
 def test_a_killed_runs_temporaries_are_removed_by_the_next_run_with_a_log_line(gpt2_files, sample_dir, tmp_path):
@@ -141,7 +143,8 @@ def test_a_killed_runs_temporaries_are_removed_by_the_next_run_with_a_log_line(g
     assert run.returncode == 0, run.stderr
     for path in left:
         assert f"removed {path}, left by an interrupted run (process {proc.pid} on " in run.stderr
-    assert files_of(tmp_path) == ["a.jsonl", "out_text_document.bin", "out_text_document.idx"]
+    assert files_of(tmp_path) == ["a.jsonl", "out_text_document.bin", "out_text_document.idx",
+                                     "out_text_document.tokenizer.json"]
 
 
 def test_a_temporary_of_a_running_process_is_refused_not_removed(gpt2_files, tmp_path, main):
@@ -280,7 +283,8 @@ def test_per_input_outputs_skip_a_file_that_keeps_nothing(gpt2_files, tmp_path):
                          "--output-per-input")
     assert summary.outputs == [str(tmp_path / "out" / "s_a_text_document")]
     assert summary.empty_outputs == [str(tmp_path / "out" / "s_b_text_document")]
-    assert files_of(tmp_path / "out") == ["s_a_text_document.bin", "s_a_text_document.idx"]
+    assert files_of(tmp_path / "out") == ["s_a_text_document.bin", "s_a_text_document.idx",
+                                     "s_a_text_document.tokenizer.json"]
 
 
 def limit_file_size(nbytes):
@@ -301,7 +305,8 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_old_dataset(gpt2_files, samp
         f"preprocess_data.py: error: {tmp_path}/out_text_document.bin: cannot write (File too large); "
         "nothing was written under that name")
     assert snapshot(tmp_path / "out_text_document") == old
-    assert files_of(tmp_path) == ["out_text_document.bin", "out_text_document.idx", "small.jsonl"]
+    assert files_of(tmp_path) == ["out_text_document.bin", "out_text_document.idx",
+                                     "out_text_document.tokenizer.json", "small.jsonl"]
 
 
 @pytest.fixture
@@ -368,7 +373,7 @@ def test_partitions_interleave_lines_as_megatron_does(gpt2_files, tmp_path):
     preprocess(*inputs, "--output-prefix", tmp_path / "one")
     assert snapshot(tmp_path / "seq_text_document") == snapshot(tmp_path / "one_text_document")
     assert files_of(tmp_path) == ["a.jsonl", "b.json.gz", *(f"{p}_text_document.{e}" for p in ("one", "p3", "seq")
-                                                             for e in ("bin", "idx"))]
+                                                             for e in ("bin", "idx", "tokenizer.json"))]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -26,8 +26,8 @@ import time
 
 from megatron_snm.data.json_lines import parse_line
 from megatron_snm.inference import evaluate as ev
-from megatron_snm.inference.cli import (DTYPES, UsageError, add_checkpoint_flags, load_checkpoint_and_tokenizer,
-                                        read_text_lines, run_tool)
+from megatron_snm.inference.cli import (DTYPES, UsageError, add_checkpoint_flags, check_data_tokenizer,
+                                        load_checkpoint_and_tokenizer, read_text_lines, run_tool)
 from megatron_snm.inference.model import InferenceGPT, start_runtime, stop_runtime
 
 
@@ -124,6 +124,7 @@ def _main(args) -> int:
             dataset = IndexedDataset(args.data_path)
         except (OSError, ValueError) as err:
             raise UsageError(f"--data-path {args.data_path}: {err}") from None
+        check_data_tokenizer(args.data_path, ckpt, tok)
         split = args.split or ckpt.run_config.data.split
         begin, end = documents_to_evaluate(split, args.split_part, len(dataset))
         print(f"evaluate.py: {args.data_path}: documents {begin}..{end - 1} of {len(dataset)}, the {args.split_part} "

@@ -5,7 +5,9 @@
         --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt \\
         --append-eod --workers 2
 
-writes `out/c4_text_document.bin/.idx` (Megatron-LM's flags and names). With `--output-per-input`
+writes `out/c4_text_document.bin/.idx` (Megatron-LM's flags and names) and, beside them,
+`out/c4_text_document.tokenizer.json`: which tokenizer made them, checked by training, merging and
+the tools (megatron_snm/data/tokenizer_description.py). With `--output-per-input`
 each input file gets its own `PREFIX_<file stem>_<key>_document` instead.
 
 How it runs: the main process streams the input in chunks of lines (~1 MiB), worker processes
@@ -41,6 +43,7 @@ from megatron_snm.data.indexed_dataset import (
 from megatron_snm.data.json_lines import (
     SUFFIXES, Chunk, SkipLog, expand_inputs, parse_line, read_chunks, total_input_bytes,
 )
+from megatron_snm.data.tokenizer_description import describe, description_path
 from megatron_snm.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 from megatron_snm.data.worker_pool import OrderedPool, WorkerDied, WorkerFailed
 
@@ -237,7 +240,8 @@ def output_prefixes(args, files) -> list[list[str]]:
     prefixes = [[f"{g}_{key}_document" for key in args.json_keys] for g in groups]
     for prefix in (p for group in prefixes for p in group):
         clear_stale_temporaries(prefix, log)
-        existing = [path for path in (bin_path(prefix), idx_path(prefix)) if os.path.lexists(path)]
+        existing = [path for path in (bin_path(prefix), idx_path(prefix), description_path(prefix))
+                    if os.path.lexists(path)]
         if existing and not args.overwrite:
             raise ValueError(
                 f"{existing[0]} already exists; pass --overwrite to replace it (the old dataset stays until "
@@ -269,8 +273,10 @@ class Writer:
     0's documents, then partition 1's, ...: the order Megatron's partitioned run writes.
     """
 
-    def __init__(self, prefixes: list[list[str]], dtype, per_input: bool, partitions: int = 1, overwrite: bool = False):
+    def __init__(self, prefixes: list[list[str]], dtype, per_input: bool, partitions: int = 1, overwrite: bool = False,
+                 tokenizer: dict | None = None):
         self.prefixes, self.dtype, self.per_input, self.partitions = prefixes, dtype, per_input, partitions
+        self.tokenizer = tokenizer  # its description, written beside every dataset
         self.overwrite = overwrite
         self.builders: list[list[IndexedDatasetBuilder]] = []  # [key][partition]
         self.lines_before_file = 0
@@ -282,7 +288,7 @@ class Writer:
         for prefix in self.prefixes[group]:  # one at a time, so that abort() finds each one made
             self.builders.append([])
             for _ in range(self.partitions):
-                self.builders[-1].append(IndexedDatasetBuilder(prefix, self.dtype))
+                self.builders[-1].append(IndexedDatasetBuilder(prefix, self.dtype, self.tokenizer))
 
     def _finalize(self, group: int) -> None:
         if self.group_documents == 0:  # an empty dataset would only fail later, in training
@@ -388,7 +394,8 @@ def run(args) -> Summary:
     )
 
     start = time.perf_counter()
-    writer = Writer(prefixes, dtype, args.output_per_input, partitions, args.overwrite)
+    writer = Writer(prefixes, dtype, args.output_per_input, partitions, args.overwrite,
+                    describe(tokenizer, args.tokenizer_model or args.vocab_file))
     progress = Progress(args.log_interval, total_input_bytes(files))
     try:
         with OrderedPool(tokenize_chunk, args.workers, _init_worker,

@@ -7,7 +7,8 @@ Layout of `--save DIR`:
     DIR/iter_0000100/               DeepSpeed's files: model (per TP rank / pipeline layer),
                                     optimizer (ZeRO shards per DP rank)
         megatron_snm.json           ours: iteration, consumed samples, spike state, the run's
-                                    arguments, parallel sizes and model shape
+                                    arguments, tokenizer, parallel sizes and model shape
+        tokenizer/                  ours: a copy of the run's tokenizer files (checkpoint/tokenizer.py)
         rng_state_00003.pt          ours: every rank's RNG states
 
         manifest.json               ours: every file's size and checksum (manifest.py)
@@ -160,6 +161,10 @@ def start_checkpoint(engine, save_dir: str, iteration: int, metadata: dict,
         target = os.path.join(tmp_dir, rng_file(rank))
         writer.save_object(_rng_state(), target)
         if rank == 0:
+            from megatron_snm.checkpoint.tokenizer import save_tokenizer_files  # it imports checkpoint/read.py, which imports us
+
+            target = os.path.join(tmp_dir, "tokenizer")
+            save_tokenizer_files(writer, tmp_dir, metadata)
             target = os.path.join(tmp_dir, METADATA)
             writer.save_text(json.dumps(dict(metadata, iteration=iteration), indent=1), target)
     except (OSError, RuntimeError) as err:
@@ -237,8 +242,11 @@ def _rename_for_deletion(path: str) -> str:
 
 def run_metadata(run: RunConfig, model_config: GPTConfig) -> dict:
     """What a checkpoint records about the run, and what resuming must match (check_compatible)."""
+    from megatron_snm.checkpoint.tokenizer import run_tokenizer  # it imports checkpoint/read.py, which imports us
+
     return dict(
         args=run.as_dict(),
+        tokenizer=run_tokenizer(run.as_dict()),
         parallel=dict(tensor_model_parallel_size=run.dims.tensor, pipeline_model_parallel_size=run.dims.pipeline,
                       data_parallel_size=run.dims.data, zero_stage=run.parallel.zero_stage,
                       precision=str(run.params_dtype).removeprefix("torch.")),
@@ -288,6 +296,9 @@ def check_compatible(saved: dict, current: dict, checkpoint_dir: str, optimizer:
     """Refuses a checkpoint of another model shape, or of another precision when its `optimizer`
     state is loaded (ConfigError). The padded vocabulary follows the TP size, so it may differ
     when the layout does (reshard.py re-pads the table)."""
+    from megatron_snm.checkpoint.tokenizer import check_same_tokenizer  # it imports checkpoint/read.py, which imports us
+
+    check_same_tokenizer(saved, current, checkpoint_dir)
     was, now = saved["parallel"], current["parallel"]
     if optimizer and "precision" in was and was["precision"] != now["precision"]:
         raise ConfigError(f"checkpoint {checkpoint_dir} holds {was['precision']} weights; this run trains in "

@@ -152,6 +152,9 @@ class ParallelArgs:
                                      "(tools/estimate_memory.py shows the breakdown)")
     cpu_shm_comm: bool = _opt(False, "on CPU, let DeepSpeed JIT-build its shared-memory all-reduce (faster "
                               "collectives within a node; the first build takes a minute)", action="store_true")
+    distributed_timeout_minutes: float = _opt(10.0, "how long a collective waits for the other ranks before the run "
+                                              "ends with a message naming the rank that stopped answering (Megatron's "
+                                              "default, 10; a fraction of a minute is accepted)", type=float)
 
 
 @dataclass(frozen=True)

@@ -401,6 +401,8 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
         raise ConfigError(f"--initial-loss-scale must be a power of 2 (DeepSpeed's initial_scale_power), got "
                           f"{parallel.initial_loss_scale}")
     _positive(loss_scale_window=parallel.loss_scale_window)
+    if not parallel.distributed_timeout_minutes > 0:
+        raise ConfigError(f"--distributed-timeout-minutes must be > 0, got {parallel.distributed_timeout_minutes}")
     for name in ("min_loss_scale", "hysteresis"):
         if getattr(parallel, name) is not None and getattr(parallel, name) <= 0:
             raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(parallel, name)}")

@@ -28,7 +28,9 @@ from typing import Iterable
 import numpy as np
 
 from megatron_snm import atomic
+from megatron_snm.data import tokenizer_description
 from megatron_snm.data.errors import DataError
+from megatron_snm.data.tokenizer_description import description_path
 
 logger = logging.getLogger(__name__)
 
@@ -302,13 +304,15 @@ class IndexedDatasetBuilder:
     removes the temporaries. A failed write (full disk) raises DataError naming the output.
     """
 
-    def __init__(self, prefix: str, dtype=np.uint16):
+    def __init__(self, prefix: str, dtype=np.uint16, tokenizer: dict | None = None):
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
+        self.tokenizer = tokenizer  # its description, published with the pair (data/tokenizer_description.py)
         if self.dtype not in _CODE_OF:
             raise ValueError(f"unsupported token dtype {self.dtype}")
         self._bin_tmp = atomic.temporary_path(bin_path(prefix))
         self._idx_tmp = atomic.temporary_path(idx_path(prefix))
+        self._description_tmp = atomic.temporary_path(description_path(prefix))
         with self._writing(bin_path(prefix)):
             os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
             self._bin = open(self._bin_tmp, "xb")
@@ -401,10 +405,18 @@ class IndexedDatasetBuilder:
                 f.write(docs.tobytes(order="C"))
                 f.flush()
                 os.fsync(f.fileno())
+        renames = [(self._bin_tmp, bin_path(self.prefix)), (self._idx_tmp, idx_path(self.prefix))]
+        if self.tokenizer is not None:
+            with self._writing(description_path(self.prefix)), open(self._description_tmp, "x") as f:
+                f.write(tokenizer_description.to_json(self.tokenizer))
+            renames.insert(0, (self._description_tmp, description_path(self.prefix)))
+        elif replace and os.path.lexists(description_path(self.prefix)):
+            # The old dataset's description must not stay beside a new dataset it does not describe.
+            with self._writing(description_path(self.prefix)):
+                os.remove(description_path(self.prefix))
         with self._writing(f"{self.prefix}.bin/.idx"):
             try:
-                atomic.publish_together([(self._bin_tmp, bin_path(self.prefix)), (self._idx_tmp, idx_path(self.prefix))],
-                                        replace=replace)
+                atomic.publish_together(renames, replace=replace)
             except FileExistsError as e:
                 raise DataError(
                     f"{e.filename}: appeared while this run was writing (another run into the same prefix?); "
@@ -419,7 +431,7 @@ class IndexedDatasetBuilder:
                 self._bin.close()
             except OSError:  # the buffer could not be flushed (full disk): the file goes anyway
                 pass
-        for path in (self._bin_tmp, self._idx_tmp):
+        for path in (self._bin_tmp, self._idx_tmp, self._description_tmp):
             if os.path.lexists(path):
                 os.remove(path)
 
@@ -435,7 +447,7 @@ class IndexedDatasetBuilder:
 def clear_stale_temporaries(prefix: str, log) -> None:
     """Before writing `prefix`: removes the temporaries a killed run left there (logging each),
     or raises DataError if another running process is writing it."""
-    for path in (bin_path(prefix), idx_path(prefix)):
+    for path in (bin_path(prefix), idx_path(prefix), description_path(prefix)):
         try:
             atomic.clear_stale_temporaries(path, log)
         except atomic.TemporaryInUse as e:

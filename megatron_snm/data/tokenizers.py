@@ -58,6 +58,10 @@ class Tokenizer(abc.ABC):
     def detokenize(self, ids) -> str:
         ...
 
+    @abc.abstractmethod
+    def vocabulary(self) -> list[str]:
+        """Every token's string, in id order: what data/tokenizer_description.py fingerprints."""
+
 
 @contextlib.contextmanager
 def _reading(path: str, what: str):
@@ -159,6 +163,7 @@ class GPT2BPETokenizer(Tokenizer):
             raise DataError(f"{vocab_file}: not a GPT-2 vocab.json (expected one JSON object of token: id)")
         if GPT2_EOD not in vocab:
             raise DataError(f"{vocab_file}: no {GPT2_EOD} token")
+        self._tokens = sorted(vocab, key=vocab.__getitem__)  # in id order, <|endoftext|> included
         self._eod = vocab.pop(GPT2_EOD)
         if {decode(t, vocab_file): i for t, i in vocab.items()} != ranks:
             raise DataError(
@@ -191,6 +196,9 @@ class GPT2BPETokenizer(Tokenizer):
     def detokenize(self, ids) -> str:
         return self._encoding.decode(list(ids))
 
+    def vocabulary(self) -> list[str]:
+        return list(self._tokens)
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model; the end of document is its `</s>` (eos) piece, as in Megatron."""
@@ -220,6 +228,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def detokenize(self, ids) -> str:
         return self._sp.decode(list(ids))
+
+    def vocabulary(self) -> list[str]:
+        return [self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size())]
 
 
 class NullTokenizer(Tokenizer):
@@ -298,3 +309,7 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def detokenize(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def vocabulary(self) -> list[str]:
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        return sorted(vocab, key=vocab.__getitem__)

@@ -113,6 +113,19 @@ def _copy_tokenizer(directory: str, save_dir: str, vocab_size: int) -> dict:
     return flags
 
 
+def _tokenizer_record(args: dict, save_dir: str) -> dict | None:
+    """The copied tokenizer's description (checkpoint/tokenizer.py), its files named relative to the
+    checkpoint directory, so the imported checkpoint finds them wherever SAVE_DIR is moved."""
+    from megatron_snm.checkpoint.tokenizer import run_tokenizer
+    from megatron_snm.training.checkpointing import tag_of
+
+    record = run_tokenizer(args)
+    if record is None:
+        return None
+    iter_dir = os.path.join(os.path.abspath(save_dir), tag_of(0))
+    return dict(record, files={k: os.path.relpath(args[k], iter_dir) for k in record["files"]})
+
+
 def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> str:
     """Writes the GPT-2 in `directory` as our weights-only checkpoint; returns the iter directory."""
     from transformers import GPT2Config
@@ -161,5 +174,6 @@ def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipe
                 fp16=weights["embedding.word_embeddings.weight"].dtype == torch.float16,
                 **_copy_tokenizer(directory, save_dir, config.vocab_size))
     metadata = dict(args=flags_from_dict(args).as_dict(), imported_from=os.path.abspath(directory),
-                    model_shape=dict(shape, embedding_norm=embedding_norm, untie_embeddings_and_output_weights=untied))
+                    model_shape=dict(shape, embedding_norm=embedding_norm, untie_embeddings_and_output_weights=untied),
+                    tokenizer=_tokenizer_record(args, save_dir))
     return write_checkpoint(save_dir, weights, metadata, tensor_parallel, pipeline_parallel, vocab_size=config.vocab_size)

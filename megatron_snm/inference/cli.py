@@ -9,6 +9,10 @@ import torch
 
 from megatron_snm.checkpoint.read import CheckpointError, FullCheckpoint, read_checkpoint
 from megatron_snm.checkpoint.tokenizer import checkpoint_tokenizer
+from megatron_snm.data.errors import DataError
+from megatron_snm.data.tokenizer_description import check_dataset, describe, undescribed_warning
+from megatron_snm.parallel.distributed import port_in_use_message
+from megatron_snm.parallel.lost_rank import EXIT_LOST_RANK, lost_rank_message
 
 # Shape flags a user may give to say which model they expect; a checkpoint of another is refused.
 SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads")
@@ -64,6 +68,22 @@ def load_checkpoint_and_tokenizer(args, need_tokenizer: bool):
     return ckpt, tokenizer
 
 
+def check_data_tokenizer(prefix: str, ckpt: FullCheckpoint, tokenizer) -> None:
+    """Refuses (UsageError) dataset `prefix` when its PREFIX.tokenizer.json names another tokenizer
+    than the one in use (`tokenizer`: load_checkpoint_and_tokenizer's (spec, tokenizer) or None);
+    warns in one line about a dataset without one whose ids look like a smaller vocabulary's."""
+    expected = describe(tokenizer[1], tokenizer[0].tokenizer_model or tokenizer[0].vocab_file) if tokenizer \
+        else ckpt.metadata.get("tokenizer")
+    try:
+        if expected is not None:
+            check_dataset(prefix, expected, f"the tokenizer of {ckpt.directory}")
+        warning = undescribed_warning(prefix, expected["vocab_size"] if expected else ckpt.vocab_rows)
+    except DataError as err:
+        raise UsageError(str(err)) from None
+    if warning:
+        print(warning, file=sys.stderr)
+
+
 def check_shape(ckpt: FullCheckpoint, args) -> None:
     shape = ckpt.metadata["model_shape"]
     for flag in SHAPE_FLAGS:
@@ -74,9 +94,17 @@ def check_shape(ckpt: FullCheckpoint, args) -> None:
 
 
 def run_tool(name: str, main) -> int:
-    """Runs main(), turning UsageError / ValueError into one line on stderr and exit status 2."""
+    """Runs main(), turning UsageError / ValueError into one line on stderr and exit status 2, and
+    under a launcher a lost rank or a taken --master_port into one line too (5, 2)."""
     try:
         return main() or 0
     except (UsageError, ValueError) as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        port_taken = port_in_use_message(err)
+        message = port_taken or lost_rank_message(err)
+        if message is None:
+            raise
+        print(f"{name}: error: {message}", file=sys.stderr, flush=True)
+        return 2 if port_taken else EXIT_LOST_RANK

@@ -7,11 +7,13 @@
 
 `discover()` reads this without starting anything, so configuration checks can use the world size
 before any process group exists; training/deepspeed_adapter.init_distributed(env) then starts
-torch.distributed through DeepSpeed with NCCL on GPU and gloo on CPU.
+torch.distributed through DeepSpeed with NCCL on GPU and gloo on CPU. `port_in_use_message` words
+a rendezvous port that another job holds as one line.
 """
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -64,6 +66,19 @@ def discover() -> DistEnv:
         return DistEnv(*mpi, addr, port, "mpi")
     # One process and no launcher: the rendezvous is our own, so a busy default port must not stop it.
     return DistEnv(0, 1, 0, addr, port if "MASTER_PORT" in env else _free_port(addr), "single")
+
+
+def port_in_use_message(err: BaseException) -> str | None:
+    """One line for the rendezvous failing because its port is taken (another job on this node
+    listens there), or None for any other error."""
+    text = str(err)
+    if not isinstance(err, RuntimeError) or not re.search(r"EADDRINUSE|address already in use", text, re.IGNORECASE):
+        return None
+    port = re.search(r"port: (\d+)", text)
+    port = port.group(1) if port else os.environ.get("MASTER_PORT", "?")
+    return (f"--master_port {port} is already in use on {socket.gethostname()} (another job listens there): give "
+            "the launcher another --master_port (or MASTER_PORT), e.g. a free one such as "
+            f"{_free_port('127.0.0.1')}")
 
 
 def device() -> torch.device:

@@ -2,33 +2,69 @@
 
 Kill only `torchrun` or the `deepspeed` launcher (SIGKILL, a node agent that died) and its workers
 would be reparented and go on training and saving, orphaned, into a directory the next run
-wants. `watch_launcher()` finds this process's launcher ancestors (the processes above it whose
-command line is a known launcher: deepspeed's runner and its per-node `launch`, torchrun /
-torch.distributed.run, mpirun / orted / prterun) and a daemon thread ends this process within
-seconds of any of them disappearing. Without a launcher above it (a plain `python`), it does
-nothing.
+wants. `watch_launcher()` finds this process's launcher ancestors and a daemon thread ends this
+process within seconds of any of them disappearing. Without a launcher above it (a plain
+`python`), it does nothing.
+
+A launcher is recognised by what it runs, never by words anywhere in its command line: the
+program itself (mpirun, mpiexec, orterun, orted, prterun, prted, torchrun, deepspeed), or a
+Python interpreter running one of the launchers' modules (`-m deepspeed.launcher.launch`,
+`-m torch.distributed.run`, ...) or their console scripts (`python .../bin/deepspeed`). A shell
+whose command mentions one (`bash -c "nohup deepspeed ... &"`, what `ssh host 'nohup deepspeed
+...&'` runs) is not a launcher: it may exit while the run goes on. The walk up stops at the
+first ancestor that is not a launcher.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
 
 import psutil
 
-_LAUNCHERS = ("deepspeed", "torchrun", "torch.distributed.run", "torch.distributed.launch", "mpirun", "orted",
-              "prterun", "mpiexec")
+_LAUNCHER_PROGRAMS = frozenset({"deepspeed", "ds", "torchrun", "mpirun", "mpiexec", "orterun", "orted", "prterun",
+                                "prted"})
+_LAUNCHER_MODULES = frozenset({"deepspeed.launcher.launch", "deepspeed.launcher.runner", "torch.distributed.run",
+                               "torch.distributed.launch"})
+_PYTHON = re.compile(r"python(\d+(\.\d+)?)?$")
+
+
+def is_launcher(argv: list[str]) -> bool:
+    """Whether the command line `argv` runs a distributed launcher (see the module's docstring)."""
+    if not argv:
+        return False
+    program = os.path.basename(argv[0])
+    if program in _LAUNCHER_PROGRAMS:
+        return True
+    if not _PYTHON.match(program):
+        return False
+    args = iter(argv[1:])
+    for arg in args:  # the interpreter's own options come first, then -m MODULE or the script
+        if arg == "-m":
+            return next(args, "") in _LAUNCHER_MODULES
+        if arg.startswith("-m") and len(arg) > 2:
+            return arg[2:] in _LAUNCHER_MODULES
+        if arg in ("-c", "-"):
+            return False
+        if arg in ("-W", "-X", "--check-hash-based-pycs"):
+            next(args, None)
+            continue
+        if arg.startswith("-"):
+            continue
+        return os.path.basename(arg) in _LAUNCHER_PROGRAMS
+    return False
 
 
 def launcher_ancestors() -> list[psutil.Process]:
     ancestors, proc = [], psutil.Process().parent()
     while proc is not None and proc.pid > 1:
         try:
-            cmdline = " ".join(proc.cmdline())
+            argv = proc.cmdline()
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             break
-        if not any(name in cmdline for name in _LAUNCHERS):
+        if not is_launcher(argv):
             break
         ancestors.append(proc)
         proc = proc.parent()

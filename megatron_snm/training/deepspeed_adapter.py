@@ -1,6 +1,7 @@
 """Every place we reach into DeepSpeed beyond its public calls, in one file.
 
-- `init_distributed`: starts torch.distributed through deepspeed.comm; on CPU it marks DeepSpeed's
+- `init_distributed`: starts torch.distributed through deepspeed.comm, every group with the run's
+  timeout (torch's module default, which later groups take, is set: a reach into torch); on CPU it marks DeepSpeed's
   shared-memory all-reduce unavailable unless asked for (its JIT build takes a minute or more).
 - `ParallelStateMPU`: our process groups (parallel/state.py) under the names DeepSpeed's `mpu`
   argument expects, so ZeRO shards over DP only and gradient norms count TP-split weights once.
@@ -11,6 +12,7 @@
 """
 from __future__ import annotations
 
+import datetime
 import os
 
 import deepspeed
@@ -21,9 +23,11 @@ from megatron_snm.parallel import state
 from megatron_snm.parallel.distributed import DistEnv
 
 
-def init_distributed(env: DistEnv, cpu_shm_comm: bool = False) -> None:
-    """Starts torch.distributed for `env` (NCCL on GPU, gloo on CPU). Idempotent."""
+def init_distributed(env: DistEnv, cpu_shm_comm: bool = False, timeout_minutes: float = 10.0) -> None:
+    """Starts torch.distributed for `env` (NCCL on GPU, gloo on CPU) with `timeout_minutes` for every
+    collective (--distributed-timeout-minutes). Idempotent."""
     import deepspeed.ops
+    import torch.distributed.distributed_c10d as c10d
 
     # DeepSpeed and torch.distributed read the rendezvous from the environment.
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
@@ -32,7 +36,11 @@ def init_distributed(env: DistEnv, cpu_shm_comm: bool = False) -> None:
         torch.cuda.set_device(env.local_rank)
     elif not cpu_shm_comm:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    # Every group made later (ours in parallel/state.py, DeepSpeed's pipeline and ZeRO groups) takes
+    # torch's default timeout, 30 minutes for gloo, unless told: make the default the run's.
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False, timeout=timeout)
 
 
 class ParallelStateMPU:

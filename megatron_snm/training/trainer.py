@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from megatron_snm.config import ConfigError, RunConfig
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.parallel import state
+from megatron_snm.parallel import lost_rank, state
 from megatron_snm.parallel.distributed import DistEnv, device, discover
 from megatron_snm.training import deepspeed_adapter
 from megatron_snm.training.callbacks import StabilityCallback, StepReport
@@ -403,8 +403,10 @@ class Trainer:
 def start_distributed(run: RunConfig, env: DistEnv | None = None) -> None:
     """torch.distributed through DeepSpeed (idempotent: a test may have started torch.distributed
     itself) and the run's TP/PP/DP groups, on every rank."""
-    deepspeed_adapter.init_distributed(env or discover(), cpu_shm_comm=run.parallel.cpu_shm_comm)
+    deepspeed_adapter.init_distributed(env or discover(), cpu_shm_comm=run.parallel.cpu_shm_comm,
+                                       timeout_minutes=run.parallel.distributed_timeout_minutes)
     state.initialize_model_parallel(run.dims.tensor, run.dims.pipeline)
+    lost_rank.record_peers(run.parallel.distributed_timeout_minutes)  # to name a rank that is lost later
 
 
 def build_run(run: RunConfig, vocab_size: int, faults: FaultInjection | None = None,
