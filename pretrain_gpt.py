@@ -26,7 +26,8 @@ from megatron_snm.config import ConfigError, RunConfig, parse_args, resolve
 from megatron_snm.data import build_train_valid_test_datasets
 from megatron_snm.data.gpt_dataset import parse_data_path
 from megatron_snm.data.mock_dataset import build_mock_datasets
-from megatron_snm.data.tokenizer_description import check_dataset, describe, undescribed_warning
+from megatron_snm.data.tokenizer_description import check_dataset, describe
+from megatron_snm.data.vocabulary_check import undescribed_warning
 from megatron_snm.data.tokenizers import build_tokenizer
 from megatron_snm.parallel import distributed
 from megatron_snm.parallel import lost_rank

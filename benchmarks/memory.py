@@ -23,7 +23,7 @@ import tempfile
 import torch
 
 from megatron_snm.parallel.spawn import run_distributed
-from megatron_snm.training.memory_estimate import human
+from megatron_snm.units import human
 from megatron_snm.analysis.memory_measure import measure_run
 
 GPT2_VOCAB = 50257

@@ -455,8 +455,8 @@ def _(work):
 
 @case("pretrain: --save on a nearly full disk (units)")
 def _(work):
-    from megatron_snm.training.checkpoint_errors import CheckpointError
-    from megatron_snm.training.save_dir import claim_save_dir
+    from megatron_snm.checkpoint.errors import CheckpointError
+    from megatron_snm.checkpoint.save_dir import claim_save_dir
 
     free = shutil.disk_usage(work).free
     try:

@@ -164,5 +164,5 @@ def test_evaluate_refuses_a_dataset_of_another_tokenizer(made, tmp_path):
     assert ev.returncode == 2 and description_path(str(made / "data_tok_b_text_document")) in ev.stderr, \
         ev.stderr[-2000:]
     ok = tool(os.path.join(REPO, "tools/evaluate.py"), "--load", str(work / "ckpt"), "--data-path",
-              str(made / "data_tok_a_text_document"), "--max-tokens", "64", cwd=work)
+              str(made / "data_tok_a_text_document"), "--max-tokens", "64", "--split-part", "all", cwd=work)
     assert ok.returncode == 0, ok.stderr[-2000:]

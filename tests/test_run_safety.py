@@ -172,8 +172,8 @@ def test_resuming_an_older_iteration_into_the_same_save_is_refused_unless_asked(
 
 
 def test_a_save_check_names_sizes_in_units_that_say_something(tmp_path):
-    from megatron_snm.training.memory_estimate import human
-    from megatron_snm.training.save_dir import claim_save_dir
+    from megatron_snm.units import human
+    from megatron_snm.checkpoint.save_dir import claim_save_dir
 
     assert [human(n) for n in (0, 500, 1536, 3 * 2**20, 5.5 * 2**30)] == [
         "0 bytes", "500 bytes", "1.5 KiB", "3.0 MiB", "5.50 GiB"]

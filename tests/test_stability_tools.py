@@ -147,7 +147,7 @@ def test_sweep_refuses_a_bad_run_configuration(sample_data, tmp_path):
 def test_gradient_attribution_counts_the_final_layernorm():
     """The sweep's case: the final LayerNorm holds 96% of the gradient norm squared; the rest is the
     embedding's 3% and the blocks' 1%. The largest share decides, not embedding against blocks."""
-    from megatron_snm.training.run_history import gradient_attribution
+    from megatron_snm.analysis.run_history import gradient_attribution
 
     figures = {"grad_norm/embedding": math.sqrt(3.0), "grad_norm/layer_01": math.sqrt(0.5),
                "grad_norm/layer_02": math.sqrt(0.5), "grad_norm/final_norm": math.sqrt(96.0)}

@@ -12,7 +12,7 @@ third, small file with it (in the same atomic set, the `.idx` last):
 vocabulary read from another path, or the same GPT-2 vocabulary through GPT2BPETokenizer or a
 tokenizer.json, matches; another vocabulary of the same size does not. Training, merging and the
 tools compare descriptions (`same_tokenizer`) and refuse a mismatch naming the file and both
-tokenizers. A dataset made elsewhere (Megatron-LM) has no description: `undescribed_warning` looks
+tokenizers. A dataset made elsewhere (Megatron-LM) has no description: `data/vocabulary_check.undescribed_warning` looks
 at its largest token id instead, which for data of a much smaller vocabulary lies far below the
 run's vocabulary size. Checkpoints record the same description (checkpoint/tokenizer.py).
 """
@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 
-import numpy as np
 
 from megatron_snm.data.errors import DataError
 
@@ -30,8 +29,6 @@ SUFFIX = ".tokenizer.json"
 _FIELDS = ("tokenizer_type", "vocab_size", "eod", "vocabulary_sha256")
 # Without a description, a dataset whose largest id is below this fraction of the vocabulary was
 # most likely made with a smaller one (GPT-2 text uses ids near 50,000 within a few documents).
-FAR_BELOW = 0.5
-_SCANNED_TOKENS = 1 << 25  # the largest id is looked for in at most this many tokens (64 MiB of uint16)
 
 
 def description_path(prefix: str) -> str:
@@ -87,27 +84,3 @@ def check_dataset(prefix: str, expected: dict, whose: str) -> None:
         raise DataError(f"{description_path(prefix)}: the dataset {prefix} was made with {label(found)}, but "
                         f"{whose} is {label(expected)}; preprocess it again with that tokenizer, or give the "
                         "tokenizer it was made with")
-
-
-def largest_token_id(prefix: str) -> int | None:
-    """The largest id in (at most the first 32 Mi tokens of) dataset `prefix`'s `.bin`."""
-    from megatron_snm.data.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(prefix)
-    total = int(np.sum(dataset.sequence_lengths, dtype=np.int64))
-    if total == 0:
-        return None
-    tokens = np.frombuffer(dataset._bin, dtype=dataset.dtype, count=min(total, _SCANNED_TOKENS))
-    return int(tokens.max())
-
-
-def undescribed_warning(prefix: str, vocab_size: int) -> str | None:
-    """For a dataset without a description (one made by Megatron-LM, or before descriptions): a
-    one-line warning when its largest token id lies far below `vocab_size`, else None."""
-    if read_description(prefix) is not None:
-        return None
-    largest = largest_token_id(prefix)
-    if largest is None or largest >= FAR_BELOW * vocab_size:
-        return None
-    return (f"warning: {prefix} has no {SUFFIX} and its largest token id is {largest:,}, far below this "
-            f"tokenizer's {vocab_size:,} tokens: was it made with another (smaller) tokenizer?")

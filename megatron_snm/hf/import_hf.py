@@ -117,7 +117,7 @@ def _tokenizer_record(args: dict, save_dir: str) -> dict | None:
     """The copied tokenizer's description (checkpoint/tokenizer.py), its files named relative to the
     checkpoint directory, so the imported checkpoint finds them wherever SAVE_DIR is moved."""
     from megatron_snm.checkpoint.tokenizer import run_tokenizer
-    from megatron_snm.training.checkpointing import tag_of
+    from megatron_snm.checkpoint.format import tag_of
 
     record = run_tokenizer(args)
     if record is None:

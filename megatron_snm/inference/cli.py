@@ -10,7 +10,8 @@ import torch
 from megatron_snm.checkpoint.read import CheckpointError, FullCheckpoint, read_checkpoint
 from megatron_snm.checkpoint.tokenizer import checkpoint_tokenizer
 from megatron_snm.data.errors import DataError
-from megatron_snm.data.tokenizer_description import check_dataset, describe, undescribed_warning
+from megatron_snm.data.tokenizer_description import check_dataset, describe
+from megatron_snm.data.vocabulary_check import undescribed_warning
 from megatron_snm.parallel.distributed import port_in_use_message
 from megatron_snm.parallel.lost_rank import EXIT_LOST_RANK, lost_rank_message
 
