@@ -1,4 +1,4 @@
-# Sourced by pretrain_gpt_{350m,1.7b,13b}.sh once they have set MODEL_SIZE, NNODES, GPUS_PER_NODE,
+# Sourced by pretrain_gpt_{350m,1.7b,13b}.sh and pretrain_llama_1b.sh once they have set MODEL_SIZE, NNODES, GPUS_PER_NODE,
 # TP, PP, MAX_MICRO_BATCH and SIZE_ARGS (flags of that size only): the paper's recipe, the same for
 # every size, then the launch (examples/launch.sh).
 # Adam's beta2, weight decay, clipping, warm-up and the training length are not the paper's

@@ -87,6 +87,18 @@ def test_paper_example_is_accepted_for_its_world_size(size, monkeypatch):
         "zero_optimization"]["stage"]
 
 
+def test_llama_example_is_accepted_for_its_world_size(monkeypatch):
+    """The Llama-family example: the paper's recipe on Llama 3.2 1B's architecture, 8 ranks."""
+    world, launcher, argv = dry_run("pretrain_llama_1b.sh")
+    assert world == 8 and launcher[0] == "deepspeed"
+    cfg, ds = accepted(argv, world, monkeypatch)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups) == (16, 2048, 32, 8)
+    assert (cfg.position_embedding_type, cfg.rotary_base, cfg.normalization) == ("rope", 500000, "RMSNorm")
+    assert cfg.swiglu and cfg.ffn_hidden_size == 8192 and not cfg.add_bias_linear and cfg.sequence_parallel
+    assert (cfg.init_method, cfg.scaled_init, cfg.embedding_norm) == ("small", True, "layernorm")
+    assert cfg.micro_batch_size * cfg.data_parallel_size * ds.gradient_accumulation_steps == 528
+
+
 def test_overrides_reach_the_flags(monkeypatch):
     world, _, argv = dry_run("pretrain_gpt_1.7b.sh", LR="1e-3", EMBEDDING_NORM="scaled", ZERO="3", TP="1",
                              NNODES="2", HOSTFILE="hosts", DATA_PREFIX="/data/c4_text_document")
@@ -165,7 +177,7 @@ def test_slurm_batch_script(tmp_path, monkeypatch):
 
 # --- A newcomer pokes at the examples: --help, DRY_RUN, the README's recipe --------------------------
 
-LAUNCH_EXAMPLES = [s for s in SCRIPTS if s.startswith("pretrain_gpt_")]
+LAUNCH_EXAMPLES = [s for s in SCRIPTS if s.startswith("pretrain_")]
 LAUNCH_COMMANDS = ("deepspeed", "torchrun", "mpirun", "srun", "python", "sbatch", "scontrol")
 
 
