@@ -29,6 +29,9 @@ from megatron_snm.analysis.memory_measure import measure_run
 GPT2_VOCAB = 50257
 SMALL = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4", "--seq-length", "256",
          "--micro-batch-size", "2", "--lr", "1e-4", "--train-iters", "3"]
+# A Llama-family model of the same size: rotary, RMSNorm, SwiGLU, 2 key/value heads, no biases, untied.
+LLAMA = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--group-query-attention",
+         "--num-query-groups", "2", "--disable-bias-linear", "--untie-embeddings-and-output-weights"]
 PRESET_350M = ["--model-size", "350m", "--seq-length", "512", "--micro-batch-size", "1", "--lr", "1e-4",
                "--train-iters", "3"]
 
@@ -48,6 +51,8 @@ def small_configs(small_buckets: str) -> dict[str, tuple[int, list[str]]]:
         "pp2": (2, SMALL + ["--pipeline-model-parallel-size", "2", "--global-batch-size", "8"]),
         "zero0 dp2 full recompute": (2, SMALL + ["--zero-stage", "0", "--checkpoint-activations"]),
         "tp2 full recompute": (2, SMALL + ["--tensor-model-parallel-size", "2", "--checkpoint-activations"]),
+        "llama tp2 sequence parallel": (2, SMALL + LLAMA + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+        "llama zero1 dp2": (2, SMALL + LLAMA + ["--zero-stage", "1"] + bucketed),
     }
 
 
