@@ -54,8 +54,6 @@ def prepare(argv: list[str] | None, world_size: int):
         raise ConfigError("--tokenizer-type is required (the model's vocabulary size is the tokenizer's)")
     tokenizer = build_tokenizer(data.tokenizer_type, data.vocab_file, data.merge_file, data.tokenizer_model,
                                 data.vocab_size)
-    if not data.mock_data:
-        check_datasets_tokenizer(parse_data_path(data.data_path)[0], tokenizer, data.tokenizer_model or data.vocab_file)
     return run, tokenizer
 
 
@@ -122,6 +120,9 @@ def _main(argv: list[str] | None) -> int:
     env = distributed.discover()
     run, tokenizer = prepare(argv, env.world_size)  # before any process group
     memory = startup_estimate(run, tokenizer.vocab_size)  # --device-memory: refused here if it cannot fit
+    if not run.data.mock_data:  # reads the datasets' descriptions (and, without one, their largest id)
+        check_datasets_tokenizer(parse_data_path(run.data.data_path)[0], tokenizer,
+                                 run.data.tokenizer_model or run.data.vocab_file)
     watch_launcher()
     # Our own log lines (which LayerNorm backend, dataset index builds) on rank 0; warnings everywhere.
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,

@@ -143,7 +143,10 @@ def test_errors_after_the_process_group_starts_are_one_line(sample_data, tmp_pat
         assert len(errors) == 2 and "names 'iter_0000042', which is not a checkpoint directory" in errors[0]
         # torchrun prints its own traceback for a failed worker; ours (frames in megatron_snm/) only with --debug.
         assert (os.path.join(REPO, "megatron_snm") in proc.stderr) == debug
-        assert re.search(r"exitcode\s*:\s*2", proc.stderr), proc.stderr[-2000:]
+        # torchrun reports the first rank it saw fail: ours exits 2; a rank torchrun SIGTERMs while it is
+        # still leaving can abort in gloo's teardown (-6) on a loaded machine. Both ranks printed the line.
+        assert re.search(r"exitcode\s*:\s*(2|-6)\b", proc.stderr), proc.stderr[-2000:]
+        assert proc.returncode != 0
 
 
 @pytest.mark.parametrize("argv, launcher", [

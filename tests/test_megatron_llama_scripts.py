@@ -10,8 +10,7 @@ FFN, the vocabulary and the sample counts scaled with the scripts' own ratios; -
 moved inside the 3 iterations. CPU substitutions, only where a script asks for a GPU: the Llama-3
 script's DTYPE is fp8 by default, whose --fp8-* flags are refused naming --bf16 (tested below): the run
 takes the script's other branch, --bf16 alone; Megatron-DeepSpeed's --distributed-backend nccl becomes
-gloo (nccl on a CPU machine is refused naming gloo, test_megatron_flags.py). Left out for now:
---distributed-timeout-minutes 60 (being added on another branch; it returns to the flag set at merge).
+gloo (nccl on a CPU machine is refused naming gloo, test_megatron_flags.py).
 """
 from __future__ import annotations
 
@@ -60,7 +59,7 @@ def llama3_8b(tmp: Path, dtype: str = "bf16") -> list[str]:
             "--no-create-attention-mask-in-dataloader", "--no-mmap-bin-files", "--num-workers", "1"]
     logging = ["--log-interval", "1", "--eval-iters", "1", "--eval-interval", "2", "--save-interval", "2",
                "--log-throughput", "--profile", "--profile-step-start", "1", "--profile-step-end", "2",
-               "--ckpt-format", "torch_dist", "--save", str(run / "checkpoint"), "--load", str(run / "checkpoint"),
+               "--ckpt-format", "torch_dist", "--distributed-timeout-minutes", "60", "--save", str(run / "checkpoint"), "--load", str(run / "checkpoint"),
                "--tensorboard-dir", str(run / "tensorboard")]
     return model + training + ddp + fp8 + parallel + data + logging
 

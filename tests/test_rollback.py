@@ -44,7 +44,8 @@ def test_rollback_equals_skipping_from_the_start_and_survives_a_relaunch(tmp_pat
     rolled, skipped, relaunched, stopped = run_configs(1, [
         diverging(save), skipping(),
         # A relaunch from the checkpoint before the divergence reads the ledger and skips again.
-        BASE + ["--load", str(save), "--load-iteration", "4", "--save", str(save), "--save-interval", "2"],
+        BASE + ["--load", str(save), "--load-iteration", "4", "--save", str(save), "--save-interval", "2",
+                "--overwrite-newer-checkpoints"],  # it replaces iterations 6-10 as it reaches them
         diverging(tmp_path / "stopped", "--max-rollbacks", "0"),
     ])
     check(rolled, skipped, save, "1 process")

@@ -79,8 +79,9 @@ def test_at_init_llama_norms_amplify_by_one_over_input_rms(sample_data, tmp_path
     out = run_tool("tools/stability_at_init.py", "--architecture", "llama", "--hidden-size", "64", "128",
                    "--num-layers", "2", "4", "--embedding-norm", "none", "layernorm", "scaled", "detach",
                    "--sigma", "small", "0.0134", "--data-path", sample_data / "c4_text_document",
-                   "--vocab-size", "500", "--batch-size", "2", "--seq-length", "64").stdout
-    summary = json.loads(out.strip().splitlines()[-1])
+                   "--vocab-size", "500", "--batch-size", "2", "--seq-length", "64", "--output-dir", tmp_path).stdout
+    assert json.loads(out.strip().splitlines()[-1])["results"] == str(tmp_path / "results.json")
+    summary = json.loads((tmp_path / "results.json").read_text())
     assert len(summary["results"]) == 2 * 2 * 4 * 2
     for r in summary["results"]:
         s = r["setting"]

@@ -48,6 +48,7 @@ class TokenizerSpec:
 
 TOKENIZER_DIR = "tokenizer"
 _FILES_OF = {"GPT2BPETokenizer": ("vocab_file", "merge_file"), "SentencePieceTokenizer": ("tokenizer_model",),
+             "GPTSentencePieceTokenizer": ("tokenizer_model",),
              "HuggingFaceTokenizer": ("tokenizer_model",)}
 # A Hugging Face tokenizer given as a directory: the files of it that the tokenizer reads.
 _HF_DIRECTORY_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -60,14 +61,14 @@ def run_tokenizer(args: dict) -> dict | None:
         return None
     sources = tuple((k, args.get(k)) for k in _FILES_OF.get(args["tokenizer_type"], ()))
     stamps = tuple(os.stat(path).st_mtime_ns if path and os.path.exists(path) else None for _, path in sources)
-    return _record(args["tokenizer_type"], sources, stamps)
+    return _record(args["tokenizer_type"], sources, stamps, args.get("vocab_size"))
 
 
 @functools.lru_cache(maxsize=4)
-def _record(tokenizer_type: str, sources: tuple, stamps: tuple) -> dict:
+def _record(tokenizer_type: str, sources: tuple, stamps: tuple, vocab_size: int | None = None) -> dict:
     del stamps  # part of the cache key only: a file changed on disk is described afresh
     values = dict(sources)
-    tokenizer = build_tokenizer(tokenizer_type, **values)
+    tokenizer = build_tokenizer(tokenizer_type, vocab_size=vocab_size, **values)  # NullTokenizer's --vocab-size
     files = {k: f"{TOKENIZER_DIR}/{os.path.basename(os.path.normpath(v))}" for k, v in sources if v}
     return dict(describe(tokenizer, values.get("tokenizer_model") or values.get("vocab_file")), files=files)
 

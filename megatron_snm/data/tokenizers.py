@@ -254,6 +254,9 @@ class NullTokenizer(Tokenizer):
     def detokenize(self, ids) -> str:
         return " ".join(str(int(i)) for i in ids)
 
+    def vocabulary(self) -> list[str]:
+        return [str(i) for i in range(self.vocab_size)]
+
 
 # Names models use for their end-of-text token, tried in order when no tokenizer_config.json says.
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
