@@ -20,17 +20,12 @@ class RotaryEmbedding(torch.nn.Module):
         self.rotary_dim, self.interleaved = rotary_dim, interleaved
         # Not a parameter nor a buffer: a function of the flags, so never in a checkpoint.
         self.inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-        self._last = None  # (offset, length, device) -> cos, sin: queries and keys share one computation
 
-    def angles(self, offset: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [length, rotary_dim] (fp32) for positions offset .. offset + length - 1."""
-        key = (offset, length, device)
-        if self._last is None or self._last[0] != key:
-            positions = torch.arange(offset, offset + length, dtype=torch.float64, device=device)
-            freqs = torch.outer(positions, self.inv_freq.to(device))
-            freqs = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat([freqs, freqs], dim=-1)
-            self._last = key, freqs.cos().float(), freqs.sin().float()
-        return self._last[1:]
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [s, rotary_dim] (fp32) for integer positions [s]."""
+        freqs = torch.outer(positions.to(torch.float64), self.inv_freq.to(positions.device))
+        freqs = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat([freqs, freqs], dim=-1)
+        return freqs.cos().float(), freqs.sin().float()
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         """The quarter turn of each channel pair: (a, b) -> (-b, a)."""
@@ -43,7 +38,7 @@ class RotaryEmbedding(torch.nn.Module):
     def forward(self, x: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
         """x [b, heads, s, head_dim] at positions offset .. offset + s - 1 -> rotated, same dtype."""
         s = x.shape[2]
-        cos, sin = self.angles(position_offset, s, x.device)
+        cos, sin = self.angles(torch.arange(position_offset, position_offset + s, device=x.device))
         rotated, passed = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
         out = rotated.float() * cos + self._rotate(rotated.float()) * sin
         return torch.cat([out.to(x.dtype), passed], dim=-1) if passed.shape[-1] else out.to(x.dtype)
