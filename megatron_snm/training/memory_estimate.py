@@ -61,7 +61,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from megatron_snm.units import human  # noqa: F401  (the tools import it from here too)
+from megatron_snm.units import human
 
 from megatron_snm.model.config import RECOMPUTE_GRANULARITIES as MODEL_RECOMPUTE_GRANULARITIES
 from megatron_snm.model.describe import PIPELINE_PARTITION, ModelDescription, WeightInfo, describe
