@@ -69,11 +69,12 @@ def check_new_directory(flag: str, path: str) -> None:
 
 
 def export(args) -> None:
-    from megatron_snm.hf.export import export_to_hf
+    from megatron_snm.hf.export import export_to_hf, hf_family
 
     check_new_directory("--output", args.output)
     start = time.perf_counter()
     ckpt, tokenizer = load_checkpoint_and_tokenizer(args, need_tokenizer=False)
+    hf_family(ckpt.gpt_config())  # an architecture transformers cannot hold: refused before anything else
     if tokenizer is None:
         print(f"convert_checkpoint.py: warning: {args.load} records no tokenizer; writing the model without "
               "tokenizer files (give --tokenizer-type and its files to include them)", file=sys.stderr)
