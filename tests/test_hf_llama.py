@@ -221,7 +221,7 @@ def imported(llama_dirs, tmp_path_factory):
     convert = load_tool("convert_checkpoint")
     out = {}
     for tie, directory in llama_dirs.items():
-        for layout, flags in (("tp2", TP2), ("pp2", PP2)):
+        for layout, flags in (("tp2", TP2), ("pp2", PP2 + ["--seq-length", "8"])):
             save = tmp_path_factory.mktemp("imported") / f"{tie}-{layout}"
             assert convert.main(["--from", "hf", "--input", str(directory), "--save", str(save)] + flags) == 0
             out[tie, layout] = str(save)
@@ -245,6 +245,7 @@ def test_imported_logits_equal_llama(llama_dirs, imported, tie, layout, one_thre
     assert (gpt.position_embedding_type, gpt.normalization, gpt.swiglu, gpt.add_bias_linear) == ("rope", "RMSNorm", True, False)
     assert (gpt.num_query_groups, gpt.rotary_base, gpt.layernorm_epsilon) == (2, 500000, 1e-5)
     assert gpt.embedding_norm == "none" and gpt.untie_embeddings_and_output_weights == (tie == "untied")
+    assert (gpt.seq_length, gpt.max_position_embeddings) == (16 if layout == "tp2" else 8, 16)  # --seq-length
     spec, tokenizer = checkpoint_tokenizer(ckpt)
     assert spec.tokenizer_type == "HuggingFaceTokenizer" and tokenizer.vocab_size == TOKENIZER_VOCAB
     diff = (our_logits(ckpt, TEST_TOKENS)[..., :TOKENIZER_VOCAB] - hf_logits(llama_dirs[tie], TEST_TOKENS)).abs().max().item()
@@ -273,7 +274,7 @@ def test_greedy_tokens_under_tp2_equal_transformers(llama_dirs, imported, one_th
     from transformers import AutoTokenizer
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    argv = ["--load", imported["untied", "pp2"], "--prompt", PROMPT, "--max-new-tokens", "8", "--greedy",
+    argv = ["--load", imported["untied", "tp2"], "--prompt", PROMPT, "--max-new-tokens", "8", "--greedy",
             "--ignore-eod", "--tensor-model-parallel-size", "2"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(REPO / "tools" / "generate.py"), *argv],
@@ -324,6 +325,10 @@ def test_import_refuses_what_ours_cannot_hold(llama_dirs, tmp_path, capsys):
             "--tensor-model-parallel-size", "4"]  # 2 key/value heads
     assert convert.main(argv) == 2
     assert "--num-query-groups (2) must be divisible by --tensor-model-parallel-size (4)" in capsys.readouterr().err
+    argv = ["--from", "hf", "--input", str(llama_dirs["tied"]), "--save", str(tmp_path / "o"), "--seq-length", "32"]
+    assert convert.main(argv) == 2
+    assert "--seq-length 32 must be in 1..16, the positions of the model in" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def _synthetic_checkpoint(path, **architecture) -> str:

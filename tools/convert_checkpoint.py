@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--max-shard-size", default="5GB", help="--to hf: safetensors shard size (default 5GB)")
     p.add_argument("--input", help="--from hf: a GPT2LMHeadModel or LlamaForCausalLM directory")
     p.add_argument("--save", help="--from hf: our checkpoint directory to write")
+    p.add_argument("--seq-length", type=int, help="--from hf: the --seq-length the checkpoint records (default: the "
+                   "model's positions, n_positions or max_position_embeddings)")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     for flag in ("--tokenizer-type", "--vocab-file", "--merge-file", "--tokenizer-model"):
@@ -96,7 +98,8 @@ def import_(args) -> None:
 
     start = time.perf_counter()
     try:
-        path = import_from_hf(args.input, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+        path = import_from_hf(args.input, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                              args.seq_length)
     except CheckpointError as err:
         raise ValueError(str(err)) from None
     print(f"convert_checkpoint.py: wrote {path} (TP {args.tensor_model_parallel_size}, PP "

@@ -198,8 +198,11 @@ def _llama(directory: str):
     return config, flags, weights
 
 
-def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> str:
-    """Writes the GPT-2 or Llama in `directory` as our weights-only checkpoint; returns the iter directory."""
+def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                   seq_length: int | None = None) -> str:
+    """Writes the GPT-2 or Llama in `directory` as our weights-only checkpoint; returns the iter directory.
+    seq_length: the --seq-length it records (default: the model's positions, which a Llama may
+    count in the hundred thousands)."""
     config_file = os.path.join(directory, "config.json")
     if not os.path.isfile(config_file):
         raise CheckpointError(f"{config_file}: no such file (give a Hugging Face model directory)")
@@ -212,6 +215,12 @@ def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipe
     else:
         raise CheckpointError(f"{config_file}: model_type {model_type!r}; only GPT-2 (GPT2LMHeadModel), Llama "
                               "(LlamaForCausalLM) and our Embed LN export can be imported")
+    if seq_length is not None:
+        positions = flags.get("max_position_embeddings", flags["seq_length"])
+        if not 1 <= seq_length <= positions:
+            raise CheckpointError(f"--seq-length {seq_length} must be in 1..{positions}, the positions of the model in "
+                                  f"{config_file}")
+        flags = dict(flags, seq_length=seq_length, max_position_embeddings=positions)
     if os.path.exists(os.path.join(save_dir, LATEST)):
         raise CheckpointError(f"--save {save_dir} already holds a checkpoint ({LATEST}); import into a new directory")
     for ours in ("tokenizer", "iter_0000000"):  # what the import writes: never replaced
