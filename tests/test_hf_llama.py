@@ -142,7 +142,8 @@ def test_tokenizer_and_generation_config(exported):
     ckpt, directory = exported["pp2-layernorm-untied-1p"]
     _, ours = checkpoint_tokenizer(ckpt)
     theirs = AutoTokenizer.from_pretrained(directory)
-    assert theirs.encode(PROMPT + " and émoji 🙂", add_special_tokens=False) == ours.tokenize(PROMPT + " and émoji 🙂")
+    text = PROMPT + " and émoji 🙂"
+    assert theirs.encode(text, add_special_tokens=False) == ours.tokenize(text)
     assert theirs.eos_token_id == ours.eod
     generation = GenerationConfig.from_pretrained(directory)
     assert generation.eos_token_id == ours.eod and generation.max_length == 16
@@ -242,13 +243,15 @@ def test_imported_logits_equal_llama(llama_dirs, imported, tie, layout, one_thre
     ckpt = read_checkpoint(imported[tie, layout])
     gpt = ckpt.gpt_config()
     assert ckpt.metadata["parallel"]["tensor_model_parallel_size"] == (2 if layout == "tp2" else 1)
-    assert (gpt.position_embedding_type, gpt.normalization, gpt.swiglu, gpt.add_bias_linear) == ("rope", "RMSNorm", True, False)
+    architecture = (gpt.position_embedding_type, gpt.normalization, gpt.swiglu, gpt.add_bias_linear)
+    assert architecture == ("rope", "RMSNorm", True, False)
     assert (gpt.num_query_groups, gpt.rotary_base, gpt.layernorm_epsilon) == (2, 500000, 1e-5)
     assert gpt.embedding_norm == "none" and gpt.untie_embeddings_and_output_weights == (tie == "untied")
     assert (gpt.seq_length, gpt.max_position_embeddings) == (16 if layout == "tp2" else 8, 16)  # --seq-length
     spec, tokenizer = checkpoint_tokenizer(ckpt)
     assert spec.tokenizer_type == "HuggingFaceTokenizer" and tokenizer.vocab_size == TOKENIZER_VOCAB
-    diff = (our_logits(ckpt, TEST_TOKENS)[..., :TOKENIZER_VOCAB] - hf_logits(llama_dirs[tie], TEST_TOKENS)).abs().max().item()
+    ours = our_logits(ckpt, TEST_TOKENS)[..., :TOKENIZER_VOCAB]
+    diff = (ours - hf_logits(llama_dirs[tie], TEST_TOKENS)).abs().max().item()
     print(f"\nimport {tie} {layout}: max |logit diff| {diff:.2e}")
     assert diff <= ATOL
 
