@@ -147,6 +147,16 @@ def test_tokenizer_and_generation_config(exported):
     assert theirs.eos_token_id == ours.eod
     generation = GenerationConfig.from_pretrained(directory)
     assert generation.eos_token_id == ours.eod and generation.max_length == 16
+    config = json.loads(open(os.path.join(directory, "config.json")).read())
+    assert config["bos_token_id"] == config["eos_token_id"] == ours.eod
+
+
+def test_convert_tool_writes_plain_llama(trained, tmp_path, capsys):
+    save_dir = trained["zero3-layernorm-mqa"].save_dir
+    assert load_tool("convert_checkpoint").main(["--to", "hf", "--load", save_dir, "--output", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert "(LlamaForCausalLM)" in out and "embedding norm layernorm" in out and "trust_remote_code" not in out
+    assert type(plain_llama(tmp_path / "hf")).__name__ == "LlamaForCausalLM"
 
 
 def test_evaluate_agrees_with_lm_eval(trained, exported, tmp_path, monkeypatch, capsys, one_thread, sample_dir):
