@@ -9,6 +9,8 @@
   torch's AdamW, which ZeRO lists, with a gate in its step), our safe checkpoint engine installed,
   and the no-op gradient all-reduce of a single data-parallel rank switched off.
 - `global_grad_norm`: the norm DeepSpeed measured in the step (or our optimizer, under ZeRO-0 fp32).
+- `local_values`, `partitioned_over_data_parallel`: a parameter's values held by this rank (under
+  ZeRO-3 its partition, `ds_tensor`, zero-padded on the last rank).
 """
 from __future__ import annotations
 
@@ -95,3 +97,14 @@ def allow_under_zero(optimizer_class: type) -> None:
 def global_grad_norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
+
+
+def partitioned_over_data_parallel(param: torch.nn.Parameter) -> bool:
+    """Whether ZeRO-3 partitioned this parameter over the data-parallel ranks."""
+    return hasattr(param, "ds_tensor")
+
+
+def local_values(param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's values of a parameter: the module's tensor, or under ZeRO-3 this rank's partition
+    (the module's tensor is an empty placeholder between steps there; the padding is zeros)."""
+    return param.ds_tensor if partitioned_over_data_parallel(param) else param.data
