@@ -65,6 +65,7 @@ class StabilityCallback(Callback):
         self.metrics, self.interval, self.spike_factor = metrics, interval, spike_factor
         self.after_spike: int | None = None  # the iteration of the spike the next step follows
         self.capturing = False
+        self.last_figures: dict[str, float] = {}  # the latest step's figures ({}: not captured), for the trainer
 
     def pre_step(self, iteration: int) -> None:
         self.capturing = self.after_spike is not None or (self.interval > 0 and iteration % self.interval == 0)
@@ -90,6 +91,7 @@ class StabilityCallback(Callback):
             self.monitor.stop()
             figures = self.figures()
             self.metrics.stability(figures, report.iteration)
+        self.last_figures = figures
         it = report.iteration
         if report.verdict.spike:
             self.metrics.print(
