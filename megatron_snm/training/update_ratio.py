@@ -14,13 +14,13 @@ Both RMS run over the same elements, so the ratio is ||w_after - w_before|| / ||
     ... the training step ...
     updates.figures()        # after it (collective): {"update_rms_ratio/layer_01": 1.3e-3, ...}
 
-Measured on the weights the model holds, observed from outside the optimizer (DeepSpeed's ZeRO
-wrappers flatten and partition the optimizer's view, but every layout copies the updated values
-back into the module): under bf16 the bf16 weights the forward pass uses; under ZeRO-3 this rank's
-partition of each weight. Sums of squares are added over the tensor-parallel ranks for TP-split
-weights (replicated ones count once), and over the data-parallel ranks for ZeRO-3 partitions; each
-pipeline stage measures its own modules. A step whose update the spike policy withheld moved
-nothing and reads 0.
+Measured on the fp32 weights the optimizer updates, observed from outside it (the update of a
+bf16 run is the master weights', which the bf16 copies would round away): each rank reads its share
+(training/deepspeed_adapter.local_master: the parameter under ZeRO-0 fp32, its fragment of the flat
+partition under ZeRO-1/2 and bf16, its partition under ZeRO-3). Sums of squares are added over
+the data-parallel ranks where the masters are split, then over the tensor-parallel ranks for
+TP-split weights (replicated ones count once); each pipeline stage measures its own modules. A
+step whose update the spike policy withheld moved nothing and reads 0.
 """
 from __future__ import annotations
 
@@ -36,16 +36,16 @@ from megatron_snm.training.monitor import parameter_owners
 class UpdateRatio:
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        # Between snapshot() and figures(): a copy of every local parameter, i.e. this rank's weights
-        # once more (4 bytes a parameter in fp32, 2 in bf16; under ZeRO-3 its 1/DP partition),
-        # held only over the monitor's capture steps.
+        # Between snapshot() and figures(): a copy of this rank's share of the fp32 master weights
+        # (4 bytes a parameter of the rank's model; 4/DP under ZeRO), held only over the monitor's
+        # capture steps.
         self._before: list[tuple[str, bool, torch.nn.Parameter, torch.Tensor]] = []
 
     def _local(self):
         """(owner, TP-split, parameter, this rank's values of it) for every owned parameter."""
         for owner, module in parameter_owners(self.model):
             for param in module.parameters():
-                yield owner, is_tensor_parallel(param), param, deepspeed_adapter.local_values(param)
+                yield owner, is_tensor_parallel(param), param, deepspeed_adapter.local_master(param)
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -62,7 +62,7 @@ class UpdateRatio:
         squares = torch.zeros(len(owners), 2, 2, dtype=torch.float64)
         partitioned = False
         for owner, split, param, before in self._before:
-            after = deepspeed_adapter.local_values(param).detach()
+            after = deepspeed_adapter.local_master(param).detach()
             row = squares[owners.index(owner), int(split)]
             row[0] += (after.double() - before.double()).pow(2).sum()
             row[1] += before.double().pow(2).sum()
