@@ -85,20 +85,16 @@ def initialize(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config
 
 
 def _link_16bit_masters(optimizer) -> None:
-    """DeepSpeed's 16-bit wrappers at ZeRO-0 keep the fp32 masters in lists of their own, unlinked to
-    the parameters (ZeRO-1/2 and the bf16 optimizer link fragments as `_hp_mapping`): link each
-    parameter to its master, a tensor the wrapper updates (and loads) in place."""
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    """DeepSpeed's 16-bit wrapper at ZeRO-0 (FP16_UnfusedOptimizer: ours is not its FusedAdam) keeps
+    an fp32 copy of each parameter in a list of its own, unlinked to the parameter (ZeRO-1/2 and the
+    bf16 optimizer link fragments as `_hp_mapping`): link each parameter to its copy, which the
+    wrapper steps and loads in place."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-    if isinstance(optimizer, FP16_UnfusedOptimizer):  # one fp32 copy per parameter
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
         for params, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups):
             for param, master in zip(params, masters):
                 param._megatron_snm_master = master.data
-    elif isinstance(optimizer, FP16_Optimizer):  # one flat fp32 tensor per group, in the group's order
-        for params, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
-            for param, master in zip(params, flat.data.split([p.numel() for p in params])):
-                param._megatron_snm_master = master.view_as(param)
 
 
 def allow_under_zero(optimizer_class: type) -> None:
