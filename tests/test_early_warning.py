@@ -11,6 +11,7 @@ import contextlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,8 @@ from megatron_snm.training.engine import StepResult
 from megatron_snm.training.metrics import TrainingMetrics
 from megatron_snm.training.spikes import Verdict
 from tests.training_harness import TINY
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_run(run_dir, steps, loss_at, grad_norm_at, figures_at):
@@ -88,7 +91,7 @@ def test_counts_and_leads(sweep):
 def test_tool_prints_and_writes_the_table(sweep, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "tools/early_warning.py", str(sweep), "--output-dir", str(out),
-                           "--factors", "2", "--absolute", "log_z=20"], capture_output=True, text=True)
+                           "--factors", "2", "--absolute", "log_z=20"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     printed = [line.split() for line in proc.stdout.splitlines()]
     assert ["update_rms_ratio", "x2", "mean", "2", "2", "1", "1", "10", "10", "1", "0"] in printed
@@ -98,5 +101,5 @@ def test_tool_prints_and_writes_the_table(sweep, tmp_path):
     assert "| update_rms_ratio | x2 mean | 2 | 2 | 1 | 1 | 10 | 10 | 1 | 0 |" in (out / "early_warning.md").read_text()
 
     bad = subprocess.run([sys.executable, "tools/early_warning.py", str(tmp_path / "missing")],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("missing: no train.log and no runs/ directory in it")

@@ -10,7 +10,6 @@ spike over the 3-step mean, skipped with --skip-spiky-steps).
 import os
 
 import pytest
-import torch
 
 from megatron_snm.checkpoint.format import tag_of
 from megatron_snm.checkpoint.read import read_checkpoint
