@@ -5,7 +5,8 @@ TensorBoard scalars), with known loss spikes and known precursors, so every coun
 Run "a" (100 steps, the monitor every 5): a loss spike at step 60; the gradient norm jumps at 20
 (nothing follows: a false alarm) and at 55 (5 steps ahead); layer_02's update/weight ratio jumps
 at 50 (10 steps ahead; the other modules' stay flat). Run "b" (80 steps): a spike at 40 that only
-log Z announces, at 35 (25 against 4 elsewhere); its gradient norm and ratios stay flat.
+log Z announces, at 35 (25 against 4 elsewhere), and that lasts two steps (40 and 41: one spike);
+its gradient norm and ratios stay flat.
 """
 import contextlib
 import json
@@ -54,7 +55,7 @@ def sweep(tmp_path_factory):
     write_run(root / "runs" / "a", 100, lambda it: 6.0 if it == 60 else 3.0,
               lambda it: 5.0 if it in (20, 55) else 1.0,
               lambda it: figures(it, layer_02_ratio=1e-2 if it == 50 else 1e-3))
-    write_run(root / "runs" / "b", 80, lambda it: 6.0 if it == 40 else 3.0, lambda it: 1.0,
+    write_run(root / "runs" / "b", 80, lambda it: 6.0 if it in (40, 41) else 3.0, lambda it: 1.0,
               lambda it: figures(it, log_z=25.0 if it == 35 else 4.0))
     return root
 
@@ -72,7 +73,8 @@ def row(runs, spikes, warned, lead, crossings, false_alarms):
 
 def test_counts_and_leads(sweep):
     table = early_warning(read_runs([str(sweep)]), SpikeRules(), Settings())
-    assert [(r["name"].rsplit("/", 1)[1], r["loss_spikes"]) for r in table["runs"]] == [("a", [60]), ("b", [40])]
+    assert [(r["name"].rsplit("/", 1)[1], r["loss_spikes"], r["spikes"]) for r in table["runs"]] == [
+        ("a", [60], [60]), ("b", [40, 41], [40])]
     rows = rows_of(table)
     for k in ("x1.5 mean", "x2 mean", "x4 mean"):
         assert rows[("grad_norm", k)] == row(2, 2, 1, 5, 2, 1)

@@ -12,10 +12,10 @@ previous window; non-finite steps are divergences, not counted here). Signals an
   monitor captured for the others (so a monitor signal can warn only where a captured step falls
   within the horizon);
 - absolute "> v" (log Z and attention logits, whose scale means something on its own): a value above v.
-A spike is warned when the signal crossed within the `horizon` steps before it (a crossing at the
-spike's own step is too late to act on); its lead is the steps from the first such crossing. A
-crossing is a false alarm when no spike follows within the horizon (the crossing's own step
-included). A run that never recorded the signal counts for neither its spikes nor its crossings.
+Consecutive spiky steps are one spike, at its first step. A spike is warned when the signal crossed
+within the `horizon` steps before it (a crossing at the spike's own step is too late to act on);
+its lead is the steps from the first such crossing. A crossing is a false alarm when no spiky step
+follows within the horizon (the crossing's own step included). A run that never recorded the signal counts for neither its spikes nor its crossings.
 """
 from __future__ import annotations
 
@@ -85,10 +85,15 @@ def rule_text(rule: tuple[str, float]) -> str:
     return f"x{value:g} mean" if kind == "relative" else f"> {value:g}"
 
 
+def spike_events(spike_steps: list[int]) -> list[int]:
+    """The first step of each run of consecutive spiky steps."""
+    return [s for s in spike_steps if s - 1 not in spike_steps]
+
+
 def score(spike_steps: list[int], crossed: list[int], horizon: int) -> dict:
     """One run's warned spikes (with their leads) and false alarms."""
     leads = []
-    for spike in spike_steps:
+    for spike in spike_events(spike_steps):
         before = [c for c in crossed if spike - horizon <= c < spike]
         if before:
             leads.append(spike - before[0])
@@ -107,7 +112,7 @@ def early_warning(runs: list[Run], rules: SpikeRules, settings: Settings) -> dic
         if not series:
             absent.append(signal)
             continue
-        spike_count = sum(len(loss_spikes[name]) for name in series)
+        spike_count = sum(len(spike_events(loss_spikes[name])) for name in series)
         for rule in rules_for(signal, settings):
             leads, crossed_total, false_alarms = [], 0, 0
             for name, values in series.items():
@@ -121,8 +126,8 @@ def early_warning(runs: list[Run], rules: SpikeRules, settings: Settings) -> dic
                 missed=spike_count - len(leads), lead_median=statistics.median(leads) if leads else None,
                 lead_min=min(leads) if leads else None, crossings=crossed_total, false_alarms=false_alarms))
     return dict(settings=dict(asdict(settings), spike_rules=asdict(rules)), rows=rows, absent_signals=absent,
-                runs=[dict(name=run.name, steps=len(run.history.loss), loss_spikes=loss_spikes[run.name])
-                      for run in runs])
+                runs=[dict(name=run.name, steps=len(run.history.loss), loss_spikes=loss_spikes[run.name],
+                           spikes=spike_events(loss_spikes[run.name])) for run in runs])
 
 
 COLUMNS = ("signal", "rule", "runs", "spikes", "warned", "missed", "lead_median", "lead_min", "crossings",
@@ -138,8 +143,8 @@ def markdown(table: dict) -> str:
     lines = [f"Loss spikes: loss > {s['spike_rules']['loss_factor']:g} x the mean of the previous "
              f"{s['spike_rules']['window']} steps; a crossing warns a spike within the {s['horizon']} steps after "
              f"it; relative rules against the mean of the signal's previous {s['window']} observations "
-             f"(at least {s['min_history']}). {len(table['runs'])} runs, "
-             f"{sum(len(r['loss_spikes']) for r in table['runs'])} loss spikes.", "",
+             f"(at least {s['min_history']}); consecutive spiky steps are one spike. {len(table['runs'])} runs, "
+             f"{sum(len(r['spikes']) for r in table['runs'])} loss spikes.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in table["rows"]]
     if table["absent_signals"]:
