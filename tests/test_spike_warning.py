@@ -74,3 +74,14 @@ def test_refusals_name_the_flag(flags, message):
     assert message in str(err.value)
     assert resolve(parse_args(TINY + ["--spike-warning", "log_z:3", "--save", "x", "--log-stability-interval", "5"]),
                    1).spike_warning == ("log_z", 3.0)
+
+
+def test_a_checkpoint_gives_back_the_history_of_the_same_signal_only():
+    saved = SpikeWarning("grad_norm", 4.0, window=20)
+    for value in (1.0, 1.0, 1.0, 1.0, 1.0):
+        saved.observe(value, {})
+    same, other = SpikeWarning("grad_norm", 4.0, window=20), SpikeWarning("update_rms_ratio", 4.0, window=20)
+    same.load_state_dict(saved.state_dict())
+    other.load_state_dict(saved.state_dict())
+    assert same.observe(5.0, {}) == "grad_norm 5 > 4 x its running mean 1"  # 5 observations: it may fire
+    assert other.observe(9.0, {"update_rms_ratio/embedding": 1.0}) is None and other.threshold.mean() == 1.0

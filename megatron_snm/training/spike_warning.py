@@ -33,7 +33,9 @@ class SpikeWarning:
         return f"{self.signal} {value:.4g} > {self.factor:g} x its running mean {mean:.4g}"
 
     def state_dict(self) -> dict:
-        return self.threshold.state_dict()
+        return dict(self.threshold.state_dict(), signal=self.signal)
 
     def load_state_dict(self, state: dict) -> None:
-        self.threshold.load_state_dict(state)
+        """A checkpoint's history, if it is of the same signal (a resumed run may watch another)."""
+        if state.get("signal") == self.signal:
+            self.threshold.load_state_dict(state)
