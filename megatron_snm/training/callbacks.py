@@ -56,7 +56,7 @@ def _listing(figures: dict[str, float]) -> str:
 class StabilityCallback(Callback):
     """Runs the stability monitor every `interval` steps (0: never) and on the step right after a
     loss spike, and reports its figures with the step's update/weight ratios (training/update_ratio.py).
-    The monitor costs a few hooks per layer while it captures, the ratios a copy of the weights;
+    The monitor costs a few hooks per layer while it captures, the ratios a copy of the fp32 weights;
     a spike is known only once its step is done, so `interval` 1 captures the spiky step itself."""
 
     def __init__(self, model, metrics, interval: int, spike_factor: float):
@@ -75,7 +75,7 @@ class StabilityCallback(Callback):
 
     def figures(self) -> dict[str, float]:
         """The figures of the whole model (collective): each pipeline stage measures its own layers."""
-        figures = {**self.monitor.figures(), **self.updates.figures()}  # collective over TP (DP under ZeRO-3)
+        figures = {**self.monitor.figures(), **self.updates.figures()}  # collective over TP (and DP under ZeRO)
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (state.get_data_parallel_rank(), state.get_tensor_model_parallel_rank(),
                                           figures))
