@@ -77,7 +77,7 @@ METHODS = {
 DEFAULTS = dict(method=[m for m in METHODS if m != "embed-detach"], architecture=["gpt2", "llama"],
                 lr=[1e-3, 3.16e-3, 1e-2, 3.16e-2], seed=[1, 2, 3], sigma=["0.0132"], num_layers=[4],
                 lr_warmup_iters=None, adam_beta2=[0.95], clip_grad=[1.0],
-                hidden_size=64, seq_length=128, batch_size=16, train_iters=300, eval_interval=150, eval_iters=16,
+                hidden_size=64, head_dim=16, seq_length=128, batch_size=16, train_iters=300, eval_interval=150, eval_iters=16,
                 log_interval=10, log_stability_interval=5, weight_decay=0.1, min_lr_ratio=0.1, split="980,20,0")
 # --quick: 4 runs of a 2-layer d=32 model, a sane learning rate and a deliberately unstable one.
 QUICK = dict(method=["vanilla", "embed-ln"], architecture=["gpt2"], lr=[3e-3, 1.0], seed=[1], clip_grad=[0.0],
@@ -135,7 +135,7 @@ def command(args: argparse.Namespace, point: Point, run_dir: Path) -> list[str]:
     tokenizer = [flag for flag, value in (("--tokenizer-type", args.tokenizer_type), ("--vocab-file", args.vocab_file),
                                           ("--merge-file", args.merge_file), ("--tokenizer-model", args.tokenizer_model))
                  if value for flag in (flag, value)]
-    heads = max(1, args.hidden_size // 16)  # head dimension 16, as large models' ratio of heads to width
+    heads = max(1, args.hidden_size // args.head_dim)
     embedding_norm, method_flags = METHODS[point.method]
     return [
         sys.executable, str(PRETRAIN),
@@ -352,7 +352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--adam-beta2", nargs="+", type=float)
     grid.add_argument("--clip-grad", nargs="+", type=float, help="0: no clipping")
     fixed = p.add_argument_group("the same for every run")
-    fixed.add_argument("--hidden-size", type=int, help="heads of dimension 16 (Llama: a key/value head per two)")
+    fixed.add_argument("--hidden-size", type=int)
+    fixed.add_argument("--head-dim", type=int, help="--hidden-size / this many heads (Llama: a key/value head per two)")
     fixed.add_argument("--seq-length", type=int)
     fixed.add_argument("--batch-size", type=int, help="global = micro batch (one process, no accumulation)")
     fixed.add_argument("--train-iters", type=int)
@@ -375,7 +376,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("hidden_size", "seq_length", "batch_size", "train_iters", "eval_interval", "log_interval",
+    for key in ("hidden_size", "head_dim", "seq_length", "batch_size", "train_iters", "eval_interval", "log_interval",
                 "jobs", "threads", "spike_window"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
