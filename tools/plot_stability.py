@@ -6,8 +6,9 @@ training. Spikes are marked (the rules of megatron_snm/analysis/run_history.py).
 
 Each DIR is a sweep's output directory (its runs/*/), or one run directory holding train.log (and
 tensorboard/). A run's axes come from its result.json (written by tools/stability_sweep.py), else
-from the flags in its command.txt. Runs are grouped by the axes other than the embedding mode,
-learning rate and seed (sigma, depth, warm-up, beta2, clipping); each group gets
+from the flags in its command.txt. Runs are grouped by the axes other than the method (the
+sweep's, else the embedding mode), learning rate and seed (architecture, sigma, depth, warm-up,
+beta2, clipping); each group gets
 GROUP-loss.png (a panel per learning rate, a line per method and seed), GROUP-grad_norm.png,
 GROUP-valid_ppl_vs_lr.png and GROUP-monitor_lrX.png (residual-stream std per layer, shallow
 LayerNorm amplification, gradient norm of embedding / blocks / final LayerNorm, over training).
