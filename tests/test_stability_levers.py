@@ -342,3 +342,29 @@ def test_training_with_the_levers_matches_one_process_in_every_layout(tmp_path):
     z_only, plain = one["z-loss only"].losses, one["plain"].losses
     assert z_only[1] == pytest.approx(plain[1], rel=1e-6)
     assert abs(z_only[10] / plain[10] - 1) > 1e-3, (z_only[10], plain[10])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_memory_estimate_counts_qk_layernorm(arch):
+    """QK-norm's gains are in the description (so in the parameter counts), and the activations it adds
+    (the norms' inputs and statistics, their outputs without rotary, SDPA's output) are what autograd keeps."""
+    from megatron_snm.analysis.memory_measure import SavedActivations
+    from megatron_snm.model.presets import architecture_flags
+    from megatron_snm.model.transformer import run_blocks
+    from megatron_snm.training import memory_estimate
+
+    shape = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "8", "--seq-length", "128",
+             "--train-iters", "1", "--micro-batch-size", "2", *architecture_flags(arch, 8)]
+    tokens = torch.randint(0, 500, (2, 128), generator=torch.Generator().manual_seed(0))
+    saved, estimated, parameters = [], [], []
+    for qk in ([], ["--qk-layernorm"]):
+        run = resolve(parse_args(shape + qk), 1)
+        model = GPTModel(run.model_config(500))
+        with SavedActivations(model) as activations:
+            model.embedding.logits(model.final_norm(run_blocks(model.layers, model.embedding(tokens), 1)))
+        plan = memory_estimate.plan_from_config(run, 500, run.deepspeed)
+        saved.append(activations.bytes)
+        estimated.append(memory_estimate.stage_activation_bytes(plan, 0)["activations"])
+        parameters.append(memory_estimate.estimate_stage(plan, 0).parameters)
+    assert parameters[1] - parameters[0] == 2 * 2 * (2 if arch == "gpt2" else 1) * 16  # q, k: gain (+ bias) of 16
+    assert estimated[1] - estimated[0] == pytest.approx(saved[1] - saved[0], rel=0.05)
