@@ -368,3 +368,33 @@ def test_memory_estimate_counts_qk_layernorm(arch):
         parameters.append(memory_estimate.estimate_stage(plan, 0).parameters)
     assert parameters[1] - parameters[0] == 2 * 2 * (2 if arch == "gpt2" else 1) * 16  # q, k: gain (+ bias) of 16
     assert estimated[1] - estimated[0] == pytest.approx(saved[1] - saved[0], rel=0.05)
+
+
+def test_log_line_gives_the_z_loss_apart_from_the_lm_loss(capsys):
+    """` z loss: ... |` follows `lm loss`, the interval's means of each; the parsers of the lm loss
+    (Megatron's line, analysis/run_history.py) read the line as before."""
+    import re
+
+    from megatron_snm.analysis.run_history import _ITERATION
+    from megatron_snm.training.callbacks import StepReport
+    from megatron_snm.training.engine import StepResult
+    from megatron_snm.training.metrics import TrainingMetrics
+    from megatron_snm.training.spikes import Verdict
+
+    run = resolve(parse_args(SHAPE + ["--train-iters", "2", "--log-interval", "2", "--z-loss-weight", "1e-4"]), 1)
+    metrics = TrainingMetrics(run, 1.0, rank=0)
+    for it, (lm, z) in enumerate([(4.0, 0.25), (3.0, 0.5)], start=1):
+        metrics.post_step(StepReport(it, it, 1e-4, StepResult(lm, 1.0, True, True, z_loss=z),
+                                     Verdict(False, False, False), 1.0, 0, 0, 0, None, step_time=1.0))
+    line = capsys.readouterr().out
+    assert re.search(r" lm loss: (\S+) \| z loss: (\S+) \|", line).groups() == ("3.500000E+00", "3.750000E-01")
+    assert _ITERATION.search(line) and re.search(r" iteration\s+(\d+)/\s*\d+ \|.*? lm loss: (\S+) \|", line)
+
+
+def test_hugging_face_export_refuses_qk_layernorm_naming_it():
+    """GPT-2's classes have no QK-norm: the export says so rather than dropping the gains."""
+    from megatron_snm.hf.export import check_gpt2_architecture
+
+    check_gpt2_architecture(GPTConfig(**TINY, z_loss_weight=1e-4, embedding_init_method_std=1.0))  # nothing to hold
+    with pytest.raises(ValueError, match="--qk-layernorm"):
+        check_gpt2_architecture(GPTConfig(**TINY, qk_layernorm=True))

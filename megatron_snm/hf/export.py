@@ -54,6 +54,7 @@ def check_gpt2_architecture(gpt) -> None:
         ("--swiglu", gpt.swiglu), ("--group-query-attention", gpt.num_query_groups != gpt.num_attention_heads),
         ("--kv-channels", gpt.kv_channels * gpt.num_attention_heads != gpt.hidden_size),
         ("--disable-bias-linear", not gpt.add_bias_linear), ("--apply-layernorm-1p", gpt.apply_layernorm_1p),
+        ("--qk-layernorm", gpt.qk_layernorm),
     ) if other]
     if differs:
         raise ValueError(f"this checkpoint is not a GPT-2 architecture ({', '.join(differs)}): export to Hugging Face "
