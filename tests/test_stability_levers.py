@@ -396,9 +396,11 @@ def test_log_line_gives_the_z_loss_apart_from_the_lm_loss(capsys):
 
 
 def test_hugging_face_export_refuses_qk_layernorm_naming_it():
-    """GPT-2's classes have no QK-norm: the export says so rather than dropping the gains."""
-    from megatron_snm.hf.export import check_gpt2_architecture
+    """Neither GPT-2's nor Llama's classes have QK-norm: the export says so rather than dropping the gains."""
+    from megatron_snm.hf.export import hf_family
 
-    check_gpt2_architecture(GPTConfig(**TINY, z_loss_weight=1e-4, embedding_init_method_std=1.0))  # nothing to hold
-    with pytest.raises(ValueError, match="--qk-layernorm"):
-        check_gpt2_architecture(GPTConfig(**TINY, qk_layernorm=True))
+    assert hf_family(GPTConfig(**TINY, z_loss_weight=1e-4, embedding_init_method_std=1.0)) == "gpt2"  # nothing to hold
+    assert hf_family(GPTConfig(**LLAMA, z_loss_weight=1e-4)) == "llama"
+    for shape in (TINY, LLAMA):
+        with pytest.raises(ValueError, match="--qk-layernorm"):
+            hf_family(GPTConfig(**shape, qk_layernorm=True))
