@@ -15,9 +15,9 @@ to give the embedding output a std near 1 without touching anything else:
                norm: an RMSNorm under --normalization RMSNorm (rms ~ 1).
     scaled     e = sqrt(d) * E[tokens] + P[positions]           "Scaled Embed" (as in Vaswani et al.):
                a forward multiply, no new parameters; std ~ sqrt(d) sigma = sqrt(2/5) ~ 0.63 with
-               the small init. It is NOT the same as initialising E with std 1: E is tied to the
-               output layer, so that would inflate the logits; the output layer here uses E
-               unscaled.
+               the small init. It is NOT the same as initialising E with std 1 (Megatron-LM's
+               --embedding-init-method-std 1, model/init.py): E is tied to the output layer, so
+               that would inflate the logits; the output layer here uses E unscaled.
     detach     e = a E[tokens] + (1 - a) stopgrad(E[tokens]) + P  "Embed Detach" (GLM-130B), the
                paper's other baseline: forward unchanged, the token-embedding gradient scaled by
                a = --embed-detach-alpha (0.1). Does not change std(e).
