@@ -150,9 +150,9 @@ def test_import_refuses_bad_input(gpt2_dir, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(gpt2_dir, other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
+    (other / "config.json").write_text(json.dumps(dict(config, model_type="mistral")))
     assert convert.main(["--from", "hf", "--input", str(other), "--save", str(tmp_path / "o")]) == 2
-    assert "model_type 'llama'; only GPT-2" in capsys.readouterr().err
+    assert "model_type 'mistral'; only GPT-2 (GPT2LMHeadModel), Llama" in capsys.readouterr().err
 
     argv = ["--from", "hf", "--input", str(gpt2_dir), "--save", str(tmp_path / "o"), "--tensor-model-parallel-size", "3"]
     assert convert.main(argv) == 2

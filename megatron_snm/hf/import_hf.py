@@ -1,4 +1,4 @@
-"""A Hugging Face GPT-2 directory -> our checkpoint layout for a chosen TP/PP (weights only).
+"""A Hugging Face GPT-2 or Llama directory -> our checkpoint layout for a chosen TP/PP (weights only).
 
     import_from_hf("gpt2/", "ckpt/", tensor_parallel=2, pipeline_parallel=1)
     # then: pretrain_gpt.py --load ckpt/ --save run/ --tensor-model-parallel-size 2 ... (same shape flags)
@@ -6,8 +6,13 @@
 Reads `GPT2LMHeadModel` directories (safetensors or pytorch_model.bin, sharded or not; never runs
 code from the directory) and our own exports (the Embed LN class, the untied Scaled Embed
 form). An lm_head of its own (neither the input table nor 1/sqrt(d) of it) becomes
---untie-embeddings-and-output-weights. GPT-2's GELU is the tanh approximation, recorded as `--openai-gelu`. The tokenizer files
-beside the model are copied into CKPT/tokenizer/ and recorded as the run's tokenizer.
+--untie-embeddings-and-output-weights. GPT-2's GELU is the tanh approximation, recorded as `--openai-gelu`.
+`LlamaForCausalLM` directories (llama_mapping.py) become our Llama family: rotary positions
+(rope_theta -> --rotary-base), RMSNorm (rms_norm_eps), SwiGLU, num_key_value_heads query groups, no
+biases, no Embed LN, tied or untied as tie_word_embeddings says, --seq-length and
+--max-position-embeddings its max_position_embeddings; rope_scaling, biases and other activations
+are refused. The tokenizer files beside the model are copied into CKPT/tokenizer/ and recorded as
+the run's tokenizer.
 """
 from __future__ import annotations
 
@@ -20,10 +25,10 @@ import torch
 
 from megatron_snm.checkpoint.read import CheckpointError
 from megatron_snm.checkpoint.write import write_checkpoint
-from megatron_snm.config import flags_from_dict
-from megatron_snm.model.config import GPTConfig
+from megatron_snm.config import flags_from_dict, gpt_config_of
 from megatron_snm.checkpoint.format import LATEST
 from megatron_snm.hf.gpt2_mapping import HF_INPUT_EMBEDDINGS, HF_OUTPUT_LAYER, from_hf_gpt2
+from megatron_snm.hf.llama_mapping import from_hf_llama
 
 _ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu": False}  # -> --openai-gelu
 _TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -126,53 +131,118 @@ def _tokenizer_record(args: dict, save_dir: str) -> dict | None:
     return dict(record, files={k: os.path.relpath(args[k], iter_dir) for k in record["files"]})
 
 
-def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> str:
-    """Writes the GPT-2 in `directory` as our weights-only checkpoint; returns the iter directory."""
+def _gpt2(directory: str, model_type: str):
+    """(config, the model's flags, weights(hf) -> (ours, embedding_norm, untied)) of a GPT-2 directory."""
     from transformers import GPT2Config
 
     from megatron_snm.hf.modeling_gpt2_embed_ln import GPT2EmbedLNConfig
 
+    # Our Embed LN export is read with this package's config class, never with the directory's code.
+    config = (GPT2EmbedLNConfig if model_type == "gpt2_embed_ln" else GPT2Config).from_pretrained(directory)
+    _check_supported(config, directory)
+    flags = dict(num_layers=config.n_layer, hidden_size=config.n_embd, num_attention_heads=config.n_head,
+                 ffn_hidden_size=config.n_inner or 4 * config.n_embd, seq_length=config.n_positions,
+                 openai_gelu=_ACTIVATIONS[config.activation_function], layernorm_epsilon=config.layer_norm_epsilon,
+                 init_method_std=config.initializer_range, hidden_dropout=config.resid_pdrop,
+                 attention_dropout=config.attn_pdrop)
+
+    def weights(hf: dict[str, torch.Tensor]):
+        hf = _canonical(hf)
+        embedding_norm, untied = _embedding_norm(config, hf)
+        ours = from_hf_gpt2(hf, config.n_layer, config.n_head)
+        if embedding_norm == "scaled":
+            ours["embedding.word_embeddings.weight"] = hf[HF_OUTPUT_LAYER].contiguous()
+        if untied:
+            ours["output.weight"] = hf[HF_OUTPUT_LAYER].contiguous()
+        return ours, embedding_norm, untied
+    return config, flags, weights
+
+
+def _llama(directory: str):
+    """The same for a LlamaForCausalLM directory: our Llama-family flags, embedding mode none (no
+    Embed LN in Llama), tied as its tie_word_embeddings says."""
+    from transformers import LlamaConfig
+
+    config_file = os.path.join(directory, "config.json")
+    config = LlamaConfig.from_pretrained(directory)
+    rope = dict(config.rope_parameters or {})
+    theta = rope.get("rope_theta", 10000.0)
+    refusals = [what for what, other in (
+        (f"rope_scaling {rope} (only Llama's default rotary positions are implemented here)",
+         rope.get("rope_type", "default") != "default"),
+        (f"rope_theta {theta} is not an integer (--rotary-base is)", theta != int(theta)),
+        (f"hidden_act {config.hidden_act!r} (ours is SwiGLU's silu)", config.hidden_act != "silu"),
+        ("attention_bias true (ours has no biases with Llama's other choices)", config.attention_bias),
+        ("mlp_bias true (ours has no biases with Llama's other choices)", config.mlp_bias),
+    ) if other]
+    if refusals:
+        raise CheckpointError(f"{config_file}: {refusals[0]}; this Llama cannot be imported")
+    groups = config.num_key_value_heads
+    flags = dict(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                 num_attention_heads=config.num_attention_heads, ffn_hidden_size=config.intermediate_size,
+                 seq_length=config.max_position_embeddings, max_position_embeddings=config.max_position_embeddings,
+                 position_embedding_type="rope", rotary_base=int(theta), normalization="RMSNorm", swiglu=True,
+                 add_bias_linear=False, group_query_attention=groups != config.num_attention_heads,
+                 num_query_groups=groups, kv_channels=config.head_dim, layernorm_epsilon=config.rms_norm_eps,
+                 init_method_std=config.initializer_range, hidden_dropout=0.0,
+                 attention_dropout=float(config.attention_dropout or 0.0))
+    tied = bool(config.tie_word_embeddings)
+
+    def weights(hf: dict[str, torch.Tensor]):
+        hf = {k: v for k, v in hf.items() if not k.endswith(".rotary_emb.inv_freq")}  # older files: a buffer
+        try:
+            ours = from_hf_llama(hf, config.num_hidden_layers, config.num_attention_heads, groups, tied)
+        except ValueError as err:
+            raise CheckpointError(f"{directory}: {err}") from None
+        return ours, "none", not tied
+    return config, flags, weights
+
+
+def import_from_hf(directory: str, save_dir: str, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                   seq_length: int | None = None) -> str:
+    """Writes the GPT-2 or Llama in `directory` as our weights-only checkpoint; returns the iter directory.
+    seq_length: the --seq-length it records (default: the model's positions, which a Llama may
+    count in the hundred thousands)."""
     config_file = os.path.join(directory, "config.json")
     if not os.path.isfile(config_file):
         raise CheckpointError(f"{config_file}: no such file (give a Hugging Face model directory)")
     with open(config_file) as f:
         model_type = json.load(f).get("model_type")
-    if model_type not in ("gpt2", "gpt2_embed_ln"):
-        raise CheckpointError(f"{config_file}: model_type {model_type!r}; only GPT-2 (GPT2LMHeadModel) and our "
-                              "Embed LN export can be imported")
-    # Our Embed LN export is read with this package's config class, never with the directory's code.
-    config = (GPT2EmbedLNConfig if model_type == "gpt2_embed_ln" else GPT2Config).from_pretrained(directory)
-    _check_supported(config, directory)
+    if model_type in ("gpt2", "gpt2_embed_ln"):
+        config, flags, convert = _gpt2(directory, model_type)
+    elif model_type == "llama":
+        config, flags, convert = _llama(directory)
+    else:
+        raise CheckpointError(f"{config_file}: model_type {model_type!r}; only GPT-2 (GPT2LMHeadModel), Llama "
+                              "(LlamaForCausalLM) and our Embed LN export can be imported")
+    if seq_length is not None:
+        positions = flags.get("max_position_embeddings", flags["seq_length"])
+        if not 1 <= seq_length <= positions:
+            raise CheckpointError(f"--seq-length {seq_length} must be in 1..{positions}, the positions of the model in "
+                                  f"{config_file}")
+        flags = dict(flags, seq_length=seq_length, max_position_embeddings=positions)
     if os.path.exists(os.path.join(save_dir, LATEST)):
         raise CheckpointError(f"--save {save_dir} already holds a checkpoint ({LATEST}); import into a new directory")
     for ours in ("tokenizer", "iter_0000000"):  # what the import writes: never replaced
         if os.path.lexists(os.path.join(save_dir, ours)):
             raise CheckpointError(f"--save {save_dir}: {os.path.join(save_dir, ours)} already exists; import into a "
                                   "new directory")
-    ffn = config.n_inner or 4 * config.n_embd
-    shape = dict(num_layers=config.n_layer, hidden_size=config.n_embd, num_attention_heads=config.n_head,
-                 ffn_hidden_size=ffn, seq_length=config.n_positions)
-    try:
-        GPTConfig(**shape, vocab_size=config.vocab_size, tensor_parallel_size=tensor_parallel).validate()
+    layout = dict(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
+                  zero_stage=0)
+    try:  # the model as the checkpoint will describe it, for this TP size (flags named where it cannot be)
+        gpt_config_of(flags_from_dict(dict(flags, **layout)), config.vocab_size, tensor_parallel).validate()
     except ValueError as err:
         raise CheckpointError(f"{directory}: {err}") from None
-    if pipeline_parallel > config.n_layer:
-        raise CheckpointError(f"--pipeline-model-parallel-size {pipeline_parallel} exceeds the model's {config.n_layer} layers")
-    hf = _canonical(_read_hf_weights(directory))
-    embedding_norm, untied = _embedding_norm(config, hf)
-    weights = from_hf_gpt2(hf, config.n_layer, config.n_head)
-    if embedding_norm == "scaled":
-        weights["embedding.word_embeddings.weight"] = hf[HF_OUTPUT_LAYER].contiguous()
-    if untied:
-        weights["output.weight"] = hf[HF_OUTPUT_LAYER].contiguous()
-    args = dict(shape, embedding_norm=embedding_norm, untie_embeddings_and_output_weights=untied,
-                openai_gelu=_ACTIVATIONS[config.activation_function], layernorm_epsilon=config.layer_norm_epsilon,
-                init_method_std=config.initializer_range, hidden_dropout=config.resid_pdrop,
-                attention_dropout=config.attn_pdrop, tensor_model_parallel_size=tensor_parallel,
-                pipeline_model_parallel_size=pipeline_parallel, zero_stage=0,
-                bf16=weights["embedding.word_embeddings.weight"].dtype == torch.bfloat16,
-                fp16=weights["embedding.word_embeddings.weight"].dtype == torch.float16,
+    num_layers = flags["num_layers"]
+    if pipeline_parallel > num_layers:
+        raise CheckpointError(f"--pipeline-model-parallel-size {pipeline_parallel} exceeds the model's {num_layers} layers")
+    weights, embedding_norm, untied = convert(_read_hf_weights(directory))
+    dtype = weights["embedding.word_embeddings.weight"].dtype
+    args = dict(flags, **layout, embedding_norm=embedding_norm, untie_embeddings_and_output_weights=untied,
+                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
                 **_copy_tokenizer(directory, save_dir, config.vocab_size))
+    shape = {k: flags[k] for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                                   "seq_length", "max_position_embeddings") if k in flags}
     metadata = dict(args=flags_from_dict(args).as_dict(), imported_from=os.path.abspath(directory),
                     model_shape=dict(shape, embedding_norm=embedding_norm, untie_embeddings_and_output_weights=untied),
                     tokenizer=_tokenizer_record(args, save_dir))
