@@ -282,11 +282,12 @@ def report_markdown(report: dict) -> str:
         rows = [r for r in report["methods"] if r["setting"] == setting]
         lrs = [p["lr"] for p in rows[0]["per_lr"]]
         lines += [f"## {setting}", "",
-                  "| architecture | method | LR sensitivity | best final loss | diverged / runs | loss spikes |",
-                  "|---|---|---|---|---|---|"]
+                  "| architecture | method | LR sensitivity | best final loss | initial loss | diverged / runs "
+                  "| loss spikes |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['architecture']} | {r['method']} | {_spread_text(r['lr_sensitivity'])} | "
-                         f"{_spread_text(r['best_loss'])} | {r['diverged']} / {r['runs']} | {r['loss_spikes']} |")
+                         f"{_spread_text(r['best_loss'])} | {_fmt(r['initial_loss']['mean'], '.2f')} | "
+                         f"{r['diverged']} / {r['runs']} | {r['loss_spikes']} |")
         lines += ["", "Final validation loss per learning rate (mean ± std over seeds; `n/a k` = k runs without "
                   "a finite final loss):", "",
                   "| architecture | method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
@@ -317,7 +318,7 @@ def write_report(args, results: list[dict]) -> list[Path]:
     settings = sorted({r["setting"] for r in results})
     methods, comparisons = [], []
     for setting in settings:
-        rows = summarise([r for r in results if r["setting"] == setting])
+        rows = summarise([r for r in results if r["setting"] == setting], order=list(METHODS))
         methods += [dict(setting=setting, **row) for row in rows]
         comparisons += [dict(setting=setting, **c) for c in compare(rows)]
     report = dict(output_dir=str(args.output_dir), runs=len(results), unigram=unigram_level(args), rule=RULE,

@@ -54,15 +54,20 @@ def _final(result: dict) -> float | None:
     return loss if loss is not None and math.isfinite(loss) else None
 
 
-def summarise(results: list[dict]) -> list[dict]:
-    """One row per (architecture, method): the sensitivity, the best loss on the grid, the final
-    loss per learning rate (each as `spread`), spikes and divergences counted over all its runs."""
+def summarise(results: list[dict], order: list[str] = ()) -> list[dict]:
+    """One row per (architecture, method), methods in `order` (then the others by name): the
+    sensitivity, the best loss on the grid, the final loss per learning rate (each as `spread`),
+    spikes and divergences counted over all its runs."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in results:
         groups[(r.get("architecture", "gpt2"), r["method"])].append(r)
     lrs = sorted({r["lr"] for r in results})
     rows = []
-    for (arch, method), runs in sorted(groups.items()):
+    def key(item):
+        (arch, method), _ = item
+        return arch, order.index(method) if method in order else len(order), method
+
+    for (arch, method), runs in sorted(groups.items(), key=key):
         by_seed: dict[int, dict[float, dict]] = defaultdict(dict)
         for r in runs:
             by_seed[r["seed"]][r["lr"]] = r
