@@ -105,27 +105,50 @@ def test_quick_sweep_reports_divergence_resumes_and_plots(sample_data, tmp_path)
     data = ["--data-path", sample_data / "c4_text_document", "--tokenizer-type", "SentencePieceTokenizer",
             "--tokenizer-model", sample_data / "tok.model"]
     sweep = tmp_path / "sweep"
-    run_tool("tools/stability_sweep.py", *data, "--output-dir", sweep, "--quick")
+    out = run_tool("tools/stability_sweep.py", *data, "--output-dir", sweep, "--quick", "--jobs", "2").stdout
     summary = json.loads((sweep / "summary.json").read_text())
-    assert len(summary) == 4 and {(r["embedding_norm"], r["lr"]) for r in summary} == {
-        ("none", 3e-3), ("none", 1.0), ("layernorm", 3e-3), ("layernorm", 1.0)}
+    assert len(summary) == 4 and {(r["method"], r["embedding_norm"], r["lr"]) for r in summary} == {
+        ("vanilla", "none", 3e-3), ("vanilla", "none", 1.0), ("embed-ln", "layernorm", 3e-3),
+        ("embed-ln", "layernorm", 1.0)}
     for r in summary:
         assert r["status"] == "done" and r["steps"] == 30, r
         assert r["max_grad_norm"] > 0 and r["max_grad_norm_source"] in ("embedding", "blocks", "final_norm")
-        assert 0 < r["mean_embedding_grad_share"] < 1 and r["tokens_per_s"] > 0
+        assert 0 < r["mean_embedding_grad_share"] < 1 and r["tokens_per_s"] > 0 and 0 < r["cpu_s"]
         assert isinstance(r["loss_spikes"], int) and isinstance(r["grad_norm_spikes"], int)
         assert (sweep / "runs" / r["name"] / "tensorboard").is_dir()
+        command = (sweep / "runs" / r["name"] / "command.txt").read_text()
+        assert f"--embedding-norm {r['embedding_norm']} " in command and "--weight-decay 0 " in command
         if r["lr"] == 1.0:  # Adam at lr 1 without clipping: deliberately unstable
             assert r["diverged"], r
         else:
             assert not r["diverged"] and r["final_train_loss"] < r["first_loss"], r
             assert r["best_valid_ppl"] <= r["final_valid_ppl"] < math.exp(r["first_loss"])
     csv_lines = (sweep / "summary.csv").read_text().splitlines()
-    assert len(csv_lines) == 5 and csv_lines[0].startswith("name,embedding_norm,lr,seed,")
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("name,architecture,method,embedding_norm,lr,seed,")
+
+    # The report: one row per method, its sensitivity from the runs' own losses (one seed: no spread,
+    # so no comparison), the unigram level of the data beside it, the figure a PNG.
+    report = json.loads((sweep / "report.json").read_text())
+    assert f"wrote {sweep / 'report.md'}" in out and report["runs"] == 4 and report["comparisons"] == []
+    by_method = {r["method"]: r for r in report["methods"]}
+    for method, row in by_method.items():
+        runs = {r["lr"]: r for r in summary if r["method"] == method}
+        initial = (runs[3e-3]["first_loss"] + runs[1.0]["first_loss"]) / 2
+        capped = [min(r["final_valid_loss"], initial) for r in runs.values()]
+        assert row["lr_sensitivity"]["mean"] == pytest.approx(sum(capped) / 2 - min(capped))
+        assert row["lr_sensitivity"]["n"] == 1 and row["runs"] == 2 and row["diverged"] == 1
+    level = report["unigram"]
+    assert level["split"] == "80,20,0" and 0 < level["loss"] < math.log(500) + 0.01
+    with Image.open(sweep / "final_loss_vs_lr.png") as image:
+        assert image.format == "PNG" and image.size[0] > 300
+    assert "| gpt2 | vanilla |" in (sweep / "report.md").read_text()
 
     again = run_tool("tools/stability_sweep.py", *data, "--output-dir", sweep, "--quick").stdout
     assert "4 runs in the grid: 4 already finished, 0 to run" in again
     assert json.loads((sweep / "summary.json").read_text()) == summary
+    (sweep / "report.json").unlink()
+    run_tool("tools/stability_sweep.py", *data, "--output-dir", sweep, "--quick", "--report-only")
+    assert json.loads((sweep / "report.json").read_text()) == report
 
     out = run_tool("tools/plot_stability.py", sweep, "--output-dir", tmp_path / "png").stdout
     written = sorted(p.name for p in (tmp_path / "png").iterdir())
@@ -135,6 +158,72 @@ def test_quick_sweep_reports_divergence_resumes_and_plots(sample_data, tmp_path)
         with Image.open(tmp_path / "png" / name) as image:
             assert image.format == "PNG" and image.size[0] > 300
         assert f"wrote {tmp_path / 'png' / name}" in out
+
+
+def _result(method, lr, seed, final, first=8.0, spikes=0):
+    setting = "sigma0.0132_L4_wu30_b20.95_clip1"
+    return dict(name=f"gpt2_{method}_lr{lr:g}_seed{seed}_{setting}", method=method, architecture="gpt2", lr=lr,
+                seed=seed, setting=setting, first_loss=first, final_valid_loss=final, diverged=final is None,
+                loss_spikes=spikes, grad_norm_spikes=0)
+
+
+def test_report_from_synthetic_runs_equals_a_hand_computation(sample_data, tmp_path):
+    """Two methods, two learning rates, three seeds (and a fourth seed of B missing a learning
+    rate), every run's initial loss 8. By hand, per seed: sensitivity = mean of min(final, 8) over
+    the grid - the best final; a missing final loss counts as 8.
+    A: seeds (6.0, 5.0) (6.2, 5.2) (6.1, none): 0.5, 0.5, 7.05 - 6.1 = 0.95 -> mean 0.65, std sqrt(0.0675);
+    B: seeds (7.0, 6.9) (7.1, 9.5 -> 8) (7.2, 7.0): 0.05, 7.55 - 7.1 = 0.45, 0.1 -> mean 0.2;
+    ranges [0.5, 0.95] and [0.05, 0.45] do not overlap: beyond the seed spread; so do the best
+    losses (5.0-6.1 against 6.9-7.1)."""
+    finals = {("A", 1): (6.0, 5.0), ("A", 2): (6.2, 5.2), ("A", 3): (6.1, None),
+              ("B", 1): (7.0, 6.9), ("B", 2): (7.1, 9.5), ("B", 3): (7.2, 7.0)}
+    results = [_result(m, lr, seed, f, spikes=1 if f is None else 0)
+               for (m, seed), pair in finals.items() for lr, f in zip((1e-3, 1e-2), pair)]
+    results.append(_result("B", 1e-3, 4, 7.3))
+    sweep = tmp_path / "sweep"
+    for r in results:
+        (sweep / "runs" / r["name"]).mkdir(parents=True)
+        (sweep / "runs" / r["name"] / "result.json").write_text(json.dumps(r))
+    run_tool("tools/stability_sweep.py", "--data-path", sample_data / "c4_text_document", "--tokenizer-type",
+             "SentencePieceTokenizer", "--output-dir", sweep, "--split", "80,20,0", "--report-only")
+    report = json.loads((sweep / "report.json").read_text())
+    a, b = report["methods"]
+    assert (a["method"], b["method"]) == ("A", "B") and b["incomplete_seeds"] == [4] and a["incomplete_seeds"] == []
+    assert a["lr_sensitivity"] == pytest.approx(dict(mean=0.65, std=math.sqrt(0.0675), min=0.5, max=0.95, n=3))
+    assert b["lr_sensitivity"] == pytest.approx(dict(mean=0.2, std=math.sqrt(((-0.15) ** 2 + 0.25 ** 2 + 0.1 ** 2) / 2),
+                                                     min=0.05, max=0.45, n=3))
+    assert a["best_loss"] == pytest.approx(dict(mean=16.3 / 3, std=math.sqrt(1.03 / 3), min=5.0, max=6.1, n=3))
+    assert b["best_loss"]["min"] == pytest.approx(6.9) and b["best_loss"]["max"] == pytest.approx(7.1)
+    b_low = b["per_lr"][0]
+    assert b_low["lr"] == 1e-3 and b_low["runs"] == 4 and b_low["final_valid_loss"]["mean"] == pytest.approx(7.15)
+    a_high = a["per_lr"][1]
+    assert a_high["no_final_loss"] == 1 and a_high["diverged"] == 1 and a_high["loss_spikes"] == 1
+    assert a_high["final_valid_loss"]["mean"] == pytest.approx(5.1)
+    sens, best = report["comparisons"]
+    assert (sens["figure"], sens["first"], sens["second"]) == ("lr_sensitivity", "A", "B")
+    assert sens["difference"] == pytest.approx(0.45) and sens["exceeds_seed_spread"]
+    assert sens["z"] == pytest.approx(0.45 / math.sqrt(a["lr_sensitivity"]["std"] ** 2 + b["lr_sensitivity"]["std"] ** 2))
+    assert best["figure"] == "best_loss" and best["exceeds_seed_spread"]
+    markdown = (sweep / "report.md").read_text()
+    assert "| gpt2 | A | 0.650 ± 0.260 [0.500, 0.950] |" in markdown
+    assert "2 of 2 pairs exceed the seed spread" in markdown
+    with Image.open(sweep / "final_loss_vs_lr.png") as image:
+        assert image.format == "PNG"
+
+
+def test_unigram_level_is_the_cross_entropy_of_training_frequencies(tmp_path):
+    """Training document [0, 0, 1], validation document [0, 1]: with add-1/2 smoothing the training
+    frequencies are 2.5/4 and 1.5/4, so the loss is -(ln 0.625 + ln 0.375) / 2."""
+    from megatron_snm.analysis.unigram import unigram_loss
+    from megatron_snm.data.indexed_dataset import IndexedDatasetBuilder
+
+    with IndexedDatasetBuilder(str(tmp_path / "d")) as builder:
+        builder.add_document([0, 0, 1])
+        builder.add_document([0, 1])
+        builder.finalize()
+    level = unigram_loss(str(tmp_path / "d"), "50,50,0")
+    assert level["loss"] == pytest.approx(-(math.log(0.625) + math.log(0.375)) / 2)
+    assert (level["train_tokens"], level["valid_tokens"]) == (3, 2)
 
 
 def test_sweep_refuses_a_bad_run_configuration(sample_data, tmp_path):

@@ -6,8 +6,9 @@ training. Spikes are marked (the rules of megatron_snm/analysis/run_history.py).
 
 Each DIR is a sweep's output directory (its runs/*/), or one run directory holding train.log (and
 tensorboard/). A run's axes come from its result.json (written by tools/stability_sweep.py), else
-from the flags in its command.txt. Runs are grouped by the axes other than the embedding mode,
-learning rate and seed (sigma, depth, warm-up, beta2, clipping); each group gets
+from the flags in its command.txt. Runs are grouped by the axes other than the method (the
+sweep's, else the embedding mode), learning rate and seed (architecture, sigma, depth, warm-up,
+beta2, clipping); each group gets
 GROUP-loss.png (a panel per learning rate, a line per method and seed), GROUP-grad_norm.png,
 GROUP-valid_ppl_vs_lr.png and GROUP-monitor_lrX.png (residual-stream std per layer, shallow
 LayerNorm amplification, gradient norm of embedding / blocks / final LayerNorm, over training).
@@ -31,8 +32,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from megatron_snm.analysis.run_history import RunHistory, SpikeRules, spikes  # noqa: E402
 
-METHOD_COLOURS = {"none": "tab:red", "layernorm": "tab:blue", "scaled": "tab:green", "detach": "tab:orange"}
-GROUP_AXES = ("sigma", "num_layers", "lr_warmup_iters", "adam_beta2", "clip_grad")
+# By the sweep's method names (tools/stability_sweep.py METHODS) and, for runs it did not write, by
+# --embedding-norm.
+METHOD_COLOURS = {"vanilla": "tab:red", "none": "tab:red", "embed-ln": "tab:blue", "layernorm": "tab:blue",
+                  "scaled-embed": "tab:green", "scaled": "tab:green", "embed-detach": "tab:orange",
+                  "detach": "tab:orange", "emb-std-1": "tab:purple", "qk-norm": "tab:brown", "z-loss": "tab:pink",
+                  "embed-ln+qk-norm": "tab:cyan"}
+GROUP_AXES = ("architecture", "sigma", "num_layers", "lr_warmup_iters", "adam_beta2", "clip_grad")
 DPI = 80
 
 
@@ -46,7 +52,8 @@ class Run:
     @property
     def group(self) -> str:
         a = self.axes
-        return (f"sigma{a.get('sigma', '?')}_L{a.get('num_layers', '?')}_wu{a.get('lr_warmup_iters', '?')}"
+        return (("" if a.get("architecture", "gpt2") == "gpt2" else a["architecture"] + "_")
+                + f"sigma{a.get('sigma', '?')}_L{a.get('num_layers', '?')}_wu{a.get('lr_warmup_iters', '?')}"
                 f"_b2{a.get('adam_beta2', '?'):g}_clip{a.get('clip_grad', '?'):g}")
 
 
@@ -55,7 +62,9 @@ def _axes_from_command(text: str) -> dict:
     argv = shlex.split(text)
     flags = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
     sigma = "small" if flags.get("--init-method") == "small" else flags.get("--init-method-std", "0.02")
-    return dict(embedding_norm=flags.get("--embedding-norm", "layernorm"), lr=float(flags.get("--lr", "1e-4")),
+    norm = flags.get("--embedding-norm", "layernorm")
+    return dict(embedding_norm=norm, method=norm, architecture="llama" if "--swiglu" in argv else "gpt2",
+                lr=float(flags.get("--lr", "1e-4")),
                 seed=int(flags.get("--seed", "1234")), sigma=sigma, num_layers=int(flags.get("--num-layers", "0")),
                 lr_warmup_iters=int(flags.get("--lr-warmup-iters", "0")),
                 adam_beta2=float(flags.get("--adam-beta2", "0.999")), clip_grad=float(flags.get("--clip-grad", "0")))
@@ -65,7 +74,9 @@ def read_run(run_dir: Path) -> Run:
     result_path, command_path = run_dir / "result.json", run_dir / "command.txt"
     result = json.loads(result_path.read_text()) if result_path.exists() else None
     if result is not None:
-        axes = {k: result[k] for k in ("embedding_norm", "lr", "seed", *GROUP_AXES)}
+        axes = {k: result.get(k) for k in ("embedding_norm", "lr", "seed", *GROUP_AXES)}
+        axes["method"] = result.get("method", result["embedding_norm"])
+        axes["architecture"] = result.get("architecture", "gpt2")
     elif command_path.exists():
         axes = _axes_from_command(command_path.read_text())
     else:
@@ -87,7 +98,7 @@ def find_runs(directories: list[str]) -> list[Run]:
 
 
 def _label(run: Run, seeds: bool) -> str:
-    return run.axes["embedding_norm"] + (f" seed {run.axes['seed']}" if seeds else "")
+    return run.axes["method"] + (f" seed {run.axes['seed']}" if seeds else "")
 
 
 def _save(fig, path: Path, dpi: int = DPI) -> Path:
@@ -104,9 +115,9 @@ def curves(runs: list[Run], series: str, rules: SpikeRules, path: Path) -> Path:
     seeds = len({r.axes["seed"] for r in runs}) > 1
     fig, axes = plt.subplots(1, len(lrs), figsize=(max(6.0, 3.6 * len(lrs)), 3.2), sharey=True, squeeze=False)
     for ax, lr in zip(axes[0], lrs):
-        for run in sorted((r for r in runs if r.axes["lr"] == lr), key=lambda r: (r.axes["embedding_norm"], r.axes["seed"])):
+        for run in sorted((r for r in runs if r.axes["lr"] == lr), key=lambda r: (r.axes["method"], r.axes["seed"])):
             values = run.history.loss if series == "loss" else run.history.grad_norm
-            colour = METHOD_COLOURS.get(run.axes["embedding_norm"], "black")
+            colour = METHOD_COLOURS.get(run.axes["method"], "black")
             steps = list(values)
             ax.plot(steps, [values[s] for s in steps], color=colour, linewidth=0.9, alpha=0.85,
                     linestyle="-" if run.axes["seed"] == min(r.axes["seed"] for r in runs) else ":",
@@ -138,7 +149,7 @@ def valid_ppl_vs_lr(runs: list[Run], path: Path) -> Path:
     for run in runs:
         loss = run.history.valid_loss.get(run.history.train_iters) if run.history.train_iters else None
         ppl = math.exp(loss) if loss is not None and math.isfinite(loss) and loss < 20 else None
-        by_method[run.axes["embedding_norm"]][run.axes["lr"]].append((ppl, run.diverged))
+        by_method[run.axes["method"]][run.axes["lr"]].append((ppl, run.diverged))
     for method, per_lr in sorted(by_method.items()):
         colour = METHOD_COLOURS.get(method, "black")
         lrs = sorted(per_lr)
@@ -165,7 +176,7 @@ def monitor(runs: list[Run], lr: float, path: Path) -> Path | None:
     LN_1 amplification per layer (Embed LN's as layer 0), gradient norm per module, over training."""
     chosen = {}
     for run in sorted((r for r in runs if r.axes["lr"] == lr and r.history.stability), key=lambda r: r.axes["seed"]):
-        chosen.setdefault(run.axes["embedding_norm"], run)
+        chosen.setdefault(run.axes["method"], run)
     if not chosen:
         return None
     fig, axes = plt.subplots(len(chosen), 3, figsize=(12, 2.5 * len(chosen)), squeeze=False)
@@ -202,6 +213,48 @@ def monitor(runs: list[Run], lr: float, path: Path) -> Path | None:
     fig.suptitle(f"{runs[0].group}: stability monitor over training", fontsize=9)
     fig.tight_layout()
     return _save(fig, path, dpi=64)  # 9 panels of many lines: keeps the PNG under ~200 KB
+
+
+def final_loss_vs_lr(rows: list[dict], unigram: dict | None, path: Path, title: str = "") -> Path:
+    """The study's figure: final validation loss against the peak learning rate (log x), a panel
+    per architecture, a line per method through the mean over seeds with the min-max range over
+    seeds shaded; the y axis ends 0.3 above the median initial loss, where an X marks a learning
+    rate with a seed beyond it or without a finite final loss. `rows`: lr_sensitivity.summarise()'s."""
+    archs = sorted({r["architecture"] for r in rows})
+    fig, axes = plt.subplots(1, len(archs), figsize=(5.6 * len(archs), 4.6), sharey=True, squeeze=False)
+    # The median over methods: one method's initial loss can be far above the others' (emb-std-1's
+    # tied output layer starts with logits of std ~sqrt(d)), and would squash every other curve.
+    initials = sorted(r["initial_loss"]["mean"] for r in rows if r["initial_loss"]["n"])
+    initial = initials[len(initials) // 2] if initials else None
+    finals = [p["final_valid_loss"]["max"] for r in rows for p in r["per_lr"] if p["final_valid_loss"]["n"]]
+    top = (initial + 0.3) if initial is not None else max(finals, default=1.0)  # above it: failed anyway
+    for ax, arch in zip(axes[0], archs):
+        members = [r for r in rows if r["architecture"] == arch]
+        for i, row in enumerate(members):
+            colour = METHOD_COLOURS.get(row["method"], plt.get_cmap("tab10")(i % 10))
+            points = [(p["lr"], p["final_valid_loss"]) for p in row["per_lr"] if p["final_valid_loss"]["n"]]
+            if points:
+                lrs = [lr for lr, _ in points]
+                ax.plot(lrs, [min(s["mean"], top) for _, s in points], color=colour, marker="o", markersize=3.5,
+                        linewidth=1.3, label=row["method"])
+                ax.fill_between(lrs, [min(s["min"], top) for _, s in points], [min(s["max"], top) for _, s in points],
+                                color=colour, alpha=0.15, linewidth=0)
+            off = [p["lr"] for p in row["per_lr"] if p["no_final_loss"] or (p["final_valid_loss"]["n"]
+                                                                              and p["final_valid_loss"]["max"] > top)]
+            ax.scatter(off, [top] * len(off), color=colour, marker="X", s=50, zorder=3)
+        if unigram:
+            ax.axhline(unigram["loss"], color="black", linestyle="--", linewidth=0.9,
+                       label=f"unigram level {unigram['loss']:.2f}")
+        if initial is not None:
+            ax.axhline(initial, color="grey", linestyle=":", linewidth=0.9, label=f"initial loss {initial:.2f} (median over methods)")
+        ax.set(xscale="log", xlabel="peak learning rate", title=arch, ylim=(None, top + 0.05))
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("final validation loss (nats/token)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{title}\nline: mean over seeds, shaded: min-max over seeds\nX at the top: a seed without a "
+                 "finite final loss or above the (median) initial loss + 0.3", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, dpi=96)
 
 
 def plot_all(runs: list[Run], output_dir: Path, rules: SpikeRules, monitor_lrs: list[float] | None) -> list[Path]:

@@ -1,18 +1,31 @@
-"""Learning-rate sweeps through the real trainer: where does each embedding mode spike or diverge?
+"""The stability study: which method against loss spikes keeps training good over which learning
+rates, through the real trainer, with the spread over seeds.
 
-Runs the product of the grid axes (--embedding-norm x --lr x --seed x --sigma x --num-layers x
---lr-warmup-iters x --adam-beta2 x --clip-grad) as short pre-training runs of `pretrain_gpt.py`
-itself, one process each (the same engine, flags and logs users get), --jobs at a time, with a
-progress bar and ETA over the grid. Resumable: a run whose result.json exists is not run again
-(one with a changed command is rerun; a finished one is judged again under the current spike
-rules). Each run keeps DIR/runs/NAME/{command.txt, train.log,
-tensorboard/, result.json}; the sweep writes DIR/summary.json (a list, one object per run) and
-DIR/summary.csv after every run.
+Runs the product of the grid axes (--method x --architecture x --lr x --seed, and as options
+--sigma x --num-layers x --lr-warmup-iters x --adam-beta2 x --clip-grad) as short pre-training
+runs of `pretrain_gpt.py` itself, one process each (the same engine, flags and logs users get),
+--jobs at a time, with a progress bar and ETA over the grid. A method is a named set of flags
+(METHODS): the paper's embedding fixes, QK-norm, z-loss, Megatron-LM's embedding init.
+Resumable: a run whose result.json holds the same command is not run again (one with a changed
+command is rerun; a finished one is judged again under the current spike rules). Each run keeps
+DIR/runs/NAME/{command.txt, train.log, tensorboard/, result.json}; the sweep writes
+DIR/summary.json (a list, one object per run) and DIR/summary.csv after every run, and at the end
+the report: DIR/report.md, DIR/report.json and DIR/final_loss_vs_lr.png (learning-rate
+sensitivity per architecture x method with its spread over seeds, final loss per learning rate,
+which differences exceed the seed spread: megatron_snm/analysis/lr_sensitivity.py), beside the
+unigram level of the data (megatron_snm/analysis/unigram.py). `--report-only` writes the report
+again from DIR's finished runs without running anything.
 
     python tools/stability_sweep.py --data-path data/c4_text_document \
-        --tokenizer-type SentencePieceTokenizer --tokenizer-model sp.model --output-dir sweeps/lr \
-        --embedding-norm none layernorm scaled --lr 1e-3 1e-2 3e-2 --seed 1 2
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model sp.model --output-dir study --jobs 2
+    python tools/stability_sweep.py ... --method vanilla embed-ln --lr 1e-3 1e-2 --seed 1
     python tools/stability_sweep.py ... --quick    # a 4-run grid of tiny models, ~1 minute
+
+The default study (DEFAULTS) is the recipe of examples/paper_recipe.sh at a size this 2-core
+machine runs 168 times in well under 90 minutes with --jobs 2: Adam with beta2 0.95, weight decay
+0.1, clipping at 1.0, a linear warm-up over the first 10% of the steps, cosine decay to lr/10;
+sigma = 0.0132 (the paper's 1.7B; --init-method normal, W_O and W_2 scaled by 1/sqrt(2N)), so that
+the embedding is as small against the first LayerNorm as at scale; the monitor every few steps.
 
 Rules (megatron_snm/analysis/run_history.py): a loss spike is a step whose training loss exceeds
 --spike-factor (1.5) x the mean of the previous --spike-window (20) steps (at least 5); a grad-norm spike the
@@ -40,36 +53,56 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from megatron_snm.model.config import EMBEDDING_NORMS
 from megatron_snm.analysis.run_history import RunHistory, SpikeRules, stability_verdict
 from megatron_snm.model.presets import ARCHITECTURES, architecture_flags
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain_gpt.py"
 
-# The default grid: 12 runs of a d=128, 6-layer model, 25-60 minutes on the 2-core CI machine
-# (depending on who else uses it). sigma is the 1.7B model's 0.0132 rather than small init's
-# sqrt(2/(5d)) = 0.056 at d=128, so the embedding's std (and the shallow LayerNorms' 1/std
-# amplification) is that of a large model.
-DEFAULTS = dict(embedding_norm=["none", "layernorm", "scaled"], lr=[1e-3, 3e-3, 1e-2, 3e-2], seed=[1],
-                sigma=["0.0132"], num_layers=[6], lr_warmup_iters=[10], adam_beta2=[0.999], clip_grad=[1.0],
-                hidden_size=128, seq_length=128, batch_size=8, train_iters=250, eval_interval=50, eval_iters=8,
-                log_interval=10, log_stability_interval=5, split="980,20,0")
-# --quick: 4 runs of a 2-layer d=32 model, a sane learning rate and a deliberately unstable one.
-QUICK = dict(embedding_norm=["none", "layernorm"], lr=[3e-3, 1.0], clip_grad=[0.0], sigma=["small"], num_layers=[2], hidden_size=32,
-             seq_length=32, batch_size=4, train_iters=30, eval_interval=10, eval_iters=2, log_interval=5,
-             log_stability_interval=5, lr_warmup_iters=[0], split="80,20,0")
+# Each method: its --embedding-norm and the further flags that make it. The levers are applied to
+# the vanilla model (no embedding fix) so that each is compared with the paper's fix on its own;
+# embed-ln+qk-norm is the combination.
+METHODS = {
+    "vanilla": ("none", []),
+    "embed-ln": ("layernorm", []),
+    "scaled-embed": ("scaled", []),
+    "embed-detach": ("detach", []),
+    "emb-std-1": ("none", ["--embedding-init-method-std", "1.0"]),
+    "qk-norm": ("none", ["--qk-layernorm"]),
+    "z-loss": ("none", ["--z-loss-weight", "1e-4"]),
+    "embed-ln+qk-norm": ("layernorm", ["--qk-layernorm"]),
+}
 
-SUMMARY_FIELDS = ["name", "embedding_norm", "lr", "seed", "sigma", "num_layers", "lr_warmup_iters", "adam_beta2",
-                  "clip_grad", "architecture", "status", "diverged", "diverged_reason", "loss_spikes", "grad_norm_spikes",
-                  "max_grad_norm", "max_grad_norm_step", "max_captured_grad_norm", "max_captured_grad_norm_step",
-                  "max_grad_norm_source", "max_captured_embedding_grad_share", "max_captured_final_norm_grad_share",
-                  "mean_embedding_grad_share", "first_loss", "final_train_loss", "best_valid_loss", "best_valid_ppl",
-                  "final_valid_loss", "final_valid_ppl", "tokens_per_s", "wall_s"]
+# The default study: 7 methods x 2 architectures x 4 learning rates (2 decades, a factor 10^(2/3)
+# apart) x 3 seeds = 168 runs of a d=64, 4-layer model (4 heads of 16; Llama: 2 key/value heads),
+# 300 steps of 12 x 128 tokens (460 K tokens), validated at the end on 16 batches. Calibrated on
+# the 2-core machine: ~30 s of CPU per run when idle, the study ~45 minutes with --jobs 2 (the
+# figures: docs/stability.md). The best runs end ~0.5 nats below the unigram level, the top rate
+# ~0.2 nats above the best.
+DEFAULTS = dict(method=[m for m in METHODS if m != "embed-detach"], architecture=["gpt2", "llama"],
+                lr=[1e-3, 4.64e-3, 2.15e-2, 1e-1], seed=[1, 2, 3], sigma=["0.0132"], num_layers=[4],
+                lr_warmup_iters=None, adam_beta2=[0.95], clip_grad=[1.0],
+                hidden_size=64, head_dim=16, seq_length=128, batch_size=12, train_iters=300, eval_interval=300,
+                eval_iters=16, log_interval=10, log_stability_interval=5, weight_decay=0.1, min_lr_ratio=0.1,
+                split="980,20,0")
+# --quick: 4 runs of a 2-layer d=32 model, a sane learning rate and a deliberately unstable one.
+QUICK = dict(method=["vanilla", "embed-ln"], architecture=["gpt2"], lr=[3e-3, 1.0], seed=[1], clip_grad=[0.0],
+             sigma=["small"], num_layers=[2], hidden_size=32, seq_length=32, batch_size=4, train_iters=30,
+             eval_interval=10, eval_iters=2, log_interval=5, log_stability_interval=5, lr_warmup_iters=[0],
+             adam_beta2=[0.999], weight_decay=0.0, split="80,20,0")
+
+SUMMARY_FIELDS = ["name", "architecture", "method", "embedding_norm", "lr", "seed", "sigma", "num_layers",
+                  "lr_warmup_iters", "adam_beta2", "clip_grad", "status", "diverged", "diverged_reason", "loss_spikes",
+                  "grad_norm_spikes", "max_grad_norm", "max_grad_norm_step", "max_captured_grad_norm",
+                  "max_captured_grad_norm_step", "max_grad_norm_source", "max_captured_embedding_grad_share",
+                  "max_captured_final_norm_grad_share", "mean_embedding_grad_share", "first_loss", "final_train_loss",
+                  "best_valid_loss", "best_valid_ppl", "final_valid_loss", "final_valid_ppl", "tokens_per_s", "wall_s",
+                  "cpu_s"]
 
 
 @dataclass(frozen=True)
 class Point:
-    embedding_norm: str
+    method: str
+    architecture: str
     lr: float
     seed: int
     sigma: str
@@ -77,12 +110,21 @@ class Point:
     lr_warmup_iters: int
     adam_beta2: float
     clip_grad: float
-    architecture: str = "gpt2"
+
+    @property
+    def embedding_norm(self) -> str:
+        return METHODS[self.method][0]
+
+    @property
+    def setting(self) -> str:
+        """The axes other than method, architecture, learning rate and seed: the report compares
+        methods within one setting."""
+        return (f"sigma{self.sigma}_L{self.num_layers}_wu{self.lr_warmup_iters}_b2{self.adam_beta2:g}"
+                f"_clip{self.clip_grad:g}")
 
     @property
     def name(self) -> str:
-        return (f"{'' if self.architecture == 'gpt2' else self.architecture + '_'}{self.embedding_norm}_lr{self.lr:g}_seed{self.seed}_sigma{self.sigma}_L{self.num_layers}"
-                f"_wu{self.lr_warmup_iters}_b2{self.adam_beta2:g}_clip{self.clip_grad:g}")
+        return f"{self.architecture}_{self.method}_lr{self.lr:g}_seed{self.seed}_{self.setting}"
 
 
 def free_port() -> int:
@@ -98,16 +140,20 @@ def command(args: argparse.Namespace, point: Point, run_dir: Path) -> list[str]:
     tokenizer = [flag for flag, value in (("--tokenizer-type", args.tokenizer_type), ("--vocab-file", args.vocab_file),
                                           ("--merge-file", args.merge_file), ("--tokenizer-model", args.tokenizer_model))
                  if value for flag in (flag, value)]
+    heads = max(1, args.hidden_size // args.head_dim)
+    embedding_norm, method_flags = METHODS[point.method]
     return [
         sys.executable, str(PRETRAIN),
         "--num-layers", str(point.num_layers), "--hidden-size", str(args.hidden_size),
-        "--num-attention-heads", str(max(1, args.hidden_size // 64)), "--seq-length", str(args.seq_length),
-        *init, "--embedding-norm", point.embedding_norm, "--seed", str(point.seed),
+        "--num-attention-heads", str(heads), "--seq-length", str(args.seq_length),
+        *init, "--embedding-norm", embedding_norm, *method_flags, "--seed", str(point.seed),
         "--micro-batch-size", str(args.batch_size), "--global-batch-size", str(args.batch_size),
-        "--train-iters", str(args.train_iters), "--lr", f"{point.lr:g}", "--lr-warmup-iters", str(point.lr_warmup_iters),
+        "--train-iters", str(args.train_iters), "--lr", f"{point.lr:g}",
+        "--min-lr", f"{point.lr * args.min_lr_ratio:g}", "--lr-warmup-iters", str(point.lr_warmup_iters),
         "--lr-decay-style", "cosine", "--adam-beta2", f"{point.adam_beta2:g}", "--clip-grad", f"{point.clip_grad:g}",
+        "--weight-decay", f"{args.weight_decay:g}",
         "--data-path", *args.data_path, "--split", args.split, "--data-cache-path", str(args.output_dir / "index-cache"),
-        *tokenizer, *architecture_flags(point.architecture, max(1, args.hidden_size // 64)),
+        *tokenizer, *architecture_flags(point.architecture, heads),
         "--log-interval", str(args.log_interval), "--eval-interval", str(args.eval_interval),
         "--eval-iters", str(args.eval_iters), "--log-stability-interval", str(args.log_stability_interval),
         "--tensorboard-dir", str(run_dir / "tensorboard"),
@@ -129,23 +175,44 @@ def finished(run_dir: Path, cmd: list[str]) -> dict | None:
     return result if result.get("command") == shlex.join(cmd) else None
 
 
-def start(args, point: Point, run_dir: Path, cmd: list[str]):
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # an unfinished or outdated run starts again from scratch
-    run_dir.mkdir(parents=True)
-    write_atomic(run_dir / "command.txt", shlex.join(cmd) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process each, whatever launched the sweep
-        env.pop(var, None)
-    log = open(run_dir / "train.log", "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.perf_counter()
+class Job:
+    """One pretrain_gpt.py process; its CPU time comes from wait4 (the sweep's machine is shared,
+    so wall time alone says little about what a run costs)."""
+
+    def __init__(self, args, point: Point, run_dir: Path, cmd: list[str]):
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # an unfinished or outdated run starts again from scratch
+        run_dir.mkdir(parents=True)
+        write_atomic(run_dir / "command.txt", shlex.join(cmd) + "\n")
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()))
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process each, whatever launched the sweep
+            env.pop(var, None)
+        self.point, self.run_dir, self.cmd = point, run_dir, cmd
+        with open(run_dir / "train.log", "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.t0 = time.perf_counter()
+        self.returncode = self.cpu_s = self.wall_s = None
+
+    def poll(self) -> bool:
+        pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+        if pid == 0:
+            return False
+        self.returncode = self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.wall_s, self.cpu_s = time.perf_counter() - self.t0, usage.ru_utime + usage.ru_stime
+        return True
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
-def collect(args, point: Point, run_dir: Path, cmd: list[str], status: int, wall: float) -> dict:
+def collect(args, point: Point, run_dir: Path, cmd: list[str], status: int, wall: float, cpu: float | None) -> dict:
     history = RunHistory.read(str(run_dir / "train.log"), str(run_dir / "tensorboard"))
-    result = dict(name=point.name, **point.__dict__, status={0: "done", 3: "stopped"}.get(status, f"failed ({status})"),
-                  exit_status=status, **stability_verdict(history, args.rules, status), wall_s=round(wall, 1),
-                  command=shlex.join(cmd))
+    result = dict(name=point.name, **point.__dict__, embedding_norm=point.embedding_norm, setting=point.setting,
+                  status={0: "done", 3: "stopped"}.get(status, f"failed ({status})"), exit_status=status,
+                  **stability_verdict(history, args.rules, status), wall_s=round(wall, 1),
+                  cpu_s=None if cpu is None else round(cpu, 1), command=shlex.join(cmd))
     write_atomic(run_dir / "result.json", json.dumps(result, indent=1) + "\n")
     return result
 
@@ -166,12 +233,104 @@ def _fmt(value, spec: str) -> str:
 
 def print_table(results: list[dict]) -> None:
     print(f"\n{'run':58s} {'diverged':>8s} {'spikes':>6s} {'gn spk':>6s} {'max |g|':>8s} {'from':>9s}"
-          f" {'emb share':>9s} {'best ppl':>9s} {'final ppl':>9s} {'tok/s':>7s}")
+          f" {'emb share':>9s} {'final loss':>10s} {'tok/s':>7s} {'cpu s':>6s}")
     for r in results:
-        print(f"{r['name']:58s} {str(r['diverged']):>8s} {r['loss_spikes']:6d} {r['grad_norm_spikes']:6d}"
+        print(f"{r['name'][:58]:58s} {str(r['diverged']):>8s} {r['loss_spikes']:6d} {r['grad_norm_spikes']:6d}"
               f" {_fmt(r['max_grad_norm'], '8.3g')} {r['max_grad_norm_source'] or '-':>9s}"
-              f" {_fmt(r['mean_embedding_grad_share'], '9.2f')} {_fmt(r['best_valid_ppl'], '9.1f')}"
-              f" {_fmt(r['final_valid_ppl'], '9.1f')} {_fmt(r['tokens_per_s'], '7.0f')}")
+              f" {_fmt(r['mean_embedding_grad_share'], '9.2f')} {_fmt(r['final_valid_loss'], '10.3f')}"
+              f" {_fmt(r['tokens_per_s'], '7.0f')} {_fmt(r.get('cpu_s'), '6.0f')}")
+
+
+def unigram_level(args) -> dict | None:
+    """The data's unigram loss under --split (cached in DIR/unigram.json); None for a blend."""
+    if len(args.data_path) != 1:
+        return None
+    key = dict(data_path=str(Path(args.data_path[0]).resolve()), split=args.split)
+    cache = args.output_dir / "unigram.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if {k: cached.get(k) for k in key} == key:
+            return cached
+    except (OSError, ValueError):
+        pass
+    from megatron_snm.analysis.unigram import unigram_loss
+
+    level = dict(key, **unigram_loss(args.data_path[0], args.split))
+    write_atomic(cache, json.dumps(level, indent=1) + "\n")
+    return level
+
+
+def _spread_text(s: dict, spec: str = ".3f") -> str:
+    if not s["n"]:
+        return "-"
+    if s["n"] == 1:
+        return format(s["mean"], spec)
+    return f"{s['mean']:{spec}} ± {s['std']:{spec}} [{s['min']:{spec}}, {s['max']:{spec}}]"
+
+
+def report_markdown(report: dict) -> str:
+    level = report["unigram"]
+    lines = [f"# Stability study: {report['output_dir']}", "",
+             f"{report['runs']} runs. Final loss: validation loss (nats/token) at the last step. "
+             + (f"Unigram level of the data: {level['loss']:.3f} nats (ppl {level['ppl']:.0f}): the validation "
+                f"tokens' cross entropy under the training tokens' frequencies." if level else
+                "Unigram level: not computed (a blend of datasets)."), "",
+             "LR sensitivity (Wortsman et al. 2023): mean over the learning-rate grid of min(final loss, initial "
+             "loss) minus the best final loss on the grid; a run without a finite final loss counts as the initial "
+             "loss. Every figure is computed per seed, then given as mean ± std (n - 1) [min, max] over seeds.", ""]
+    for setting in report["settings"]:
+        rows = [r for r in report["methods"] if r["setting"] == setting]
+        lrs = [p["lr"] for p in rows[0]["per_lr"]]
+        lines += [f"## {setting}", "",
+                  "| architecture | method | LR sensitivity | best final loss | initial loss | diverged / runs "
+                  "| loss spikes |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['architecture']} | {r['method']} | {_spread_text(r['lr_sensitivity'])} | "
+                         f"{_spread_text(r['best_loss'])} | {_fmt(r['initial_loss']['mean'], '.2f')} | "
+                         f"{r['diverged']} / {r['runs']} | {r['loss_spikes']} |")
+        lines += ["", "Final validation loss per learning rate (mean ± std over seeds; `n/a k` = k runs without "
+                  "a finite final loss):", "",
+                  "| architecture | method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+                  "|---|---|" + "---|" * len(lrs)]
+        for r in rows:
+            cells = []
+            for p in r["per_lr"]:
+                s = p["final_valid_loss"]
+                text = "-" if not s["n"] else f"{s['mean']:.3f}" + (f" ± {s['std']:.3f}" if s["n"] > 1 else "")
+                cells.append(text + (f" (n/a {p['no_final_loss']})" if p["no_final_loss"] else ""))
+            lines.append(f"| {r['architecture']} | {r['method']} | " + " | ".join(cells) + " |")
+        pairs = [c for c in report["comparisons"] if c["setting"] == setting]
+        beyond = [c for c in pairs if c["exceeds_seed_spread"]]
+        lines += ["", f"Differences between methods (rule: {report['rule']}): {len(beyond)} of {len(pairs)} "
+                  "pairs exceed the seed spread.", ""]
+        if beyond:
+            lines += ["| architecture | figure | first | second | difference of means | z |", "|---|---|---|---|---|---|"]
+            lines += [f"| {c['architecture']} | {c['figure']} | {c['first']} | {c['second']} | {c['difference']:+.3f} "
+                      f"| {c['z']:+.1f} |" for c in beyond]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(args, results: list[dict]) -> list[Path]:
+    from megatron_snm.analysis.lr_sensitivity import RULE, compare, summarise
+    from plot_stability import final_loss_vs_lr  # tools/ is this script's directory
+
+    settings = sorted({r["setting"] for r in results})
+    methods, comparisons = [], []
+    for setting in settings:
+        rows = summarise([r for r in results if r["setting"] == setting], order=list(METHODS))
+        methods += [dict(setting=setting, **row) for row in rows]
+        comparisons += [dict(setting=setting, **c) for c in compare(rows)]
+    report = dict(output_dir=str(args.output_dir), runs=len(results), unigram=unigram_level(args), rule=RULE,
+                  settings=settings, methods=methods, comparisons=comparisons)
+    written = [args.output_dir / "report.json", args.output_dir / "report.md"]
+    write_atomic(written[0], json.dumps(report, indent=1) + "\n")
+    write_atomic(written[1], report_markdown(report))
+    for setting in settings:
+        name = "final_loss_vs_lr.png" if len(settings) == 1 else f"final_loss_vs_lr_{setting}.png"
+        written.append(final_loss_vs_lr([r for r in methods if r["setting"] == setting], report["unigram"],
+                                        args.output_dir / name, title=setting))
+    return written
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -184,19 +343,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge-file")
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--quick", action="store_true", help="a 4-run grid of tiny models (the test's), ~1 minute")
+    p.add_argument("--report-only", action="store_true",
+                   help="write DIR's report again from its finished runs (DIR/runs/*/result.json), run nothing")
     grid = p.add_argument_group("grid axes (the sweep runs their product)")
-    grid.add_argument("--embedding-norm", nargs="+", choices=EMBEDDING_NORMS)
-    grid.add_argument("--lr", nargs="+", type=float)
+    grid.add_argument("--method", nargs="+", choices=list(METHODS),
+                      help="; ".join(f"{m}: --embedding-norm {n} {' '.join(f)}".strip() for m, (n, f) in METHODS.items()))
+    grid.add_argument("--architecture", nargs="+", choices=ARCHITECTURES,
+                      help="gpt2 and/or llama (rotary, RMSNorm, SwiGLU, query groups, no biases)")
+    grid.add_argument("--lr", nargs="+", type=float, help="peak learning rates")
     grid.add_argument("--seed", nargs="+", type=int)
     grid.add_argument("--sigma", nargs="+", help="'small' (--init-method small) or fixed stds, e.g. 0.0132")
     grid.add_argument("--num-layers", nargs="+", type=int)
-    grid.add_argument("--lr-warmup-iters", nargs="+", type=int)
+    grid.add_argument("--lr-warmup-iters", nargs="+", type=int, help="default: 10%% of --train-iters")
     grid.add_argument("--adam-beta2", nargs="+", type=float)
     grid.add_argument("--clip-grad", nargs="+", type=float, help="0: no clipping")
-    grid.add_argument("--architecture", nargs="+", choices=ARCHITECTURES, default=["gpt2"],
-                      help="gpt2 and/or llama (rotary, RMSNorm, SwiGLU, query groups, no biases)")
     fixed = p.add_argument_group("the same for every run")
     fixed.add_argument("--hidden-size", type=int)
+    fixed.add_argument("--head-dim", type=int, help="--hidden-size / this many heads (Llama: a key/value head per two)")
     fixed.add_argument("--seq-length", type=int)
     fixed.add_argument("--batch-size", type=int, help="global = micro batch (one process, no accumulation)")
     fixed.add_argument("--train-iters", type=int)
@@ -204,6 +367,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     fixed.add_argument("--eval-iters", type=int)
     fixed.add_argument("--log-interval", type=int)
     fixed.add_argument("--log-stability-interval", type=int, help="the monitor's interval (gradient attribution)")
+    fixed.add_argument("--weight-decay", type=float)
+    fixed.add_argument("--min-lr-ratio", type=float, help="the cosine decay ends at this fraction of the peak lr")
     fixed.add_argument("--split", help="train,valid,test proportions of the documents")
     fixed.add_argument("--extra-args", default="", help="more pretrain_gpt.py flags for every run, one string")
     run = p.add_argument_group("running")
@@ -217,10 +382,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("hidden_size", "seq_length", "batch_size", "train_iters", "eval_interval", "log_interval",
+    for key in ("hidden_size", "head_dim", "seq_length", "batch_size", "train_iters", "eval_interval", "log_interval",
                 "jobs", "threads", "spike_window"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.lr_warmup_iters is None:
+        args.lr_warmup_iters = [args.train_iters // 10]
     for value in args.sigma:
         try:
             ok = value == "small" or float(value) > 0
@@ -235,12 +402,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def report(args, results: list[dict]) -> None:
+    for path in write_report(args, results):
+        print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        paths = sorted((args.output_dir / "runs").glob("*/result.json"))
+        if not paths:
+            print(f"stability_sweep.py: error: {args.output_dir / 'runs'} holds no finished run (result.json)",
+                  file=sys.stderr)
+            return 2
+        report(args, [json.loads(path.read_text()) for path in paths])
+        return 0
     args.output_dir.mkdir(parents=True, exist_ok=True)
     points = [Point(*values) for values in itertools.product(
-        args.embedding_norm, args.lr, args.seed, args.sigma, args.num_layers, args.lr_warmup_iters, args.adam_beta2,
-        args.clip_grad, args.architecture)]
+        args.method, args.architecture, args.lr, args.seed, args.sigma, args.num_layers, args.lr_warmup_iters,
+        args.adam_beta2, args.clip_grad)]
     results: dict[str, dict] = {}
     pending = []
     for point in points:
@@ -248,33 +428,32 @@ def main(argv=None) -> int:
         cmd = command(args, point, run_dir)
         done = finished(run_dir, cmd)
         if done is not None:  # judged again, under this invocation's spike rules
-            results[point.name] = collect(args, point, run_dir, cmd, done["exit_status"], done["wall_s"])
+            results[point.name] = collect(args, point, run_dir, cmd, done["exit_status"], done["wall_s"],
+                                          done.get("cpu_s"))
         else:
             pending.append((point, run_dir, cmd))
     print(f"{len(points)} runs in the grid: {len(results)} already finished, {len(pending)} to run, "
           f"{args.jobs} at a time; logs in {args.output_dir / 'runs'}", flush=True)
 
     failed = []
-    running = []
+    running: list[Job] = []
     bar = tqdm(total=len(pending), unit="run", dynamic_ncols=True)
     while pending or running:
         while pending and len(running) < args.jobs:
-            point, run_dir, cmd = pending.pop(0)
-            running.append((point, run_dir, cmd, *start(args, point, run_dir, cmd)))
-        time.sleep(0.5)
-        for job in [j for j in running if j[3].poll() is not None]:
+            running.append(Job(args, *pending.pop(0)))
+        time.sleep(0.2)
+        for job in [j for j in running if j.poll()]:
             running.remove(job)
-            point, run_dir, cmd, proc, log, t0 = job
-            log.close()
-            if proc.returncode == 2:  # a bad flag: every run would fail the same way
+            point, run_dir = job.point, job.run_dir
+            if job.returncode == 2:  # a bad flag: every run would fail the same way
                 for other in running:
-                    other[3].kill()
+                    other.kill()
                 tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
                 print(f"stability_sweep.py: error: {point.name} was refused (exit status 2):\n  " + "\n  ".join(tail),
                       file=sys.stderr)
                 shutil.rmtree(run_dir)
                 return 2
-            result = collect(args, point, run_dir, cmd, proc.returncode, time.perf_counter() - t0)
+            result = collect(args, point, run_dir, job.cmd, job.returncode, job.wall_s, job.cpu_s)
             results[point.name] = result
             if result["status"].startswith("failed"):
                 failed.append(point.name)
@@ -282,13 +461,14 @@ def main(argv=None) -> int:
             bar.update()
             bar.write(f"{point.name}: {result['status']}, diverged={result['diverged']}, loss spikes "
                       f"{result['loss_spikes']}, max grad norm {_fmt(result['max_grad_norm'], '.3g')} "
-                      f"({result['max_grad_norm_source']}), final valid ppl {_fmt(result['final_valid_ppl'], '.1f')}, "
-                      f"{result['wall_s']:.0f} s")
+                      f"({result['max_grad_norm_source']}), final valid loss {_fmt(result['final_valid_loss'], '.3f')}, "
+                      f"{result['wall_s']:.0f} s ({result['cpu_s']:.0f} s CPU)")
     bar.close()
     ordered = [results[p.name] for p in points]
     write_summary(args.output_dir, ordered)
     print_table(ordered)
     print(f"\nwrote {args.output_dir / 'summary.json'} and {args.output_dir / 'summary.csv'}")
+    report(args, ordered)
     if failed:
         print(f"stability_sweep.py: {len(failed)} run(s) failed, see their train.log: {', '.join(failed)}",
               file=sys.stderr)

@@ -5,7 +5,8 @@
 
 The log (Megatron's lines, training/metrics.py) and the TensorBoard scalars are the trainer's
 stable interface; nothing here imports the trainer. Per-step values come from TensorBoard
-(`lm-loss-training/lm loss`, `grad-norm/grad-norm`, `stability/...` at the monitor interval);
+(`lm-loss-training/lm loss`, `grad-norm/grad-norm`, `z-loss/z-loss` with --z-loss-weight, `stability/...`
+at the monitor interval);
 TensorBoard never holds non-finite values, so the steps the trainer skipped as non-finite and its
 validation lines are read from the log.
 
@@ -45,6 +46,7 @@ class RunHistory:
     train_iters: int | None = None
     loss: dict[int, float] = field(default_factory=dict)  # step -> training loss (nan where non-finite)
     grad_norm: dict[int, float] = field(default_factory=dict)
+    z_loss: dict[int, float] = field(default_factory=dict)  # step -> z-loss (runs with --z-loss-weight)
     lr: dict[int, float] = field(default_factory=dict)
     valid_loss: dict[int, float] = field(default_factory=dict)
     stability: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> monitor figures
@@ -80,7 +82,7 @@ class RunHistory:
         events = EventAccumulator(directory, size_guidance={"scalars": 0})
         events.Reload()
         series = {"lm-loss-training/lm loss": self.loss, "grad-norm/grad-norm": self.grad_norm,
-                  "learning-rate/learning-rate": self.lr}
+                  "learning-rate/learning-rate": self.lr, "z-loss/z-loss": self.z_loss}
         for tag in events.Tags()["scalars"]:
             if tag in series:
                 series[tag].update((e.step, e.value) for e in events.Scalars(tag))

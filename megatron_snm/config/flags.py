@@ -77,6 +77,9 @@ class ModelArgs:
     init_method_std: float = _opt(0.02, "std of the 'normal' init", type=float)
     scaled_init: bool = _opt(True, "do NOT scale W_O and W_2 by 1/sqrt(2N) (the paper's 'small sub-layers')",
                              action="store_false", flags=("--no-scaled-init",))
+    embedding_init_method_std: float | None = _opt(None, "std of the normal init of the embedding's tables (token "
+                                                   "and learned positions; the output layer's too where it is "
+                                                   "tied); default: the other weights' sigma", type=float)
     embedding_norm: str = _opt("layernorm", "the paper's 'large shortcut': layernorm (Embed LN), scaled "
                                "(Scaled Embed), none (vanilla), detach (Embed Detach)", choices=EMBEDDING_NORMS)
     embed_layernorm: bool = _opt(False, "BLOOM's Megatron-DeepSpeed name of --embedding-norm layernorm",
@@ -106,6 +109,12 @@ class ModelArgs:
                                         "--recompute-method uniform --recompute-num-layers 1", action="store_true")
     deepspeed_activation_checkpointing: bool = _opt(False, "Megatron-DeepSpeed's name, here the same as "
                                                     "--checkpoint-activations", action="store_true")
+    qk_layernorm: bool = _opt(False, "apply --normalization's norm to each attention head's queries and keys "
+                              "(over its channels, gains shared by the heads), before rotary positions",
+                              action="store_true")
+    z_loss_weight: float = _opt(0.0, "ours (PaLM's z-loss; OLMo-core's z_loss_multiplier): add W x the mean over "
+                                "tokens of log^2 Z (Z the output softmax's normaliser) to the loss trained on; the "
+                                "lm loss reported stays the cross entropy alone (0: off)", type=float)
     attention_backend: str = _opt("auto", "PyTorch SDPA kernel: auto (PyTorch chooses), flash, fused (memory-"
                                   "efficient), unfused / local (math)",
                                   choices=ATTENTION_BACKENDS)

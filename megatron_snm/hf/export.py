@@ -108,6 +108,9 @@ def check_llama_architecture(gpt: GPTConfig) -> None:
 
 def hf_family(gpt: GPTConfig) -> str:
     """"llama" or "gpt2": the transformers family that holds model `gpt` exactly (else ValueError)."""
+    if gpt.qk_layernorm:
+        raise ValueError("this checkpoint has --qk-layernorm: neither Hugging Face GPT-2 nor Llama has a norm on the "
+                         "queries and keys, so export to Hugging Face is not implemented for it")
     if gpt.position_embedding_type == "rope":
         check_llama_architecture(gpt)
         return "llama"

@@ -57,6 +57,7 @@ class GPTConfig:
     init_method: str = "normal"  # "normal": N(0, init_method_std); "small": sigma = sqrt(2 / (5 d))
     init_method_std: float = 0.02
     scaled_init: bool = True  # W_O and W_2 get sigma / sqrt(2 N)
+    embedding_init_method_std: float | None = None  # std of the embedding's tables (Megatron's); None: sigma
     embedding_norm: str = "layernorm"  # none | layernorm | scaled | detach (see model/embedding.py)
     embed_detach_alpha: float = 0.1
     hidden_dropout: float = 0.0
@@ -70,6 +71,8 @@ class GPTConfig:
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
     attention_backend: str = "auto"  # PyTorch SDPA kernel (model/attention.py)
+    qk_layernorm: bool = False  # the model's norm on each head's queries and keys, before rotary positions
+    z_loss_weight: float = 0.0  # PaLM's z-loss: the loss trained on adds W x mean log^2 Z (model/gpt.py GPTLoss)
     openai_gelu: bool = False  # GELU's tanh approximation (GPT-2's "gelu_new") instead of the exact erf form
     make_vocab_size_divisible_by: int = 128
     tensor_parallel_size: int = 1  # how many ranks split each layer (--tensor-model-parallel-size)
@@ -166,6 +169,10 @@ class GPTConfig:
             raise ValueError(f"--init-method must be one of {INIT_METHODS}, got {self.init_method!r}")
         if self.init_method_std <= 0:
             raise ValueError(f"--init-method-std must be > 0, got {self.init_method_std}")
+        if self.embedding_init_method_std is not None and not 0 < self.embedding_init_method_std < float("inf"):
+            raise ValueError(f"--embedding-init-method-std must be > 0, got {self.embedding_init_method_std}")
+        if not 0 <= self.z_loss_weight < float("inf"):
+            raise ValueError(f"--z-loss-weight must be >= 0 (0: no z-loss), got {self.z_loss_weight}")
         if self.embedding_norm not in EMBEDDING_NORMS:
             raise ValueError(f"--embedding-norm must be one of {EMBEDDING_NORMS}, got {self.embedding_norm!r}")
         if not 0.0 <= self.embed_detach_alpha <= 1.0:

@@ -15,9 +15,9 @@ to give the embedding output a std near 1 without touching anything else:
                norm: an RMSNorm under --normalization RMSNorm (rms ~ 1).
     scaled     e = sqrt(d) * E[tokens] + P[positions]           "Scaled Embed" (as in Vaswani et al.):
                a forward multiply, no new parameters; std ~ sqrt(d) sigma = sqrt(2/5) ~ 0.63 with
-               the small init. It is NOT the same as initialising E with std 1: E is tied to the
-               output layer, so that would inflate the logits; the output layer here uses E
-               unscaled.
+               the small init. It is NOT the same as initialising E with std 1 (Megatron-LM's
+               --embedding-init-method-std 1, model/init.py): E is tied to the output layer, so
+               that would inflate the logits; the output layer here uses E unscaled.
     detach     e = a E[tokens] + (1 - a) stopgrad(E[tokens]) + P  "Embed Detach" (GLM-130B), the
                paper's other baseline: forward unchanged, the token-embedding gradient scaled by
                a = --embed-detach-alpha (0.1). Does not change std(e).
@@ -41,18 +41,20 @@ import math
 import torch
 
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.model.init import initialized_parameter, weight_init
+from megatron_snm.model.init import embedding_weight_init, initialized_parameter, weight_init
 from megatron_snm.model.norm import build_norm
 from megatron_snm.parallel import rng
 from megatron_snm.parallel.mappings import scatter_to_sequence_parallel_region
 from megatron_snm.tensor_parallel.layers import VocabParallelEmbedding, column_parallel_linear
 
 
-def word_embeddings(config: GPTConfig, name: str = "embedding.word") -> VocabParallelEmbedding:
-    """A token table [V_padded, h], split by vocabulary over TP ranks: the embedding's E (the output
-    layer's too where they are tied), or the untied output layer's own, drawn from `name`'s seed."""
+def word_embeddings(config: GPTConfig, init_fn=None) -> VocabParallelEmbedding:
+    """A token table [V_padded, h], split by vocabulary over TP ranks: by default the embedding's E (the
+    output layer's too where they are tied, --embedding-init-method-std's std), or drawn by `init_fn`
+    (the untied output layer's own)."""
     return VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size,
-                                  init_fn=weight_init(config, name), tp_size=config.tensor_parallel_size,
+                                  init_fn=init_fn or embedding_weight_init(config, "embedding.word"),
+                                  tp_size=config.tensor_parallel_size,
                                   sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype)
 
 
@@ -73,7 +75,8 @@ class GPTEmbedding(torch.nn.Module):
         # Only a learned table lives here; rotary positions act inside attention (model/rotary.py), and
         # with them (or none) the embedding's output is a function of the token id alone.
         self.position_embeddings = initialized_parameter(
-            (config.max_position_embeddings, config.hidden_size), weight_init(config, "embedding.position"), config.params_dtype
+            (config.max_position_embeddings, config.hidden_size), embedding_weight_init(config, "embedding.position"),
+            config.params_dtype
         ) if config.position_embedding_type == "learned_absolute" else None
         if self.embedding_norm == "layernorm":  # the model's norm: LayerNorm, or RMSNorm in a Llama
             self.norm = build_norm(config)
@@ -127,7 +130,7 @@ class UntiedOutputLayer(torch.nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.sequence_parallel = config.sequence_parallel
-        self.weight = word_embeddings(config, "output.word").weight
+        self.weight = word_embeddings(config, weight_init(config, "output.word")).weight  # sigma, as Megatron's
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return output_logits(hidden, self.weight, self.sequence_parallel)

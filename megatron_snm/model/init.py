@@ -3,6 +3,12 @@
 - sigma: `--init-method-std` (default 0.02), or with `--init-method small` sigma = sqrt(2 / (5 d))
   (Nguyen & Salazar's "small init", ~0.0132 at d = 2304). Every weight matrix and both embedding
   tables are drawn from N(0, sigma^2); biases are zero, LayerNorm gains one.
+- `--embedding-init-method-std S` (Megatron-LM's flag, its answer to the same paper): the embedding's
+  tables, the token table and the learned position table, are drawn from N(0, S^2) instead (default:
+  sigma, as Megatron's default is --init-method-std). Where the output layer is tied it is the token
+  table, so S also scales the logits (S = 1: logits of std ~ sqrt(d) x the final norm's output); an
+  untied output layer keeps sigma, as in Megatron. Unlike Scaled Embed (model/embedding.py), which
+  multiplies the embedding output in the forward pass and leaves the table small.
 - scaled init (default on, `--no-scaled-init` turns it off): the two matrices that write into the
   residual stream, attention's W_O and the MLP's W_2, get sigma / sqrt(2 N) with N layers. Each
   sub-layer then adds little to the residual stream, so its std stays near that of the embedding
@@ -29,6 +35,11 @@ def sigma(config: GPTConfig) -> float:
     return config.init_method_std
 
 
+def embedding_sigma(config: GPTConfig) -> float:
+    """std of the embedding's token and position tables."""
+    return config.embedding_init_method_std if config.embedding_init_method_std is not None else sigma(config)
+
+
 def output_sigma(config: GPTConfig) -> float:
     """std of W_O and W_2."""
     s = sigma(config)
@@ -52,6 +63,11 @@ def normal_init(std: float, seed: int, name: str):
 def weight_init(config: GPTConfig, name: str):
     """The init_fn of weight `name`: N(0, sigma^2) from its own seeded generator."""
     return normal_init(sigma(config), config.seed, name)
+
+
+def embedding_weight_init(config: GPTConfig, name: str):
+    """For the embedding's tables: N(0, --embedding-init-method-std^2), by default sigma's."""
+    return normal_init(embedding_sigma(config), config.seed, name)
 
 
 def output_weight_init(config: GPTConfig, name: str):

@@ -25,8 +25,9 @@ NORM_CLASSES = {"LayerNorm": FusedLayerNorm, "RMSNorm": FusedRMSNorm}
 
 def build_norm(config: GPTConfig, size: int | None = None, sequence_parallel: bool | None = None) -> torch.nn.Module:
     """The model's norm over `size` features (default the hidden size). `sequence_parallel` (default
-    the config's): the input is a TP rank's shard of the sequence, so the gain's gradient is summed
-    over TP; a norm inside attention (QK-norm) sees whole heads and passes False."""
+    the config's): the gain's gradient on this TP rank covers only its part of the input, so it is
+    summed over TP: a shard of the sequence (--sequence-parallel), or, for QK-norm (model/attention.py),
+    this rank's heads whenever TP > 1."""
     return NORM_CLASSES[config.normalization](
         size or config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype,
         sequence_parallel=config.sequence_parallel if sequence_parallel is None else sequence_parallel,

@@ -21,7 +21,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from megatron_snm.model.config import GPTConfig
 from megatron_snm.model.describe import PIPELINE_PARTITION, ModelDescription
-from megatron_snm.model.gpt import TIED_WEIGHT, gpt_layers
+from megatron_snm.model.gpt import TIED_WEIGHT, GPTLoss, LossTerms, gpt_layers
 from megatron_snm.model.transformer import TransformerBlock, recompute_plan
 from megatron_snm.parallel.dims import ParallelDims
 from megatron_snm.parallel.rng import checkpoint
@@ -34,9 +34,23 @@ def _tied_output(module, hidden):
     return module(hidden)
 
 
-def gpt_pipeline(config: GPTConfig, loss_fn: Callable, dims: ParallelDims) -> PipelineModule:
+class StageLoss(torch.nn.Module):
+    """The last stage's loss: model/gpt.py's GPTLoss on the logits (a submodule of the stage, so the
+    stability monitor finds it as in GPTModel), then `reduce(terms) -> the scalar backward takes`."""
+
+    def __init__(self, config: GPTConfig, reduce: Callable[[LossTerms], torch.Tensor]):
+        super().__init__()
+        self.loss = GPTLoss(config)
+        self.reduce = reduce
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.loss(logits, labels))
+
+
+def gpt_pipeline(config: GPTConfig, loss_fn: Callable[[LossTerms], torch.Tensor], dims: ParallelDims
+                 ) -> PipelineModule:
     """Builds this rank's stage of the GPT. Needs parallel/state.py's groups initialised and
-    `loss_fn(logits, labels) -> scalar`."""
+    `loss_fn(terms) -> scalar`, the scalar DeepSpeed's backward takes from the loss's terms (StageLoss)."""
     layers = gpt_layers(config)
     # The first layer holding a tied weight owns it; the later ones (the output layer) call it.
     owners = {layer.tied: index for index, layer in reversed(list(enumerate(layers))) if layer.tied}
@@ -48,7 +62,7 @@ def gpt_pipeline(config: GPTConfig, loss_fn: Callable, dims: ParallelDims) -> Pi
     # consecutive layers by DeepSpeed's interval (counted from the stage's first layer; a chunk
     # holding a layer other than a block, e.g. the embedding, is not recomputed).
     chunk = recompute_plan(config, config.num_layers)[1]
-    stage = PipelineModule(specs, loss_fn=loss_fn, topology=topology, partition_method=f"type:{PIPELINE_PARTITION}",
+    stage = PipelineModule(specs, loss_fn=StageLoss(config, loss_fn), topology=topology, partition_method=f"type:{PIPELINE_PARTITION}",
                            activation_checkpoint_interval=chunk if chunk > 1 else 0,
                            activation_checkpoint_func=checkpoint, checkpointable_layers=["TransformerBlock"])
     blocks = [layer for layer in stage.forward_funcs if isinstance(layer, TransformerBlock)]

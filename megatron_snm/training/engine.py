@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megatron_snm.config import RunConfig
 from megatron_snm.model.config import GPTConfig
-from megatron_snm.model.gpt import gpt_loss
+from megatron_snm.model.gpt import LossTerms, gpt_loss
 from megatron_snm.parallel import rng, state
 from megatron_snm.tensor_parallel.utils import is_tensor_parallel
 from megatron_snm.training import deepspeed_adapter
@@ -37,15 +37,21 @@ class StepResult:
     grad_norm: float | None  # the global gradient norm before clipping (None: not measured)
     finite: bool  # loss and gradient norm finite (False also when DeepSpeed skipped a non-finite step)
     applied: bool  # the optimizer's update happened
+    z_loss: float | None = None  # the global batch's mean z-loss (--z-loss-weight; None without it), apart from `loss`
+
+
+def data_parallel_means(values: torch.Tensor) -> list[float]:
+    """The means of `values` over the data-parallel ranks, in one all-reduce (every rank gets them)."""
+    values = values.detach().float().clone()
+    if state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(values, group=state.get_data_parallel_group())
+        values /= state.get_data_parallel_world_size()
+    return values.reshape(-1).tolist()
 
 
 def data_parallel_mean(value: torch.Tensor) -> float:
     """The mean of `value` over the data-parallel ranks (every rank gets it)."""
-    if state.get_data_parallel_world_size() > 1:
-        value = value.detach().float().clone()
-        dist.all_reduce(value, group=state.get_data_parallel_group())
-        value /= state.get_data_parallel_world_size()
-    return float(value)
+    return data_parallel_means(value)[0]
 
 
 class TrainEngine:
@@ -53,6 +59,9 @@ class TrainEngine:
         self.faults = faults or FaultInjection()
         self.pipelined = run.dims.pipeline > 1
         self.micro_batches = run.gradient_accumulation_steps
+        self.z_loss = model_config.z_loss_weight > 0
+        self._terms: list[torch.Tensor] = []  # this step's micro-batches' (lm, z) losses on this rank
+        self._batch_losses: tuple[float, float] | None = None  # the pipeline's, once gathered this step
         self.fp16 = bool(run.parallel.fp16)
         self.sharded_state = run.parallel.zero_stage > 0 or bool(run.parallel.bf16)  # DeepSpeed's flat shards
         rng.model_parallel_seed(run.model.seed)
@@ -78,8 +87,14 @@ class TrainEngine:
         """This rank's piece of the model (the whole model split over TP, or a pipeline stage)."""
         return self.ds.module
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.faults.scale_loss(gpt_loss(logits, labels))
+    def _loss(self, terms: LossTerms) -> torch.Tensor:
+        """What backward takes from a micro-batch's loss terms (model/gpt.py GPTLoss): lm + z while training,
+        the LM loss alone in evaluation (no gradient: the pipeline's eval_batch). Records both terms."""
+        lm = self.faults.scale_loss(terms.lm)
+        if not torch.is_grad_enabled():
+            return lm
+        self._terms.append(torch.stack([lm.detach().float(), terms.z.detach().float()]))
+        return lm + terms.z
 
     def set_lr(self, lr: float, decoupled_lr: float | None = None) -> None:
         """`lr` for every group; `decoupled_lr` (if given) for the --decoupled-lr groups."""
@@ -92,27 +107,27 @@ class TrainEngine:
     def train_step(self, batches: Iterator, gate: UpdateGate) -> StepResult:
         """One global batch: `micro_batches` (tokens, labels) pairs from `batches` on this rank."""
         self.ds.train()
+        self._terms, self._batch_losses = [], None
         if self.pipelined:
             # The loss exists only on the last stage, and only once the schedule has run: the
             # optimizer asks for it when DeepSpeed steps it.
-            self.optimizer.arm(gate, self._pipeline_batch_loss)
-            loss = float(self.ds.train_batch(batches))
+            self.optimizer.arm(gate, lambda: self._pipeline_batch_losses()[0])
+            self.ds.train_batch(batches)
+            loss, z_loss = self._pipeline_batch_losses()
         else:
-            losses = []
             for micro in range(self.micro_batches):
                 tokens, labels = next(batches)
-                micro_loss = self._loss(self.ds(tokens), labels)
-                self.ds.backward(micro_loss)
-                losses.append(micro_loss.detach().float())
+                self.ds.backward(self._loss(self.model.loss(self.ds(tokens), labels)))
                 if micro < self.micro_batches - 1:
                     self.ds.step()  # DeepSpeed counts micro-steps; only the last one updates
-            loss = data_parallel_mean(torch.stack(losses).mean())
+            loss, z_loss = data_parallel_means(torch.stack(self._terms).mean(dim=0))
             self.optimizer.arm(gate, lambda: loss)
             self.ds.step()
         norm = deepspeed_adapter.global_grad_norm(self.ds)
         decided = self.optimizer.decided  # False: DeepSpeed skipped a non-finite step before asking
         finite = decided and math.isfinite(loss) and (norm is None or math.isfinite(norm))
-        return StepResult(loss, norm, finite, applied=self.optimizer.updated and self.ds.was_step_applied())
+        return StepResult(loss, norm, finite, applied=self.optimizer.updated and self.ds.was_step_applied(),
+                          z_loss=z_loss if self.z_loss else None)
 
     def optimizer_state_norms(self) -> dict[str, float]:
         """L2 norms of Adam's first and second moments over the whole model (collective, every rank).
@@ -137,14 +152,17 @@ class TrainEngine:
         momentum, variance = squares.sqrt().tolist()
         return {"momentum_l2": momentum, "variance_l2": variance}
 
-    def _pipeline_batch_loss(self) -> float:
-        """The global batch's mean loss on every stage: averaged on the last stage, sent to all."""
-        loss = torch.zeros(1, dtype=torch.float32, device=self.ds.device)
-        if self.ds.is_last_stage():
-            loss += data_parallel_mean(self.ds.total_loss.reshape(1) / self.micro_batches)
-        last = state.get_pipeline_model_parallel_ranks()[-1]
-        dist.broadcast(loss, src=last, group=state.get_pipeline_model_parallel_group())
-        return float(loss)
+    def _pipeline_batch_losses(self) -> tuple[float, float]:
+        """The global batch's mean LM loss and z-loss on every stage: averaged on the last stage, sent to
+        all; gathered once a step (by the optimizer, or after the schedule where DeepSpeed skipped it)."""
+        if self._batch_losses is None:
+            losses = torch.zeros(2, dtype=torch.float32, device=self.ds.device)
+            if self.ds.is_last_stage():
+                losses += torch.tensor(data_parallel_means(torch.stack(self._terms).mean(dim=0)), device=losses.device)
+            last = state.get_pipeline_model_parallel_ranks()[-1]
+            dist.broadcast(losses, src=last, group=state.get_pipeline_model_parallel_group())
+            self._batch_losses = tuple(losses.tolist())
+        return self._batch_losses
 
     @torch.no_grad()
     def evaluate(self, batches: Iterator, global_batches: int) -> float:

@@ -32,6 +32,10 @@ slice; the last stage of a pipeline holds the tied embedding again), w the param
                  + (2e + 1) a s / h per block with attention dropout (the probabilities, their
                  mask and the dropped copy; flash attention saves no s x s matrix without it),
                  + 2 one-byte dropout masks with hidden dropout;
+                 + with --qk-layernorm (a + g) k / (h TP) (the norms' row-major copies of Q and K), as
+                 much again without rotary positions (their outputs, which SDPA keeps), a k / (h TP)
+                 (SDPA's output, which the CPU's kernel keeps once Q and K are contiguous; measured)
+                 and the norms' fp32 statistics;
       selective  recomputes the attention core: "none" without its s x s terms;
       full       1 per block (its input), plus one block's "none" activations while it is recomputed;
   with --sequence-parallel the replicated units (LN regions, dropout masks, LN statistics) are split
@@ -105,6 +109,7 @@ class MemoryPlan:
     kv_channels: int | None = None  # default: hidden_size / num_attention_heads
     swiglu: bool = False
     rotary: bool = False
+    qk_layernorm: bool = False
     zero: dict = field(default_factory=dict)  # the DeepSpeed JSON's zero_optimization section
     model: ModelDescription | None = None  # its weights (model/describe.py); plan_from_config fills it
 
@@ -202,7 +207,8 @@ def activation_bytes_per_block(plan: MemoryPlan, granularity: str | None = None)
     # attention (GPU) does not, so there the estimate is high by this term.
     repeated = 2 * (a - groups) * kv / h
     mlp = (4 if plan.swiglu else 2) * plan.ffn_hidden_size / h
-    split = (qkv + rotated + repeated + a * kv / h + mlp) / tp
+    qk_norm = ((a + groups) * kv / h * (1 if plan.rotary else 2) + a * kv / h) if plan.qk_layernorm else 0
+    split = (qkv + rotated + repeated + a * kv / h + mlp + qk_norm) / tp
     units = 4 / replicated_split + split
     total = units * sbh * e
     if plan.hidden_dropout > 0:
@@ -211,6 +217,8 @@ def activation_bytes_per_block(plan: MemoryPlan, granularity: str | None = None)
         total += (2 * e + 1) * b * a * s * s / tp
     # LayerNorm statistics (mean, rstd per row, fp32) and attention's log-sum-exp.
     total += 2 * 2 * s * b * 4 / replicated_split + b * a * s * 4 / tp
+    if plan.qk_layernorm:  # mean and rstd per head and token (RMSNorm: rstd only; counted as LayerNorm)
+        total += 2 * s * b * (a + groups) * 4 / tp
     return int(total)
 
 
@@ -369,7 +377,7 @@ def plan_from_config(run, vocab_size: int, ds_config: dict) -> MemoryPlan:
         recompute_granularity=model.recompute_granularity or "none", sequence_parallel=parallel.sequence_parallel,
         hidden_dropout=model.hidden_dropout, attention_dropout=model.attention_dropout,
         num_query_groups=model.num_query_groups, kv_channels=model.kv_channels, swiglu=model.swiglu,
-        rotary=model.position_embedding_type == "rope", zero=dict(ds_config.get("zero_optimization", {})), model=description,
+        rotary=model.position_embedding_type == "rope", qk_layernorm=model.qk_layernorm, zero=dict(ds_config.get("zero_optimization", {})), model=description,
     )
 
 

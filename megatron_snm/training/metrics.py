@@ -4,7 +4,8 @@
 
 A callback of the trainer (training/callbacks.py). Every rank calls in; rank 0 prints and writes
 the scalars (all ranks know the global loss, grad norm and timing, so nothing else needs gathering).
-Which scalars: the loss and grad norm always; the learning rate and loss scale unless
+Which scalars: the loss and grad norm always (and `z-loss/z-loss` with --z-loss-weight: the z-loss
+apart, the lm loss staying the cross entropy alone); the learning rate and loss scale unless
 --no-log-*; validation perplexity, timers, batch size, memory, world size, throughput and the
 optimizer's moments with their --log-* flags, every --tensorboard-log-interval steps.
 """
@@ -65,6 +66,7 @@ class TrainingMetrics(Callback):
                                     config=run.effective())
         self._interval_start = time.perf_counter()
         self._losses: list[float] = []
+        self._z_losses: list[float] = []
         self._iters_in_interval = 0
 
     def print(self, message: str) -> None:
@@ -87,6 +89,8 @@ class TrainingMetrics(Callback):
     def _step_scalars(self, report: StepReport) -> None:
         log, it, result = self.logging, report.iteration, report.result
         self.scalar("lm-loss-training/lm loss", result.loss, it)
+        if result.z_loss is not None:
+            self.scalar("z-loss/z-loss", result.z_loss, it)
         if result.grad_norm is not None:
             self.scalar("grad-norm/grad-norm", result.grad_norm, it)
         self.scalar("spikes/loss-spikes", report.spikes_total, it)
@@ -122,6 +126,8 @@ class TrainingMetrics(Callback):
         self._iters_in_interval += 1
         if result.applied:
             self._losses.append(result.loss)
+            if result.z_loss is not None:
+                self._z_losses.append(result.z_loss)
         self._step_scalars(report)
         if it % self.log_interval and it != self.train_iters:
             return
@@ -131,10 +137,12 @@ class TrainingMetrics(Callback):
         tflops_per_rank = tokens_per_s * self.flops_per_token / self.world_size / 1e12
         mean_loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
         norm = f"{result.grad_norm:.3f}" if result.grad_norm is not None else "n/a"
+        z_loss = f" z loss: {sum(self._z_losses) / len(self._z_losses) if self._z_losses else float('nan'):.6E} |" \
+            if result.z_loss is not None else ""
         self.print(
             f" iteration {it:8d}/{self.train_iters:8d} | consumed samples: {report.consumed_samples:12d} |"
             f" elapsed time per iteration (ms): {per_iter * 1000:.1f} | learning rate: {report.lr:.3E} |"
-            f" global batch size: {self.global_batch_size:5d} | lm loss: {mean_loss:.6E} |"
+            f" global batch size: {self.global_batch_size:5d} | lm loss: {mean_loss:.6E} |{z_loss}"
             f" loss scale: {report.loss_scale:.1f} | grad norm: {norm} |"
             f" number of skipped iterations: {report.skipped_total:3d} |"
             f" number of nan iterations: {report.nonfinite_total:3d} | number of loss spikes: {report.spikes_total:3d} |"
@@ -144,7 +152,7 @@ class TrainingMetrics(Callback):
         )
         self.scalar("throughput/tokens-per-second", tokens_per_s, it)
         self.scalar("throughput/tflops-per-rank", tflops_per_rank, it)
-        self._interval_start, self._losses, self._iters_in_interval = now, [], 0
+        self._interval_start, self._losses, self._z_losses, self._iters_in_interval = now, [], [], 0
 
     def evaluation(self, where: str, loss: float, iteration: int, tag: str = "validation") -> None:
         ppl = math.exp(min(20.0, loss))

@@ -9,6 +9,16 @@
    layer, with the position table and Embed LN), of each block and of the final LayerNorm, so a
    spike in the global norm can be attributed.
 
+And the signals of the instabilities the other levers target (Wortsman et al. 2023, "Small-scale proxies
+for large-scale Transformer training instabilities"):
+- `max_attention_logit/layer_NN`: the largest pre-softmax logit q.k / sqrt(d) of the block's attention
+  (after QK-norm and rotary positions; over batch, heads and the causal positions), read from the q and
+  k its core (model/attention.CoreAttention) receives; attention-logit growth is what QK-norm bounds.
+  Megatron's --log-max-attention-logit reports the same. The heads are split over TP: max over the ranks.
+- `log_z/mean`, `log_z/std`: log Z, the log of the output softmax's normaliser, per unmasked token of
+  the captured micro-batches, taken from the loss's own cross entropy (model/gpt.GPTLoss), no second
+  pass over the logits; its drift is output-logit divergence, what the z-loss pulls back.
+
     monitor = StabilityMonitor(model)      # any module containing our blocks/LayerNorms
     with monitor.capture():                # hooks exist only inside; nothing is registered otherwise
         loss = model(tokens, labels).mean()
@@ -33,7 +43,9 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from megatron_snm.model.attention import CoreAttention, max_attention_logit
 from megatron_snm.model.embedding import GPTEmbedding
+from megatron_snm.model.gpt import GPTLoss
 from megatron_snm.model.norm import is_norm
 from megatron_snm.model.transformer import FinalNorm, TransformerBlock
 from megatron_snm.parallel import state
@@ -74,6 +86,8 @@ class StabilityMonitor:
         self.model = model
         self._captured: dict[str, list[torch.Tensor]] = defaultdict(list)  # figure -> each capture's moments
         self._grad_sq: dict[tuple[str, bool], float] = defaultdict(float)  # (module, tp-split) -> sum of squares
+        self._max: dict[str, torch.Tensor] = {}  # figure -> the largest value captured on this rank
+        self._log_z: list[torch.Tensor] = []  # each captured micro-batch's moments of log Z (same on every TP rank)
         self._handles: list = []
 
     def _record(self, key: str, value: torch.Tensor) -> None:
@@ -92,9 +106,12 @@ class StabilityMonitor:
                 yield name, module
                 yield f"{name}.ln_1", module.ln_1
                 yield f"{name}.ln_2", module.ln_2
+                yield name, module.attention.core_attention
             elif isinstance(module, FinalNorm):
                 yield "final_norm", module  # its parameters' gradient norm
                 yield "final_norm", module.norm  # its LayerNorm figures
+            elif isinstance(module, GPTLoss):
+                yield "log_z", module
 
     def _hooks(self, name: str, module: torch.nn.Module):
         if isinstance(module, (GPTEmbedding, TransformerBlock)):
@@ -107,6 +124,19 @@ class StabilityMonitor:
                 def grad_sq(grad, key=key):
                     self._grad_sq[key] += float(grad.detach().float().pow(2).sum())
                 yield param.register_hook(grad_sq)
+        if isinstance(module, CoreAttention):
+            key = f"max_attention_logit/{name}"
+            def largest_logit(mod, inputs, output):  # inputs: q, k, v[, mask[, causal]]
+                mask = inputs[3] if len(inputs) > 3 else None
+                causal = inputs[4] if len(inputs) > 4 else True
+                value = max_attention_logit(inputs[0], inputs[1], mask, causal)
+                self._max[key] = value if key not in self._max else torch.maximum(self._max[key], value)
+            yield module.register_forward_hook(largest_logit)
+        if isinstance(module, GPTLoss):
+            def log_z(mod, inputs, terms):
+                values = terms.log_z if terms.loss_mask is None else terms.log_z[terms.loss_mask.bool()]
+                self._log_z.append(_moments(values))
+            yield module.register_forward_hook(log_z)
         if is_norm(module):  # LayerNorm or RMSNorm: both amplify by ~1 / the input's std (rms)
             def input_std(mod, inputs, output):
                 self._record(f"ln_input_std/{name}", inputs[0])
@@ -118,7 +148,7 @@ class StabilityMonitor:
 
     def start(self) -> None:
         """Starts measuring (afresh) the forward and backward passes that follow."""
-        self._captured.clear(), self._grad_sq.clear()
+        self._captured.clear(), self._grad_sq.clear(), self._max.clear(), self._log_z.clear()
         self._handles = [h for name, module in self._named_modules() for h in self._hooks(name, module)]
 
     def stop(self) -> None:
@@ -144,7 +174,8 @@ class StabilityMonitor:
         stacked = [torch.stack(self._captured[key]) for key in keys]
         # Under --sequence-parallel each TP rank captured its shard of the sequence.
         if state.get_tensor_model_parallel_world_size() > 1 and any(
-                getattr(module, "sequence_parallel", False) for module in self.model.modules()):
+                isinstance(module, (GPTEmbedding, TransformerBlock)) and module.sequence_parallel
+                for module in self.model.modules()):
             group = state.get_tensor_model_parallel_group()
             flat = torch.cat([s.flatten() for s in stacked]).to(state.collective_device(group))
             dist.all_reduce(flat, group=group)
@@ -165,6 +196,17 @@ class StabilityMonitor:
         for key in [k for k in figures if k.startswith("ln_grad_in/")]:
             name = key[len("ln_grad_in/"):]
             figures[f"ln_amplification/{name}"] = figures[key] / max(figures[f"ln_grad_out/{name}"], 1e-30)
+        if self._log_z:  # log Z is all-reduced in the cross entropy: whole on every TP rank, nothing to sum
+            count, total, squares = torch.stack(self._log_z).sum(dim=0).tolist()
+            figures["log_z/mean"], figures["log_z/std"] = total / max(count, 1.0), _std(count, total, squares)
+        maxima = sorted(self._max)
+        if maxima:
+            largest = torch.stack([self._max[key].float() for key in maxima])
+            if state.get_tensor_model_parallel_world_size() > 1:  # each TP rank saw its own heads
+                group = state.get_tensor_model_parallel_group()
+                largest = largest.to(state.collective_device(group))
+                dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+            figures.update(zip(maxima, largest.tolist()))
         owners = sorted({owner for owner, _ in self._grad_sq})
         if owners:
             split = torch.tensor([self._grad_sq[(o, True)] for o in owners], dtype=torch.float64)

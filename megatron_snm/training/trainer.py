@@ -57,6 +57,7 @@ _CHECKPOINT_BYTES_PER_PARAMETER = 16
 class TrainResult:
     iteration: int = 0
     losses: dict[int, float] = field(default_factory=dict)  # iteration -> global batch loss
+    z_losses: dict[int, float] = field(default_factory=dict)  # iteration -> its z-loss (--z-loss-weight)
     lrs: dict[int, float] = field(default_factory=dict)  # iteration -> its learning rate
     skipped: list[int] = field(default_factory=list)
     spikes: list[int] = field(default_factory=list)
@@ -361,6 +362,8 @@ class Trainer:
             publish(wait=False)
             it = result.iteration = report.iteration
             result.losses[it], result.lrs[it] = report.result.loss, report.lr
+            if report.result.z_loss is not None:
+                result.z_losses[it] = report.result.z_loss
             if not report.result.applied:
                 result.skipped.append(it)
             if report.verdict.spike:

@@ -83,7 +83,7 @@ def build_gpt_model(gpt_config: GPTConfig, ds_config: dict, mpu) -> torch.nn.Mod
 
 def build_module(run, gpt_config: GPTConfig, loss_fn) -> tuple[torch.nn.Module, dict]:
     """This rank's module and the DeepSpeed config sized to it (apply_zero_defaults): its pipeline
-    stage (PP > 1, pipeline/module.py; `loss_fn(logits, labels)` on the last stage), else GPTModel,
+    stage (PP > 1, pipeline/module.py; `loss_fn(terms)` on the last stage), else GPTModel,
     partitioned as it is built under ZeRO-3. `run`: the resolved RunConfig."""
     from megatron_snm.pipeline.module import gpt_pipeline
     from megatron_snm.training.deepspeed_adapter import ParallelStateMPU
