@@ -421,6 +421,8 @@ def main(argv=None) -> int:
     points = [Point(*values) for values in itertools.product(
         args.method, args.architecture, args.lr, args.seed, args.sigma, args.num_layers, args.lr_warmup_iters,
         args.adam_beta2, args.clip_grad)]
+    # Run seed by seed: a study stopped early (and resumed later) has every configuration's first seeds.
+    points.sort(key=lambda point: args.seed.index(point.seed))
     results: dict[str, dict] = {}
     pending = []
     for point in points:
