@@ -130,6 +130,21 @@ def test_qk_layernorm_is_the_models_norm_over_head_channels_before_rotary():
     assert relative_error(seen["q"], expected_q) < 1e-5 and relative_error(seen["k"], expected_k) < 1e-5
 
 
+def test_qk_layernorm_gains_are_described_replicated_and_whole_on_every_tp_rank():
+    """The description (model/describe.py, which checkpoints, resharding and the memory estimate read)
+    has each block's two gains (and biases) as replicated, whole-size weights that are no matrices."""
+    from megatron_snm.model.describe import describe
+
+    config = GPTConfig(**TINY, qk_layernorm=True, tensor_parallel_size=2)
+    weights = describe(config).weights
+    gains = {n: w for n, w in weights.items() if "_layernorm." in n}
+    assert sorted(gains) == sorted(f"layers.{n}.attention.{qk}_layernorm.{p}" for n in range(2)
+                                   for qk in "qk" for p in ("weight", "bias"))
+    for w in gains.values():
+        assert (w.shape, w.split_dim, w.matmul, w.local_numel(2)) == ((config.head_dim,), None, False, config.head_dim)
+    assert describe(replace(config, qk_layernorm=False)).weights.keys() == weights.keys() - gains.keys()
+
+
 # --- z-loss --------------------------------------------------------------------------------------
 def test_z_loss_equals_a_direct_computation_on_full_logits():
     weight = 1e-2
