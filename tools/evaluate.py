@@ -114,7 +114,7 @@ def _main(args) -> int:
     window = args.seq_length or model_length
     if not 1 <= window <= model_length:
         raise UsageError(f"--seq-length {window}: the model {ckpt.directory} has --seq-length {model_length} "
-                         "(position embeddings), so windows must be 1 .. that long")
+                         "(the context it was trained on), so windows must be 1 .. that long")
     stride = args.stride or window
 
     if args.data_path:

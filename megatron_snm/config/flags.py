@@ -350,6 +350,13 @@ class SpikeArgs:
                                           "global batch overlaps one is skipped", nargs="+")
     inject_divergence_at: str | None = _opt(None, "drills and tests: ITER[,ITER...] make the loss of those "
                                             "iterations non-finite, once each")
+    spike_warning: str | None = _opt(
+        None, "SIGNAL:FACTOR: when SIGNAL exceeds FACTOR x the mean of its last --spike-window observations "
+        "(at least 5), log a warning and save a checkpoint at once (needs --save), so that a rollback finds "
+        "one close to the spike. SIGNAL: grad_norm (every step), or from the stability monitor's steps "
+        "(--log-stability-interval) update_rms_ratio, max_attention_logit, log_z, residual_std, "
+        "ln_amplification (each the largest over the model's modules); tools/early_warning.py measures which "
+        "warns best. Megatron-LM has no such flag; e.g. grad_norm:4")
 
 
 def _no_effect(default, why: str, **argparse_kwargs):

@@ -31,6 +31,7 @@ from megatron_snm.model.config import GPTConfig, default_ffn_hidden_size
 from megatron_snm.model.presets import MODEL_PRESETS
 from megatron_snm.parallel.dims import ParallelDims
 from megatron_snm.config import deepspeed_config
+from megatron_snm.warning_signals import GRAD_NORM, SIGNALS
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class RunConfig:
     lr_schedule: LRScheduleLengths
     notes: tuple[str, ...] = ()  # one log line per flag accepted with no effect
     divergence_iterations: tuple[int, ...] = ()  # --inject-divergence-at, parsed
+    spike_warning: tuple[str, float] | None = None  # --spike-warning, parsed: (signal, factor)
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -131,6 +133,22 @@ def parse_iteration_list(spec: str | None) -> list[int]:
         return [int(item) for item in (spec or "").split(",") if item.strip()]
     except ValueError:
         raise ConfigError(f"--inject-divergence-at {spec!r}: expected ITER[,ITER...], e.g. 120,340") from None
+
+
+def parse_spike_warning(spec: str | None) -> tuple[str, float] | None:
+    """--spike-warning SIGNAL:FACTOR"""
+    if spec is None:
+        return None
+    signal, _, factor = spec.partition(":")
+    if signal not in SIGNALS:
+        raise ConfigError(f"--spike-warning {spec!r}: unknown signal {signal!r}, expected one of {', '.join(SIGNALS)}")
+    try:
+        value = float(factor)
+    except ValueError:
+        raise ConfigError(f"--spike-warning {spec!r}: expected SIGNAL:FACTOR, e.g. grad_norm:4") from None
+    if not (math.isfinite(value) and value > 1):
+        raise ConfigError(f"--spike-warning {spec!r}: the factor must be a finite number above 1")
+    return signal, value
 
 
 def _non_negative(**flags: float) -> None:
@@ -509,6 +527,12 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
         raise ConfigError("--on-divergence rollback needs checkpoints to roll back to: give --save and --save-interval")
     if spike.on_divergence == "rollback" and not (spike.max_skipped_steps or spike.max_spiky_steps):
         raise ConfigError("--on-divergence rollback needs a divergence rule: --max-skipped-steps or --max-spiky-steps")
+    spike_warning = parse_spike_warning(spike.spike_warning)
+    if spike_warning and not flags.checkpoint.save:
+        raise ConfigError("--spike-warning saves a checkpoint when it fires: give --save")
+    if spike_warning and spike_warning[0] != GRAD_NORM and not logging_args.log_stability_interval:
+        raise ConfigError(f"--spike-warning {spike.spike_warning}: {spike_warning[0]} is measured by the stability "
+                          "monitor: give --log-stability-interval")
     divergences = tuple(parse_iteration_list(spike.inject_divergence_at))
     for value in [*(spike.iterations_to_skip or []), *divergences]:
         if value < 1:
@@ -522,4 +546,5 @@ def resolve(flags: Flags, world_size: int) -> RunConfig:
                      logging=logging_args, checkpoint=flags.checkpoint, spike=spike, compat=flags.compat, dims=dims,
                      gradient_accumulation_steps=gas,
                      deepspeed=deepspeed_config.build(ds_json, parallel, batch, optim, gas),
-                     lr_schedule=lr_schedule, notes=tuple(notes), divergence_iterations=divergences)
+                     lr_schedule=lr_schedule, notes=tuple(notes), divergence_iterations=divergences,
+                     spike_warning=spike_warning)

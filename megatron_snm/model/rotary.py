@@ -18,8 +18,9 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, rotary_dim: int, base: int = 10000, interleaved: bool = False):
         super().__init__()
         self.rotary_dim, self.interleaved = rotary_dim, interleaved
-        # Not a parameter nor a buffer: a function of the flags, so never in a checkpoint. On the CPU
-        # even when the model is built on the meta device (inference builds it there, then loads weights).
+        # Not a parameter nor a buffer: a function of the flags, so never in a checkpoint. Made on the CPU
+        # whatever the default device: a block built on the meta device (inference builds its layers there,
+        # then assigns the checkpoint's weights) would otherwise have no frequencies to rotate with.
         self.inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device="cpu") / rotary_dim))
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from megatron_snm.parallel import state
 from megatron_snm.training.engine import StepResult
 from megatron_snm.training.monitor import StabilityMonitor
 from megatron_snm.training.spikes import Verdict
+from megatron_snm.training.update_ratio import UpdateRatio
 
 
 @dataclass(frozen=True)
@@ -54,23 +55,27 @@ def _listing(figures: dict[str, float]) -> str:
 
 class StabilityCallback(Callback):
     """Runs the stability monitor every `interval` steps (0: never) and on the step right after a
-    loss spike, and reports its figures. The monitor costs a few hooks per layer while it captures;
+    loss spike, and reports its figures with the step's update/weight ratios (training/update_ratio.py).
+    The monitor costs a few hooks per layer while it captures, the ratios a copy of the fp32 weights;
     a spike is known only once its step is done, so `interval` 1 captures the spiky step itself."""
 
     def __init__(self, model, metrics, interval: int, spike_factor: float):
         self.monitor = StabilityMonitor(model)
+        self.updates = UpdateRatio(model)
         self.metrics, self.interval, self.spike_factor = metrics, interval, spike_factor
         self.after_spike: int | None = None  # the iteration of the spike the next step follows
         self.capturing = False
+        self.last_figures: dict[str, float] = {}  # the latest step's figures ({}: not captured), for the trainer
 
     def pre_step(self, iteration: int) -> None:
         self.capturing = self.after_spike is not None or (self.interval > 0 and iteration % self.interval == 0)
         if self.capturing:
             self.monitor.start()
+            self.updates.snapshot()
 
     def figures(self) -> dict[str, float]:
         """The figures of the whole model (collective): each pipeline stage measures its own layers."""
-        figures = self.monitor.figures()  # collective over TP
+        figures = {**self.monitor.figures(), **self.updates.figures()}  # collective over TP (and DP under ZeRO)
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (state.get_data_parallel_rank(), state.get_tensor_model_parallel_rank(),
                                           figures))
@@ -86,6 +91,7 @@ class StabilityCallback(Callback):
             self.monitor.stop()
             figures = self.figures()
             self.metrics.stability(figures, report.iteration)
+        self.last_figures = figures
         it = report.iteration
         if report.verdict.spike:
             self.metrics.print(

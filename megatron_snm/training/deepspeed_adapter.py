@@ -9,6 +9,9 @@
   torch's AdamW, which ZeRO lists, with a gate in its step), our safe checkpoint engine installed,
   and the no-op gradient all-reduce of a single data-parallel rank switched off.
 - `global_grad_norm`: the norm DeepSpeed measured in the step (or our optimizer, under ZeRO-0 fp32).
+- `local_master`, `partitioned_over_data_parallel`: this rank's share of a parameter's fp32 master
+  weights (ZeRO-1/2 and bf16: its fragment of the flat partition; ZeRO-3: its partition; the 16-bit
+  wrapper of ZeRO-0: its copy, which `initialize` links to the parameter as ZeRO links fragments).
 """
 from __future__ import annotations
 
@@ -77,7 +80,21 @@ def initialize(module: torch.nn.Module, optimizer: torch.optim.Optimizer, config
         # all-reduce and copy-back of every gradient each step.
         engine.enable_backward_allreduce = False
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+    _link_16bit_masters(engine.optimizer)
     return engine
+
+
+def _link_16bit_masters(optimizer) -> None:
+    """DeepSpeed's 16-bit wrapper at ZeRO-0 (FP16_UnfusedOptimizer: ours is not its FusedAdam) keeps
+    an fp32 copy of each parameter in a list of its own, unlinked to the parameter (ZeRO-1/2 and the
+    bf16 optimizer link fragments as `_hp_mapping`): link each parameter to its copy, which the
+    wrapper steps and loads in place."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        for params, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            for param, master in zip(params, masters):
+                param._megatron_snm_master = master.data
 
 
 def allow_under_zero(optimizer_class: type) -> None:
@@ -95,3 +112,26 @@ def allow_under_zero(optimizer_class: type) -> None:
 def global_grad_norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
+
+
+
+def partitioned_over_data_parallel(param: torch.nn.Parameter) -> bool:
+    """Whether the optimizer's fp32 master of this parameter is split over the data-parallel ranks
+    (ZeRO-1/2 and the bf16 optimizer link each parameter to its fragment; ZeRO-3 partitions it)."""
+    return hasattr(param, "_hp_mapping") or hasattr(param, "_z3_optimizer")
+
+
+def local_master(param: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's share of the fp32 weights the optimizer updates: under ZeRO-1/2 and bf16 its
+    fragment of the rank's flat partition (empty where the rank holds none of it), under ZeRO-3 its
+    partition, under a 16-bit ZeRO-0 wrapper its fp32 copy, otherwise the parameter itself
+    (DeepSpeed then steps our optimizer on it directly).
+    A view: it changes with the optimizer's step."""
+    if hasattr(param, "_megatron_snm_master"):
+        return param._megatron_snm_master
+    if hasattr(param, "_hp_mapping"):
+        mapping = param._hp_mapping
+        return mapping.get_hp_fragment() if mapping is not None else param.new_empty(0, dtype=torch.float32)
+    if hasattr(param, "_z3_optimizer"):
+        return param._z3_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=True)[0]
+    return param.data

@@ -56,6 +56,19 @@ def _block_name(block: TransformerBlock) -> str:
     return f"layer_{block.layer_number:02d}"
 
 
+def parameter_owners(model: torch.nn.Module):
+    """(name, module) for the modules whose parameters the figures are per-module for: the embedding
+    (its tables and Embed LN), each block, the final norm; between them every weight but an untied
+    output layer and a pipeline stage's tied copy of the token table."""
+    for module in model.modules():
+        if isinstance(module, GPTEmbedding):
+            yield "embedding", module
+        elif isinstance(module, TransformerBlock):
+            yield _block_name(module), module
+        elif isinstance(module, FinalNorm):
+            yield "final_norm", module
+
+
 def _moments(x: torch.Tensor) -> torch.Tensor:
     """(count, sum, sum of squares) of a tensor, in float64: what a std or a norm of the whole tensor
     needs from each of its shards."""

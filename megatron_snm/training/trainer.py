@@ -45,6 +45,7 @@ from megatron_snm.training.lr_schedule import LRSchedule, decoupled_lr_schedule,
 from megatron_snm.training.metrics import TrainingMetrics, model_flops_per_token
 from megatron_snm.training.profiler import StepProfiler
 from megatron_snm.training.skip_ledger import LEDGER, append_ledger, ledger_iterations, read_ledger
+from megatron_snm.training.spike_warning import SpikeWarning
 from megatron_snm.training.spikes import SpikePolicy
 
 
@@ -88,9 +89,10 @@ class Trainer:
                                   spike.max_skipped_steps, spike.spike_zscore, spike.grad_norm_spike_factor,
                                   spike.max_spiky_steps)
         self.schedule = lr_schedule(run)
-        self.callbacks = [StabilityCallback(self.engine.model, self.metrics, run.logging.log_stability_interval,
-                                            spike.spike_factor),
-                          self.metrics]
+        self.stability = StabilityCallback(self.engine.model, self.metrics, run.logging.log_stability_interval,
+                                           spike.spike_factor)
+        self.callbacks = [self.stability, self.metrics]
+        self.warning = SpikeWarning(*run.spike_warning, spike.spike_window) if run.spike_warning else None
         logging = run.logging
         self.profiler = StepProfiler(logging.tensorboard_dir, logging.profile_step_start, logging.profile_step_end,
                                      dist.get_rank()) \
@@ -165,7 +167,8 @@ class Trainer:
         return dict(run_metadata(self.run, self.model_config), consumed_train_samples=self.consumed_samples,
                     spike_policy=self.policy.state_dict(), rollbacks=self.rollbacks,
                     last_good_checkpoint=self.last_good_checkpoint, lr_scaled_until=self.lr_scaled_until,
-                    faults_fired=self.faults.fired, lr_schedule=dataclasses.asdict(self.schedule))
+                    faults_fired=self.faults.fired, lr_schedule=dataclasses.asdict(self.schedule),
+                    spike_warning=self.warning.state_dict() if self.warning else None)
 
     def _take_schedule(self, saved: dict | None) -> None:
         """Megatron's rule for a resumed LR schedule: the checkpoint's and this run's must agree, unless
@@ -196,6 +199,8 @@ class Trainer:
             self.iteration, self.consumed_samples = saved["iteration"], saved["consumed_train_samples"]
             if "spike_policy" in saved:  # not in a weights-only checkpoint (checkpoint/write.py)
                 self.policy.load_state_dict(saved["spike_policy"])
+            if self.warning and saved.get("spike_warning"):
+                self.warning.load_state_dict(saved["spike_warning"])
         return saved
 
     def load(self) -> None:
@@ -378,6 +383,10 @@ class Trainer:
                     + "lower --lr or check the data before resuming")
                 result.stopped = "diverged"
                 break
+            why = self.warning.observe(report.result.grad_norm, self.stability.last_figures) if self.warning else None
+            if why:  # a likely precursor of a spike: a checkpoint now, for a rollback to find
+                self.metrics.print(f" spike warning at iteration {it}: {why} (--spike-warning); saving a checkpoint")
+                save()
             if valid_ds is not None and evaluating and it % run.eval.eval_interval == 0:
                 result.valid_losses[it] = self._evaluate(valid_ds, f"iteration {it}", "validation")
             if ckpt.save_interval and it % ckpt.save_interval == 0:
