@@ -7,7 +7,8 @@
 - `--embedding-init-method-std` (Megatron's): the token and position tables get std S, every other
   weight is unchanged (an untied output layer too, as in Megatron).
 - Each lever under TP=2 and TP=2 with --sequence-parallel gives the single-process losses, gradients
-  and monitor figures (one spawned 2-rank job).
+  and monitor figures (one spawned 2-rank job), and the z-loss there equals torch.logsumexp's on the
+  gathered logits; in training, also under PP=2 and ZeRO-3.
 - The monitor's `max_attention_logit/layer_NN` and `log_z/{mean,std}` equal direct computations.
 - The flags' refusals name the flag.
 """
@@ -24,6 +25,7 @@ from megatron_snm.model.gpt import GPTModel
 from megatron_snm.model.init import sigma
 from megatron_snm.model.presets import architecture
 from megatron_snm.parallel import rng as tp_random, state
+from megatron_snm.parallel.mappings import all_gather_along
 from megatron_snm.parallel.spawn import run_distributed
 from megatron_snm.tensor_parallel.utils import gather_full, gather_full_like
 from megatron_snm.training.monitor import StabilityMonitor
@@ -126,6 +128,21 @@ def test_qk_layernorm_is_the_models_norm_over_head_channels_before_rotary():
             return t * cos + torch.cat([-second, first], dim=-1) * sin
         expected_q, expected_k = rotate(norm(q, attention.q_layernorm)), rotate(norm(k, attention.k_layernorm))
     assert relative_error(seen["q"], expected_q) < 1e-5 and relative_error(seen["k"], expected_k) < 1e-5
+
+
+def test_qk_layernorm_gains_are_described_replicated_and_whole_on_every_tp_rank():
+    """The description (model/describe.py, which checkpoints, resharding and the memory estimate read)
+    has each block's two gains (and biases) as replicated, whole-size weights that are no matrices."""
+    from megatron_snm.model.describe import describe
+
+    config = GPTConfig(**TINY, qk_layernorm=True, tensor_parallel_size=2)
+    weights = describe(config).weights
+    gains = {n: w for n, w in weights.items() if "_layernorm." in n}
+    assert sorted(gains) == sorted(f"layers.{n}.attention.{qk}_layernorm.{p}" for n in range(2)
+                                   for qk in "qk" for p in ("weight", "bias"))
+    for w in gains.values():
+        assert (w.shape, w.split_dim, w.matmul, w.local_numel(2)) == ((config.head_dim,), None, False, config.head_dim)
+    assert describe(replace(config, qk_layernorm=False)).weights.keys() == weights.keys() - gains.keys()
 
 
 # --- z-loss --------------------------------------------------------------------------------------
@@ -246,11 +263,16 @@ def _run(config):
     tokens, labels, mask = batch()
     monitor = StabilityMonitor(model)
     with monitor.capture():
-        terms = model.loss(model(tokens), labels, mask)
+        logits = model(tokens)
+        terms = model.loss(logits, labels, mask)
         (terms.lm + terms.z).backward()
     grads = {n: gather_full_like(p, p.grad) for n, p in model.named_parameters()}
     weights = {n: gather_full(p).detach() for n, p in model.named_parameters()}
-    return terms.lm.item(), terms.z.item(), weights, grads, monitor.figures()
+    # The z-loss straight from the whole vocabulary's logits, gathered from the TP ranks' slices.
+    full = all_gather_along(logits.detach(), dim=-1) if config.tensor_parallel_size > 1 else logits.detach()
+    log_z = torch.logsumexp(full, dim=-1)
+    direct_z = config.z_loss_weight * (log_z.square() * mask).sum() / mask.sum()
+    return terms.lm.item(), (terms.z.item(), direct_z.item()), weights, grads, monitor.figures()
 
 
 def _compare(run, ref):
@@ -261,7 +283,9 @@ def _compare(run, ref):
     largest = max(g.abs().max().item() for g in ref_grads.values())
     unseen = [n for n in grads if "k_layernorm.bias" in n]
     compared = [n for n in grads if n not in unseen]
+    (z, direct_z), ref_z = z, ref_z[0]
     return dict(lm=abs(lm / ref_lm - 1), z=abs(z - ref_z) / max(abs(ref_z), 1e-12),
+                z_direct=abs(z - direct_z) / max(abs(direct_z), 1e-12),
                 weights=max(relative_error(weights[n], ref_weights[n]) for n in weights),
                 grads=max(relative_error(grads[n], ref_grads[n]) for n in compared),
                 worst_grad=max(compared, key=lambda n: relative_error(grads[n], ref_grads[n])),
@@ -295,7 +319,7 @@ def test_lever_under_tensor_and_sequence_parallelism_equals_one_process(tp_resul
     for rank, per_rank in enumerate(tp_results):
         r = per_rank[f"{lever} {layout}"]
         assert r["lm"] < 1e-5 and r["weights"] < 1e-5 and r["grads"] < 1e-5, (rank, r["worst_grad"], r)
-        assert r["z"] < 1e-5 and r["softmax_invariant"] < 1e-6, (rank, r)
+        assert r["z"] < 1e-5 and r["z_direct"] < 1e-5 and r["softmax_invariant"] < 1e-6, (rank, r)
         assert r["monitor"] < 1e-5, (rank, r)
         assert not r["zero_grads"], (rank, r["zero_grads"])
         assert {"log_z/mean", "log_z/std", "max_attention_logit/layer_01", "max_attention_logit/layer_02"} \
