@@ -79,7 +79,10 @@ class ModelArgs:
                              action="store_false", flags=("--no-scaled-init",))
     embedding_init_method_std: float | None = _opt(None, "std of the normal init of the embedding's tables (token "
                                                    "and learned positions; the output layer's too where it is "
-                                                   "tied); default: the other weights' sigma", type=float)
+                                                   "tied); default: the other weights' sigma. Megatron's docstring "
+                                                   "says it also exempts the embeddings from weight decay, which "
+                                                   "its optimizer does not do: add --no-weight-decay-embeddings "
+                                                   "for that", type=float)
     embedding_norm: str = _opt("layernorm", "the paper's 'large shortcut': layernorm (Embed LN), scaled "
                                "(Scaled Embed), none (vanilla), detach (Embed Detach)", choices=EMBEDDING_NORMS)
     embed_layernorm: bool = _opt(False, "BLOOM's Megatron-DeepSpeed name of --embedding-norm layernorm",
