@@ -96,11 +96,18 @@ else
 fi
 
 # shellcheck disable=SC2086  # METHODS and LRS are lists
-timeout --kill-after=10 "${TIME_LIMIT:-470}" "$PYTHON" tools/stability_sweep.py "${DATA[@]}" \
-    --output-dir "$OUTPUT/study" --method ${METHODS:-vanilla embed-ln scaled-embed} --architecture gpt2 \
-    --lr $LRS --seed "${SEED:-1}" "${SHAPE[@]}" --split "$SPLIT" --extra-args "$EXTRA" --jobs 1 \
-    >"$OUTPUT/sweep.log" 2>&1 || { rc=$?; tail -n 30 "$OUTPUT/sweep.log"; exit "$rc"; }
+SWEEP=(tools/stability_sweep.py "${DATA[@]}" --output-dir "$OUTPUT/study" --method ${METHODS:-vanilla embed-ln scaled-embed}
+       --architecture gpt2 --lr $LRS --seed "${SEED:-1}" "${SHAPE[@]}" --split "$SPLIT" --extra-args "$EXTRA")
+rc=0
+timeout --kill-after=10 "${TIME_LIMIT:-470}" "$PYTHON" "${SWEEP[@]}" --jobs 1 >"$OUTPUT/sweep.log" 2>&1 || rc=$?
+if ((rc)); then  # out of time or a run failed: report what finished
+    tail -n 30 "$OUTPUT/sweep.log"
+    [[ $rc -eq 124 || $rc -eq 137 ]] && echo "the runs took longer than TIME_LIMIT=${TIME_LIMIT:-470}s: the report holds those that finished"
+    compgen -G "$OUTPUT/study/runs/*/result.json" >/dev/null || exit "$rc"
+    "$PYTHON" "${SWEEP[@]}" --report-only >>"$OUTPUT/sweep.log" 2>&1 || exit "$rc"
+fi
 "$PYTHON" tools/plot_stability.py "$OUTPUT/study" --output-dir "$OUTPUT/plots" >"$OUTPUT/plots.log" 2>&1
-sed -n '/^run /,$p' "$OUTPUT/sweep.log"
+sed -n '/^run /,/^$/p' "$OUTPUT/sweep.log"
 grep -A 8 "^| architecture | method | LR sensitivity" "$OUTPUT/study/report.md"
 echo "figures: $OUTPUT/study/final_loss_vs_lr.png $OUTPUT/plots/"
+exit "$rc"
