@@ -211,6 +211,21 @@ def test_report_from_synthetic_runs_equals_a_hand_computation(sample_data, tmp_p
         assert image.format == "PNG"
 
 
+def test_report_reads_the_sweeps_before_methods(sample_data, tmp_path):
+    """A result.json written before the method axis (embedding modes only, no architecture) is
+    reported under the method of its mode and its setting."""
+    old = dict(name="none_lr0.01_seed1_sigma0.0132_L6_wu10_b20.999_clip1", embedding_norm="none", lr=0.01, seed=1,
+               sigma="0.0132", num_layers=6, lr_warmup_iters=10, adam_beta2=0.999, clip_grad=1.0, first_loss=8.3,
+               final_valid_loss=6.9, diverged=False, loss_spikes=2, grad_norm_spikes=0)
+    (tmp_path / "runs" / old["name"]).mkdir(parents=True)
+    (tmp_path / "runs" / old["name"] / "result.json").write_text(json.dumps(old))
+    run_tool("tools/stability_sweep.py", "--data-path", sample_data / "c4_text_document", "--tokenizer-type",
+             "SentencePieceTokenizer", "--output-dir", tmp_path, "--split", "80,20,0", "--report-only")
+    (row,) = json.loads((tmp_path / "report.json").read_text())["methods"]
+    assert (row["architecture"], row["method"], row["setting"]) == ("gpt2", "vanilla", "sigma0.0132_L6_wu10_b20.999_clip1")
+    assert row["best_loss"]["mean"] == 6.9 and row["loss_spikes"] == 2
+
+
 def test_unigram_level_is_the_cross_entropy_of_training_frequencies(tmp_path):
     """Training document [0, 0, 1], validation document [0, 1]: with add-1/2 smoothing the training
     frequencies are 2.5/4 and 1.5/4, so the loss is -(ln 0.625 + ln 0.375) / 2."""

@@ -333,6 +333,16 @@ def write_report(args, results: list[dict]) -> list[Path]:
     return written
 
 
+def _with_study_axes(result: dict) -> dict:
+    """A result.json of the sweep before methods (embedding modes only) in the study's terms."""
+    if "setting" in result:
+        return result
+    method = {norm: name for name, (norm, flags) in METHODS.items() if not flags}[result["embedding_norm"]]
+    point = Point(method, result.get("architecture", "gpt2"), *(result[k] for k in (
+        "lr", "seed", "sigma", "num_layers", "lr_warmup_iters", "adam_beta2", "clip_grad")))
+    return dict(result, method=method, architecture=point.architecture, setting=point.setting)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -415,7 +425,7 @@ def main(argv=None) -> int:
             print(f"stability_sweep.py: error: {args.output_dir / 'runs'} holds no finished run (result.json)",
                   file=sys.stderr)
             return 2
-        report(args, [json.loads(path.read_text()) for path in paths])
+        report(args, [_with_study_axes(json.loads(path.read_text())) for path in paths])
         return 0
     args.output_dir.mkdir(parents=True, exist_ok=True)
     points = [Point(*values) for values in itertools.product(
