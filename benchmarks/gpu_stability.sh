@@ -72,7 +72,8 @@ if ((${#wheels[@]})) && ! "$PYTHON" -c "import deepspeed" >/dev/null 2>&1; then
 fi
 
 if [[ -n "${DATA_PREFIX:-}" ]]; then
-    DATA=(--data-path "$DATA_PREFIX" --tokenizer-type SentencePieceTokenizer --tokenizer-model "${TOKENIZER_MODEL:?DATA_PREFIX needs TOKENIZER_MODEL}")
+    DATA=(--data-path "$DATA_PREFIX" --tokenizer-type SentencePieceTokenizer
+          --tokenizer-model "${TOKENIZER_MODEL:?DATA_PREFIX needs TOKENIZER_MODEL}")
     SPLIT=980,20,0
 else
     sample=data/sample/c4-train.00000-of-00001.json.gz
@@ -96,13 +97,15 @@ else
 fi
 
 # shellcheck disable=SC2086  # METHODS and LRS are lists
-SWEEP=(tools/stability_sweep.py "${DATA[@]}" --output-dir "$OUTPUT/study" --method ${METHODS:-vanilla embed-ln scaled-embed}
-       --architecture gpt2 --lr $LRS --seed "${SEED:-1}" "${SHAPE[@]}" --split "$SPLIT" --extra-args "$EXTRA")
+SWEEP=(tools/stability_sweep.py "${DATA[@]}" --output-dir "$OUTPUT/study"
+       --method ${METHODS:-vanilla embed-ln scaled-embed} --architecture gpt2 --lr $LRS --seed "${SEED:-1}"
+       "${SHAPE[@]}" --split "$SPLIT" --extra-args "$EXTRA")
 rc=0
 timeout --kill-after=10 "${TIME_LIMIT:-470}" "$PYTHON" "${SWEEP[@]}" --jobs 1 >"$OUTPUT/sweep.log" 2>&1 || rc=$?
 if ((rc)); then  # out of time or a run failed: report what finished
     tail -n 30 "$OUTPUT/sweep.log"
-    [[ $rc -eq 124 || $rc -eq 137 ]] && echo "the runs took longer than TIME_LIMIT=${TIME_LIMIT:-470}s: the report holds those that finished"
+    [[ $rc -eq 124 || $rc -eq 137 ]] &&
+        echo "the runs took longer than TIME_LIMIT=${TIME_LIMIT:-470}s: the report holds those that finished"
     compgen -G "$OUTPUT/study/runs/*/result.json" >/dev/null || exit "$rc"
     "$PYTHON" "${SWEEP[@]}" --report-only >>"$OUTPUT/sweep.log" 2>&1 || exit "$rc"
 fi

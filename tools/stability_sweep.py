@@ -44,6 +44,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -304,7 +305,8 @@ def report_markdown(report: dict) -> str:
         lines += ["", f"Differences between methods (rule: {report['rule']}): {len(beyond)} of {len(pairs)} "
                   "pairs exceed the seed spread.", ""]
         if beyond:
-            lines += ["| architecture | figure | first | second | difference of means | z |", "|---|---|---|---|---|---|"]
+            lines += ["| architecture | figure | first | second | difference of means | z |",
+                      "|---|---|---|---|---|---|"]
             lines += [f"| {c['architecture']} | {c['figure']} | {c['first']} | {c['second']} | {c['difference']:+.3f} "
                       f"| {c['z']:+.1f} |" for c in beyond]
         lines.append("")
@@ -357,7 +359,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write DIR's report again from its finished runs (DIR/runs/*/result.json), run nothing")
     grid = p.add_argument_group("grid axes (the sweep runs their product)")
     grid.add_argument("--method", nargs="+", choices=list(METHODS),
-                      help="; ".join(f"{m}: --embedding-norm {n} {' '.join(f)}".strip() for m, (n, f) in METHODS.items()))
+                      help="; ".join(f"{m}: --embedding-norm {n} {' '.join(f)}".strip()
+                                     for m, (n, f) in METHODS.items()))
     grid.add_argument("--architecture", nargs="+", choices=ARCHITECTURES,
                       help="gpt2 and/or llama (rotary, RMSNorm, SwiGLU, query groups, no biases)")
     grid.add_argument("--lr", nargs="+", type=float, help="peak learning rates")
@@ -419,6 +422,7 @@ def report(args, results: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # runs the cleanup below
     if args.report_only:
         paths = sorted((args.output_dir / "runs").glob("*/result.json"))
         if not paths:
@@ -448,31 +452,34 @@ def main(argv=None) -> int:
     failed = []
     running: list[Job] = []
     bar = tqdm(total=len(pending), unit="run", dynamic_ncols=True)
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            running.append(Job(args, *pending.pop(0)))
-        time.sleep(0.2)
-        for job in [j for j in running if j.poll()]:
-            running.remove(job)
-            point, run_dir = job.point, job.run_dir
-            if job.returncode == 2:  # a bad flag: every run would fail the same way
-                for other in running:
-                    other.kill()
-                tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
-                print(f"stability_sweep.py: error: {point.name} was refused (exit status 2):\n  " + "\n  ".join(tail),
-                      file=sys.stderr)
-                shutil.rmtree(run_dir)
-                return 2
-            result = collect(args, point, run_dir, job.cmd, job.returncode, job.wall_s, job.cpu_s)
-            results[point.name] = result
-            if result["status"].startswith("failed"):
-                failed.append(point.name)
-            write_summary(args.output_dir, [results[p.name] for p in points if p.name in results])
-            bar.update()
-            bar.write(f"{point.name}: {result['status']}, diverged={result['diverged']}, loss spikes "
-                      f"{result['loss_spikes']}, max grad norm {_fmt(result['max_grad_norm'], '.3g')} "
-                      f"({result['max_grad_norm_source']}), final valid loss {_fmt(result['final_valid_loss'], '.3f')}, "
-                      f"{result['wall_s']:.0f} s ({result['cpu_s']:.0f} s CPU)")
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                running.append(Job(args, *pending.pop(0)))
+            time.sleep(0.2)
+            for job in [j for j in running if j.poll()]:
+                running.remove(job)
+                point, run_dir = job.point, job.run_dir
+                if job.returncode == 2:  # a bad flag: every run would fail the same way
+                    tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
+                    print(f"stability_sweep.py: error: {point.name} was refused (exit status 2):\n  "
+                          + "\n  ".join(tail), file=sys.stderr)
+                    shutil.rmtree(run_dir)
+                    return 2
+                result = collect(args, point, run_dir, job.cmd, job.returncode, job.wall_s, job.cpu_s)
+                results[point.name] = result
+                if result["status"].startswith("failed"):
+                    failed.append(point.name)
+                write_summary(args.output_dir, [results[p.name] for p in points if p.name in results])
+                bar.update()
+                bar.write(f"{point.name}: {result['status']}, diverged={result['diverged']}, loss spikes "
+                          f"{result['loss_spikes']}, max grad norm {_fmt(result['max_grad_norm'], '.3g')} "
+                          f"({result['max_grad_norm_source']}), final valid loss "
+                          f"{_fmt(result['final_valid_loss'], '.3f')}, "
+                          f"{result['wall_s']:.0f} s ({result['cpu_s']:.0f} s CPU)")
+    finally:  # interrupted (Ctrl-C, SIGTERM from a time limit) or refused: no run outlives the sweep
+        for job in running:
+            job.kill()
     bar.close()
     ordered = [results[p.name] for p in points]
     write_summary(args.output_dir, ordered)
