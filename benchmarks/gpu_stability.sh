@@ -12,7 +12,9 @@
 #
 #   bash benchmarks/gpu_stability.sh                                # on the GPU
 #   DATA_PREFIX=runs/stab-data/c4_text_document TOKENIZER_MODEL=runs/stab-data/sp4k.model \
-#       bash benchmarks/gpu_stability.sh        # a real corpus (carry runs/stab-data to the device)
+#       bash benchmarks/gpu_stability.sh        # a real corpus: the CPU study's, 29 MB, copied
+#       # beforehand with cp /work/stab-data/{c4_text_document.bin,c4_text_document.idx,sp4k.model}
+#       # runs/stab-data/ and carried to the device machine (runs/ is not in git)
 #   DEVICE=cpu bash benchmarks/gpu_stability.sh --output-dir /tmp/x  # the dry run: tiny, a few steps
 #
 # Data: DATA_PREFIX (a preprocessed .bin/.idx) with TOKENIZER_MODEL (SentencePiece) if set; else
