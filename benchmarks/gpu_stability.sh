@@ -12,7 +12,9 @@
 #
 #   bash benchmarks/gpu_stability.sh                                # on the GPU
 #   DATA_PREFIX=runs/stab-data/c4_text_document TOKENIZER_MODEL=runs/stab-data/sp4k.model \
-#       bash benchmarks/gpu_stability.sh        # a real corpus (carry runs/stab-data to the device)
+#       bash benchmarks/gpu_stability.sh        # a real corpus: the CPU study's, 29 MB, copied
+#       # beforehand with cp /work/stab-data/{c4_text_document.bin,c4_text_document.idx,sp4k.model}
+#       # runs/stab-data/ and carried to the device machine (runs/ is not in git)
 #   DEVICE=cpu bash benchmarks/gpu_stability.sh --output-dir /tmp/x  # the dry run: tiny, a few steps
 #
 # Data: DATA_PREFIX (a preprocessed .bin/.idx) with TOKENIZER_MODEL (SentencePiece) if set; else
@@ -72,7 +74,8 @@ if ((${#wheels[@]})) && ! "$PYTHON" -c "import deepspeed" >/dev/null 2>&1; then
 fi
 
 if [[ -n "${DATA_PREFIX:-}" ]]; then
-    DATA=(--data-path "$DATA_PREFIX" --tokenizer-type SentencePieceTokenizer --tokenizer-model "${TOKENIZER_MODEL:?DATA_PREFIX needs TOKENIZER_MODEL}")
+    DATA=(--data-path "$DATA_PREFIX" --tokenizer-type SentencePieceTokenizer
+          --tokenizer-model "${TOKENIZER_MODEL:?DATA_PREFIX needs TOKENIZER_MODEL}")
     SPLIT=980,20,0
 else
     sample=data/sample/c4-train.00000-of-00001.json.gz
@@ -96,11 +99,20 @@ else
 fi
 
 # shellcheck disable=SC2086  # METHODS and LRS are lists
-timeout --kill-after=10 "${TIME_LIMIT:-470}" "$PYTHON" tools/stability_sweep.py "${DATA[@]}" \
-    --output-dir "$OUTPUT/study" --method ${METHODS:-vanilla embed-ln scaled-embed} --architecture gpt2 \
-    --lr $LRS --seed "${SEED:-1}" "${SHAPE[@]}" --split "$SPLIT" --extra-args "$EXTRA" --jobs 1 \
-    >"$OUTPUT/sweep.log" 2>&1 || { rc=$?; tail -n 30 "$OUTPUT/sweep.log"; exit "$rc"; }
+SWEEP=(tools/stability_sweep.py "${DATA[@]}" --output-dir "$OUTPUT/study"
+       --method ${METHODS:-vanilla embed-ln scaled-embed} --architecture gpt2 --lr $LRS --seed "${SEED:-1}"
+       "${SHAPE[@]}" --split "$SPLIT" --extra-args "$EXTRA")
+rc=0
+timeout --kill-after=10 "${TIME_LIMIT:-470}" "$PYTHON" "${SWEEP[@]}" --jobs 1 >"$OUTPUT/sweep.log" 2>&1 || rc=$?
+if ((rc)); then  # out of time or a run failed: report what finished
+    tail -n 30 "$OUTPUT/sweep.log"
+    [[ $rc -eq 124 || $rc -eq 137 ]] &&
+        echo "the runs took longer than TIME_LIMIT=${TIME_LIMIT:-470}s: the report holds those that finished"
+    compgen -G "$OUTPUT/study/runs/*/result.json" >/dev/null || exit "$rc"
+    "$PYTHON" "${SWEEP[@]}" --report-only >>"$OUTPUT/sweep.log" 2>&1 || exit "$rc"
+fi
 "$PYTHON" tools/plot_stability.py "$OUTPUT/study" --output-dir "$OUTPUT/plots" >"$OUTPUT/plots.log" 2>&1
-sed -n '/^run /,$p' "$OUTPUT/sweep.log"
+sed -n '/^run /,/^$/p' "$OUTPUT/sweep.log"
 grep -A 8 "^| architecture | method | LR sensitivity" "$OUTPUT/study/report.md"
 echo "figures: $OUTPUT/study/final_loss_vs_lr.png $OUTPUT/plots/"
+exit "$rc"

@@ -1,11 +1,14 @@
 """The stability tools end to end: the at-init tool's LayerNorm amplification agrees with 1/std(x),
-and a --quick sweep through pretrain_gpt.py tells a diverging run from a sane one, resumes, and
-its plots are written as PNGs."""
+and a --quick sweep through pretrain_gpt.py tells a diverging run from a sane one, resumes (also
+after an interruption), writes its report (equal to a hand computation on synthetic runs) and its
+plots as PNGs."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -160,6 +163,46 @@ def test_quick_sweep_reports_divergence_resumes_and_plots(sample_data, tmp_path)
         assert f"wrote {tmp_path / 'png' / name}" in out
 
 
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if text.encode() in fh.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_interrupted_sweep_leaves_no_run_behind_and_resumes(sample_data, tmp_path):
+    """SIGTERM (a time limit, the GPU script's `timeout`) while runs are in flight: the sweep kills
+    its pretrain_gpt.py processes and exits; run again, it keeps the finished runs and redoes the
+    interrupted one from scratch."""
+    data = ["--data-path", sample_data / "c4_text_document", "--tokenizer-type", "SentencePieceTokenizer",
+            "--tokenizer-model", sample_data / "tok.model"]
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "tools/stability_sweep.py", *map(str, data), "--output-dir", str(sweep), "--quick"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    def in_flight():
+        return [d for d in sweep.glob("runs/*") if (d / "train.log").exists() and not (d / "result.json").exists()]
+
+    deadline = time.time() + 240
+    while not (list(sweep.glob("runs/*/result.json")) and in_flight()) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.1)
+    assert len(in_flight()) == 1
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert _processes_naming(str(sweep / "runs")) == []
+    finished = len(list(sweep.glob("runs/*/result.json")))
+    assert 1 <= finished < 4
+    again = run_tool("tools/stability_sweep.py", *data, "--output-dir", sweep, "--quick").stdout
+    assert f"4 runs in the grid: {finished} already finished, {4 - finished} to run" in again
+    assert len(json.loads((sweep / "summary.json").read_text())) == 4
+
+
 def _result(method, lr, seed, final, first=8.0, spikes=0):
     setting = "sigma0.0132_L4_wu30_b20.95_clip1"
     return dict(name=f"gpt2_{method}_lr{lr:g}_seed{seed}_{setting}", method=method, architecture="gpt2", lr=lr,
@@ -202,13 +245,30 @@ def test_report_from_synthetic_runs_equals_a_hand_computation(sample_data, tmp_p
     sens, best = report["comparisons"]
     assert (sens["figure"], sens["first"], sens["second"]) == ("lr_sensitivity", "A", "B")
     assert sens["difference"] == pytest.approx(0.45) and sens["exceeds_seed_spread"]
-    assert sens["z"] == pytest.approx(0.45 / math.sqrt(a["lr_sensitivity"]["std"] ** 2 + b["lr_sensitivity"]["std"] ** 2))
+    combined = math.sqrt(a["lr_sensitivity"]["std"] ** 2 + b["lr_sensitivity"]["std"] ** 2)
+    assert sens["z"] == pytest.approx(0.45 / combined)
     assert best["figure"] == "best_loss" and best["exceeds_seed_spread"]
     markdown = (sweep / "report.md").read_text()
     assert "| gpt2 | A | 0.650 ± 0.260 [0.500, 0.950] |" in markdown
     assert "2 of 2 pairs exceed the seed spread" in markdown
     with Image.open(sweep / "final_loss_vs_lr.png") as image:
         assert image.format == "PNG"
+
+
+def test_report_reads_the_sweeps_before_methods(sample_data, tmp_path):
+    """A result.json written before the method axis (embedding modes only, no architecture) is
+    reported under the method of its mode and its setting."""
+    old = dict(name="none_lr0.01_seed1_sigma0.0132_L6_wu10_b20.999_clip1", embedding_norm="none", lr=0.01, seed=1,
+               sigma="0.0132", num_layers=6, lr_warmup_iters=10, adam_beta2=0.999, clip_grad=1.0, first_loss=8.3,
+               final_valid_loss=6.9, diverged=False, loss_spikes=2, grad_norm_spikes=0)
+    (tmp_path / "runs" / old["name"]).mkdir(parents=True)
+    (tmp_path / "runs" / old["name"] / "result.json").write_text(json.dumps(old))
+    run_tool("tools/stability_sweep.py", "--data-path", sample_data / "c4_text_document", "--tokenizer-type",
+             "SentencePieceTokenizer", "--output-dir", tmp_path, "--split", "80,20,0", "--report-only")
+    (row,) = json.loads((tmp_path / "report.json").read_text())["methods"]
+    assert (row["architecture"], row["method"]) == ("gpt2", "vanilla")
+    assert row["setting"] == "sigma0.0132_L6_wu10_b20.999_clip1"
+    assert row["best_loss"]["mean"] == 6.9 and row["loss_spikes"] == 2
 
 
 def test_unigram_level_is_the_cross_entropy_of_training_frequencies(tmp_path):

@@ -218,16 +218,23 @@ def monitor(runs: list[Run], lr: float, path: Path) -> Path | None:
 def final_loss_vs_lr(rows: list[dict], unigram: dict | None, path: Path, title: str = "") -> Path:
     """The study's figure: final validation loss against the peak learning rate (log x), a panel
     per architecture, a line per method through the mean over seeds with the min-max range over
-    seeds shaded; the y axis ends 0.3 above the median initial loss, where an X marks a learning
-    rate with a seed beyond it or without a finite final loss. `rows`: lr_sensitivity.summarise()'s."""
+    seeds shaded; a loss more than 0.3 above the median initial loss is drawn there, an X marking a
+    learning rate with a seed beyond it or without a finite final loss; the y axis spans what is
+    drawn and the unigram level. `rows`: lr_sensitivity.summarise()'s."""
     archs = sorted({r["architecture"] for r in rows})
     fig, axes = plt.subplots(1, len(archs), figsize=(5.6 * len(archs), 4.6), sharey=True, squeeze=False)
     # The median over methods: one method's initial loss can be far above the others' (emb-std-1's
     # tied output layer starts with logits of std ~sqrt(d)), and would squash every other curve.
     initials = sorted(r["initial_loss"]["mean"] for r in rows if r["initial_loss"]["n"])
     initial = initials[len(initials) // 2] if initials else None
-    finals = [p["final_valid_loss"]["max"] for r in rows for p in r["per_lr"] if p["final_valid_loss"]["n"]]
-    top = (initial + 0.3) if initial is not None else max(finals, default=1.0)  # above it: failed anyway
+    finals = [p["final_valid_loss"][k] for r in rows for p in r["per_lr"] if p["final_valid_loss"]["n"]
+              for k in ("min", "max")]
+    top = (initial + 0.3) if initial is not None else max(finals, default=1.0)  # beyond it: failed
+    # The axis spans the losses drawn (and the unigram level), not the empty room up to the top.
+    failed = any(p["no_final_loss"] for r in rows for p in r["per_lr"])
+    shown = [min(v, top) for v in finals] + ([unigram["loss"]] if unigram else []) + ([top] if failed else [])
+    low, high = min(shown, default=0.0), max(shown, default=1.0)
+    low, high = low - 0.05 * (high - low) - 0.01, high + 0.05 * (high - low) + 0.01
     for ax, arch in zip(axes[0], archs):
         members = [r for r in rows if r["architecture"] == arch]
         for i, row in enumerate(members):
@@ -245,9 +252,10 @@ def final_loss_vs_lr(rows: list[dict], unigram: dict | None, path: Path, title: 
         if unigram:
             ax.axhline(unigram["loss"], color="black", linestyle="--", linewidth=0.9,
                        label=f"unigram level {unigram['loss']:.2f}")
-        if initial is not None:
-            ax.axhline(initial, color="grey", linestyle=":", linewidth=0.9, label=f"initial loss {initial:.2f} (median over methods)")
-        ax.set(xscale="log", xlabel="peak learning rate", title=arch, ylim=(None, top + 0.05))
+        if initial is not None and initial < high:
+            ax.axhline(initial, color="grey", linestyle=":", linewidth=0.9,
+                       label=f"initial loss {initial:.2f} (median over methods)")
+        ax.set(xscale="log", xlabel="peak learning rate", title=arch, ylim=(low, high))
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("final validation loss (nats/token)")
     axes[0][-1].legend(fontsize=7, loc="best")

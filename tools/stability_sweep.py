@@ -44,6 +44,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -72,12 +73,11 @@ METHODS = {
     "embed-ln+qk-norm": ("layernorm", ["--qk-layernorm"]),
 }
 
-# The default study: 7 methods x 2 architectures x 3 learning rates (1.5 decades, up to the rate
-# at which vanilla stalls at the unigram level in calibration) x 3 seeds = 126 runs of a d=64, 4-layer model (4 heads of 16; Llama: 2 key/value heads),
-# 300 steps of 12 x 128 tokens (460 K tokens), validated at the end on 16 batches. Calibrated on
-# the 2-core machine: ~30 s of CPU per run when idle, the study ~45 minutes with --jobs 2 (the
-# figures: docs/stability.md). The best runs end ~0.5 nats below the unigram level, the top rate
-# ~0.2 nats above the best.
+# The default study: 7 methods x 2 architectures x 3 learning rates x 3 seeds = 126 runs of a d=64,
+# 4-layer model (4 heads of 16; Llama: 2 key/value heads), 300 steps of 12 x 128 tokens (460 K
+# tokens), validated at the end on 16 batches. The rates span 1.5 decades, from near the best rate
+# to where vanilla ends at the unigram level in calibration (6.95 nats on the C4 sample, sp4k).
+# What it costs on the 2-core machine with --jobs 2, and what it shows: docs/stability.md.
 DEFAULTS = dict(method=[m for m in METHODS if m != "embed-detach"], architecture=["gpt2", "llama"],
                 lr=[1e-2, 1e-1, 3.16e-1], seed=[1, 2, 3], sigma=["0.0132"], num_layers=[4],
                 lr_warmup_iters=None, adam_beta2=[0.95], clip_grad=[1.0],
@@ -304,7 +304,8 @@ def report_markdown(report: dict) -> str:
         lines += ["", f"Differences between methods (rule: {report['rule']}): {len(beyond)} of {len(pairs)} "
                   "pairs exceed the seed spread.", ""]
         if beyond:
-            lines += ["| architecture | figure | first | second | difference of means | z |", "|---|---|---|---|---|---|"]
+            lines += ["| architecture | figure | first | second | difference of means | z |",
+                      "|---|---|---|---|---|---|"]
             lines += [f"| {c['architecture']} | {c['figure']} | {c['first']} | {c['second']} | {c['difference']:+.3f} "
                       f"| {c['z']:+.1f} |" for c in beyond]
         lines.append("")
@@ -333,6 +334,16 @@ def write_report(args, results: list[dict]) -> list[Path]:
     return written
 
 
+def _with_study_axes(result: dict) -> dict:
+    """A result.json of the sweep before methods (embedding modes only) in the study's terms."""
+    if "setting" in result:
+        return result
+    method = {norm: name for name, (norm, flags) in METHODS.items() if not flags}[result["embedding_norm"]]
+    point = Point(method, result.get("architecture", "gpt2"), *(result[k] for k in (
+        "lr", "seed", "sigma", "num_layers", "lr_warmup_iters", "adam_beta2", "clip_grad")))
+    return dict(result, method=method, architecture=point.architecture, setting=point.setting)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -347,7 +358,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write DIR's report again from its finished runs (DIR/runs/*/result.json), run nothing")
     grid = p.add_argument_group("grid axes (the sweep runs their product)")
     grid.add_argument("--method", nargs="+", choices=list(METHODS),
-                      help="; ".join(f"{m}: --embedding-norm {n} {' '.join(f)}".strip() for m, (n, f) in METHODS.items()))
+                      help="; ".join(f"{m}: --embedding-norm {n} {' '.join(f)}".strip()
+                                     for m, (n, f) in METHODS.items()))
     grid.add_argument("--architecture", nargs="+", choices=ARCHITECTURES,
                       help="gpt2 and/or llama (rotary, RMSNorm, SwiGLU, query groups, no biases)")
     grid.add_argument("--lr", nargs="+", type=float, help="peak learning rates")
@@ -409,13 +421,14 @@ def report(args, results: list[dict]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # runs the cleanup below
     if args.report_only:
         paths = sorted((args.output_dir / "runs").glob("*/result.json"))
         if not paths:
             print(f"stability_sweep.py: error: {args.output_dir / 'runs'} holds no finished run (result.json)",
                   file=sys.stderr)
             return 2
-        report(args, [json.loads(path.read_text()) for path in paths])
+        report(args, [_with_study_axes(json.loads(path.read_text())) for path in paths])
         return 0
     args.output_dir.mkdir(parents=True, exist_ok=True)
     points = [Point(*values) for values in itertools.product(
@@ -440,31 +453,34 @@ def main(argv=None) -> int:
     failed = []
     running: list[Job] = []
     bar = tqdm(total=len(pending), unit="run", dynamic_ncols=True)
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            running.append(Job(args, *pending.pop(0)))
-        time.sleep(0.2)
-        for job in [j for j in running if j.poll()]:
-            running.remove(job)
-            point, run_dir = job.point, job.run_dir
-            if job.returncode == 2:  # a bad flag: every run would fail the same way
-                for other in running:
-                    other.kill()
-                tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
-                print(f"stability_sweep.py: error: {point.name} was refused (exit status 2):\n  " + "\n  ".join(tail),
-                      file=sys.stderr)
-                shutil.rmtree(run_dir)
-                return 2
-            result = collect(args, point, run_dir, job.cmd, job.returncode, job.wall_s, job.cpu_s)
-            results[point.name] = result
-            if result["status"].startswith("failed"):
-                failed.append(point.name)
-            write_summary(args.output_dir, [results[p.name] for p in points if p.name in results])
-            bar.update()
-            bar.write(f"{point.name}: {result['status']}, diverged={result['diverged']}, loss spikes "
-                      f"{result['loss_spikes']}, max grad norm {_fmt(result['max_grad_norm'], '.3g')} "
-                      f"({result['max_grad_norm_source']}), final valid loss {_fmt(result['final_valid_loss'], '.3f')}, "
-                      f"{result['wall_s']:.0f} s ({result['cpu_s']:.0f} s CPU)")
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                running.append(Job(args, *pending.pop(0)))
+            time.sleep(0.2)
+            for job in [j for j in running if j.poll()]:
+                running.remove(job)
+                point, run_dir = job.point, job.run_dir
+                if job.returncode == 2:  # a bad flag: every run would fail the same way
+                    tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-3:]
+                    print(f"stability_sweep.py: error: {point.name} was refused (exit status 2):\n  "
+                          + "\n  ".join(tail), file=sys.stderr)
+                    shutil.rmtree(run_dir)
+                    return 2
+                result = collect(args, point, run_dir, job.cmd, job.returncode, job.wall_s, job.cpu_s)
+                results[point.name] = result
+                if result["status"].startswith("failed"):
+                    failed.append(point.name)
+                write_summary(args.output_dir, [results[p.name] for p in points if p.name in results])
+                bar.update()
+                bar.write(f"{point.name}: {result['status']}, diverged={result['diverged']}, loss spikes "
+                          f"{result['loss_spikes']}, max grad norm {_fmt(result['max_grad_norm'], '.3g')} "
+                          f"({result['max_grad_norm_source']}), final valid loss "
+                          f"{_fmt(result['final_valid_loss'], '.3f')}, "
+                          f"{result['wall_s']:.0f} s ({result['cpu_s']:.0f} s CPU)")
+    finally:  # interrupted (Ctrl-C, SIGTERM from a time limit) or refused: no run outlives the sweep
+        for job in running:
+            job.kill()
     bar.close()
     ordered = [results[p.name] for p in points]
     write_summary(args.output_dir, ordered)
