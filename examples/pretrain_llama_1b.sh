@@ -10,7 +10,7 @@
 #
 # One node of 8 GPUs: TP=2 with sequence parallelism inside the node, DP=4, ZeRO-1.
 #   bash examples/pretrain_llama_1b.sh
-#   LR=1e-3 EMBEDDING_NORM=none bash examples/pretrain_llama_1b.sh      # the spiky baseline
+#   LR=1e-3 EMBEDDING_NORM=none bash examples/pretrain_llama_1b.sh      # the paper's spiky baseline
 #   DRY_RUN=1 bash examples/pretrain_llama_1b.sh                         # print the command only
 # Data: see examples/README.md (tools/preprocess_data.py over C4; GPT-2 BPE by default, any
 # tokenizer through EXTRA_ARGS, e.g. EXTRA_ARGS="--tokenizer-type SentencePieceTokenizer
