@@ -2,9 +2,7 @@
 # Step 6 of benchmarks/gpu_check.sh: the real training job on one device for a few steps, under
 # torchrun (NCCL on a GPU, gloo on CPU) through DeepSpeed, on the bundled C4-format sample.
 #   bash benchmarks/gpu_check_job.sh WORK_DIR MICRO_BATCH STEPS MODEL_AND_PRECISION_FLAGS...
-# Tokenizer: GPT-2's files from MEGATRON_SNM_GPT2_DIR, ../shared/data/gpt2 (where the tests look),
-# shared/data/gpt2 or data/gpt2 (where the examples look); else a small SentencePiece model trained
-# on the sample.
+# Tokenizer: benchmarks/sample_dataset.sh's (GPT-2's files where found, else SentencePiece on the sample).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd)"
@@ -13,22 +11,9 @@ work=$1 micro=$2 steps=$3
 shift 3
 mkdir -p "$work"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-sample=data/sample/c4-train.00000-of-00001.json.gz
+source benchmarks/sample_dataset.sh
 
-tokenizer=()
-for gpt2 in ${MEGATRON_SNM_GPT2_DIR:-} "$REPO/../shared/data/gpt2" "$REPO/shared/data/gpt2" "$REPO/data/gpt2"; do
-    if [[ -f "$gpt2/vocab.json" && -f "$gpt2/merges.txt" ]]; then
-        tokenizer=(--tokenizer-type GPT2BPETokenizer --vocab-file "$gpt2/vocab.json" --merge-file "$gpt2/merges.txt")
-        break
-    fi
-done
-if ((${#tokenizer[@]} == 0)); then
-    echo "no GPT-2 vocab.json/merges.txt found: a SentencePiece tokenizer trained on the sample instead"
-    "$PYTHON" tools/train_tokenizer.py --input "$sample" --model-prefix "$work/tokenizer" --vocab-size 2000 --overwrite
-    tokenizer=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$work/tokenizer.model")
-fi
-"$PYTHON" tools/preprocess_data.py --input "$sample" --output-prefix "$work/sample" "${tokenizer[@]}" --overwrite \
-    --append-eod --workers 4
+tokenize_sample "$work"
 
 # 85,10,5 leaves the 21-document sample 2 validation documents (and 1 test): the run validates on
 # documents it never trained on (98,1,1 left validation none, which a run asking for --eval-iters refuses).

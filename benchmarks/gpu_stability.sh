@@ -78,22 +78,8 @@ if [[ -n "${DATA_PREFIX:-}" ]]; then
           --tokenizer-model "${TOKENIZER_MODEL:?DATA_PREFIX needs TOKENIZER_MODEL}")
     SPLIT=980,20,0
 else
-    sample=data/sample/c4-train.00000-of-00001.json.gz
-    tokenizer=()
-    for gpt2 in ${MEGATRON_SNM_GPT2_DIR:-} "$REPO/../shared/data/gpt2" "$REPO/shared/data/gpt2" "$REPO/data/gpt2"; do
-        if [[ -f "$gpt2/vocab.json" && -f "$gpt2/merges.txt" ]]; then
-            tokenizer=(--tokenizer-type GPT2BPETokenizer --vocab-file "$gpt2/vocab.json" --merge-file "$gpt2/merges.txt")
-            break
-        fi
-    done
-    if ((${#tokenizer[@]} == 0)); then
-        "$PYTHON" tools/train_tokenizer.py --input "$sample" --model-prefix "$OUTPUT/data/tokenizer" --vocab-size 2000 \
-            --overwrite >"$OUTPUT/tokenizer.log" 2>&1
-        tokenizer=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUTPUT/data/tokenizer.model")
-    fi
-    mkdir -p "$OUTPUT/data"
-    "$PYTHON" tools/preprocess_data.py --input "$sample" --output-prefix "$OUTPUT/data/sample" "${tokenizer[@]}" \
-        --overwrite --append-eod --workers 4 >"$OUTPUT/preprocess.log" 2>&1
+    source benchmarks/sample_dataset.sh
+    tokenize_sample "$OUTPUT/data" >"$OUTPUT/preprocess.log" 2>&1
     DATA=(--data-path "$OUTPUT/data/sample_text_document" "${tokenizer[@]}")
     SPLIT=85,15,0  # the 21-document sample: 3 validation documents the runs never train on
 fi

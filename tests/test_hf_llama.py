@@ -43,6 +43,7 @@ CONFIGS = {
     "pp2-layernorm-untied-1p": PP2 + ["--embedding-norm", "layernorm", "--apply-layernorm-1p"] + UNTIE,
     "zero3-layernorm-mqa": ZERO3 + ["--embedding-norm", "layernorm", "--num-query-groups", "1"],
     "zero3-detach": ZERO3 + ["--embedding-norm", "detach"],
+    "zero3-none-untied": ZERO3 + ["--embedding-norm", "none"] + UNTIE,
 }
 PROMPT = "We the people"
 
