@@ -129,8 +129,8 @@ def test_plain_python_run_with_the_default_port_busy(sample_data, tmp_path):
 
 
 def test_errors_after_the_process_group_starts_are_one_line(sample_data, tmp_path):
-    """A checkpoint problem found after the process group exists: one line per rank, exit status 2,
-    the traceback only with --debug."""
+    """A checkpoint problem found after the process group exists: one line per rank that found it, exit
+    status 2, the traceback only with --debug."""
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PATH=BIN + os.pathsep + os.environ["PATH"])
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "latest").write_text("iter_0000042")
@@ -140,7 +140,10 @@ def test_errors_after_the_process_group_starts_are_one_line(sample_data, tmp_pat
                                str(free_port()), *argv, *(["--debug"] if debug else [])], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain_gpt.py: error:")]
-        assert len(errors) == 2 and "names 'iter_0000042', which is not a checkpoint directory" in errors[0]
+        # One line from each rank that reached the check: torchrun SIGTERMs the other rank as soon as the
+        # first exits, which on a busy machine can be before it got there.
+        assert 1 <= len(errors) <= 2, proc.stderr[-2000:]
+        assert all("names 'iter_0000042', which is not a checkpoint directory" in line for line in errors)
         # torchrun prints its own traceback for a failed worker; ours (frames in megatron_snm/) only with --debug.
         assert (os.path.join(REPO, "megatron_snm") in proc.stderr) == debug
         # torchrun reports the first rank it saw fail: ours exits 2; a rank torchrun SIGTERMs while it is
