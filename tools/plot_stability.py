@@ -30,7 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from megatron_snm.analysis.run_history import RunHistory, SpikeRules, spikes  # noqa: E402
+from megatron_snm.analysis.run_history import RunHistory, SpikeRules, run_directories, spikes  # noqa: E402
 
 # By the sweep's method names (tools/stability_sweep.py METHODS) and, for runs it did not write, by
 # --embedding-norm.
@@ -86,15 +86,7 @@ def read_run(run_dir: Path) -> Run:
 
 
 def find_runs(directories: list[str]) -> list[Run]:
-    runs = []
-    for directory in map(Path, directories):
-        if (directory / "train.log").exists():
-            runs.append(read_run(directory))
-        elif (directory / "runs").is_dir():
-            runs += [read_run(d) for d in sorted((directory / "runs").iterdir()) if (d / "train.log").exists()]
-        else:
-            raise ValueError(f"{directory}: no train.log and no runs/ directory in it")
-    return runs
+    return [read_run(Path(d)) for d in run_directories(directories)]
 
 
 def _label(run: Run, seeds: bool) -> str:

@@ -20,11 +20,11 @@ follows within the horizon (the crossing's own step included). A run that never 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from megatron_snm.analysis.run_history import RunHistory, SpikeRules, spikes
+from megatron_snm.analysis.run_history import RunHistory, SpikeRules, run_directories, spikes
 from megatron_snm.warning_signals import GRAD_NORM, SIGNALS, RunningThreshold, monitor_signal
 
 
@@ -48,16 +48,8 @@ class Run:
 
 def read_runs(directories: list[str]) -> list[Run]:
     """Every run of sweep output directories (DIR/runs/NAME with a train.log), or run directories."""
-    runs = []
-    for directory in map(Path, directories):
-        if (directory / "train.log").is_file():
-            found = [directory]
-        elif (directory / "runs").is_dir():
-            found = sorted(d for d in (directory / "runs").iterdir() if (d / "train.log").is_file())
-        else:
-            raise ValueError(f"{directory}: no train.log and no runs/ directory in it")
-        runs += [Run(str(d), RunHistory.read(str(d / "train.log"), str(d / "tensorboard"))) for d in found]
-    return runs
+    return [Run(d, RunHistory.read(os.path.join(d, "train.log"), os.path.join(d, "tensorboard")))
+            for d in run_directories(directories)]
 
 
 def signal_series(history: RunHistory, signal: str) -> dict[int, float]:

@@ -93,6 +93,22 @@ class RunHistory:
         self.stability = dict(sorted(self.stability.items()))
 
 
+def run_directories(directories: list[str]) -> list[str]:
+    """The runs among sweep output directories (DIR/runs/NAME with a train.log, in name order) and run
+    directories (a train.log of their own); ValueError for a directory that is neither."""
+    runs = []
+    for directory in directories:
+        if os.path.isfile(os.path.join(directory, "train.log")):
+            runs.append(directory)
+        elif os.path.isdir(os.path.join(directory, "runs")):
+            names = sorted(os.listdir(os.path.join(directory, "runs")))
+            runs += [os.path.join(directory, "runs", n) for n in names
+                     if os.path.isfile(os.path.join(directory, "runs", n, "train.log"))]
+        else:
+            raise ValueError(f"{directory}: no train.log and no runs/ directory in it")
+    return runs
+
+
 def spikes(series: dict[int, float], factor: float, window: int, min_history: int = 5) -> list[int]:
     """Steps whose value exceeds factor x the mean of the previous `window` (at least `min_history`)
     finite values."""
