@@ -25,7 +25,9 @@ class RotaryEmbedding(torch.nn.Module):
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [s, rotary_dim] (fp32) for integer positions [s]."""
-        freqs = torch.outer(positions.to(torch.float64), self.inv_freq.to(positions.device))
+        if self.inv_freq.device != positions.device:  # once: module.to() does not move a plain attribute
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = torch.outer(positions.to(torch.float64), self.inv_freq)
         freqs = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat([freqs, freqs], dim=-1)
         return freqs.cos().float(), freqs.sin().float()
 
